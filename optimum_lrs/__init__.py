@@ -1,0 +1,28 @@
+"""optimum-lrs: low-rank + sparse compression of transformers models (CAP, arXiv 2505.03801).
+
+Importing the package registers the `optimum_lrs` quantization method and checkpoint model type
+with transformers, so that `from_pretrained` can compress on load and reload compressed checkpoints.
+"""
+
+from .checkpoint import CheckpointError, register_model_type
+from .config import LowRankSparseConfig
+from .layer import LowRankSparseLinear
+from .modeling import LRSModelForCausalLM
+from .quantizer import LRSHfQuantizer, compress_, register
+from .rpca import RPCAResult, robust_pca
+
+__version__ = "0.1.0"
+
+register()
+register_model_type()
+
+__all__ = [
+    "CheckpointError",
+    "LRSHfQuantizer",
+    "LRSModelForCausalLM",
+    "LowRankSparseConfig",
+    "LowRankSparseLinear",
+    "RPCAResult",
+    "compress_",
+    "robust_pca",
+]

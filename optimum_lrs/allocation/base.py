@@ -1,0 +1,109 @@
+"""The interface every allocation method implements: candidate pools in, kept (rank, nnz) per layer out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..rpca import RPCAResult
+
+if TYPE_CHECKING:
+    from ..config import LowRankSparseConfig
+
+# Kept parameters may miss the budget by at most this fraction (METHOD.md: "within 0.1%").
+BUDGET_TOLERANCE = 1e-3
+
+
+@dataclass
+class LayerCandidates:
+    """Stage 1's output for one matrix: singular triplets (cost m + n each) and sparse entries (cost 1 each)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rpca: RPCAResult
+
+    @property
+    def rank_cost(self) -> int:
+        return self.out_features + self.in_features
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def rank_pool(self) -> int:
+        return self.rpca.rank
+
+    @property
+    def sparse_pool(self) -> int:
+        return int((self.rpca.sparse != 0).sum().item())
+
+
+@dataclass(frozen=True)
+class LayerAllocation:
+    """How many of a layer's top singular triplets and largest sparse entries survive."""
+
+    rank: int
+    nnz: int
+
+
+@dataclass
+class AllocationProblem:
+    """Everything an allocator may use; `model` and `calibration` serve loss-driven methods."""
+
+    candidates: list[LayerCandidates]
+    budget: int
+    config: LowRankSparseConfig
+    model: Any = None
+    calibration: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dense_params(self) -> int:
+        return sum(c.dense_params for c in self.candidates)
+
+
+Allocator = Callable[[AllocationProblem], dict[str, LayerAllocation]]
+
+ALLOCATORS: dict[str, Allocator] = {}
+
+
+def register_allocator(name: str) -> Callable[[Allocator], Allocator]:
+    def wrap(fn: Allocator) -> Allocator:
+        ALLOCATORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def kept_parameters(problem: AllocationProblem, allocation: dict[str, LayerAllocation]) -> int:
+    return sum(allocation[c.name].rank * c.rank_cost + allocation[c.name].nnz for c in problem.candidates)
+
+
+def allocate(problem: AllocationProblem) -> dict[str, LayerAllocation]:
+    """Run the configured allocator and check its answer: pools respected, budget met within 0.1%."""
+    method = problem.config.allocation
+    if method not in ALLOCATORS:
+        raise ValueError(f"unknown allocation method {method!r}; available: {sorted(ALLOCATORS)}")
+    pool = sum(c.rank_pool * c.rank_cost + c.sparse_pool for c in problem.candidates)
+    if pool < problem.budget * (1 - BUDGET_TOLERANCE):
+        raise ValueError(
+            f"the RPCA candidates hold {pool} parameters, fewer than the budget of {problem.budget} "
+            f"(param_ratio={problem.config.param_ratio}); lower param_ratio, or lower rpca_lambda so that "
+            "the sparse part keeps more entries"
+        )
+    allocation = ALLOCATORS[method](problem)
+    for c in problem.candidates:
+        a = allocation.get(c.name)
+        if a is None or not (0 <= a.rank <= c.rank_pool and 0 <= a.nnz <= c.sparse_pool):
+            raise RuntimeError(f"allocator {method!r} returned {a} for {c.name}, outside its pools "
+                               f"(rank <= {c.rank_pool}, nnz <= {c.sparse_pool})")
+    kept = kept_parameters(problem, allocation)
+    if abs(kept - problem.budget) > BUDGET_TOLERANCE * problem.budget:
+        raise ValueError(
+            f"allocation {method!r} kept {kept} parameters for a budget of {problem.budget} "
+            f"(more than {BUDGET_TOLERANCE:.1%} off); the candidate pools cannot meet this param_ratio"
+        )
+    return allocation

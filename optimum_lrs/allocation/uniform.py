@@ -1,0 +1,40 @@
+"""`allocation="uniform"`: every matrix keeps the same fraction of its parameters.
+
+The named baseline against which global allocation is judged. Each matrix spends `lowrank_fraction`
+of its share on its top singular triplets and the rest on its largest sparse entries; where one pool
+runs dry the other takes up the slack, and what a layer cannot hold goes to layers that can.
+"""
+
+from __future__ import annotations
+
+from .base import AllocationProblem, LayerAllocation, LayerCandidates, kept_parameters, register_allocator
+
+
+def _fill(c: LayerCandidates, share: int, lowrank_fraction: float) -> LayerAllocation:
+    """Split `share` parameters of one matrix between rank and sparse entries."""
+    rank = min(c.rank_pool, int(lowrank_fraction * share) // c.rank_cost)
+    nnz = share - rank * c.rank_cost
+    if nnz > c.sparse_pool:  # not enough sparse entries: spend the rest on more rank (may overshoot < m + n)
+        rank = min(c.rank_pool, rank + -(-(nnz - c.sparse_pool) // c.rank_cost))
+        nnz = max(0, min(c.sparse_pool, share - rank * c.rank_cost))
+    return LayerAllocation(rank, nnz)
+
+
+@register_allocator("uniform")
+def allocate_uniform(problem: AllocationProblem) -> dict[str, LayerAllocation]:
+    ratio = problem.budget / problem.dense_params
+    shares = {c.name: int(ratio * c.dense_params) for c in problem.candidates}
+    # Hand out the rounding remainder one parameter at a time so the total is the budget exactly.
+    for c in problem.candidates[: problem.budget - sum(shares.values())]:
+        shares[c.name] += 1
+    allocation = {c.name: _fill(c, shares[c.name], problem.config.lowrank_fraction) for c in problem.candidates}
+    # Whatever a layer could not hold (or overshot) is settled in sparse entries of layers with room.
+    missing = problem.budget - kept_parameters(problem, allocation)
+    for c in problem.candidates:
+        if missing == 0:
+            break
+        a = allocation[c.name]
+        nnz = min(c.sparse_pool, max(0, a.nnz + missing))
+        missing -= nnz - a.nnz
+        allocation[c.name] = LayerAllocation(a.rank, nnz)
+    return allocation

@@ -1,0 +1,177 @@
+"""The on-disk format: the `optimum_lrs` model type and the factor tensors of compressed layers.
+
+A compressed checkpoint's config.json says `"model_type": "optimum_lrs"` and keeps the base
+architecture in `"lrs_base_model_type"`. Without this package, transformers' Auto classes refuse the
+unknown model type (naming `optimum_lrs`) instead of building a dense model with random weights;
+with it, the registered config class hands back the base architecture's config. See
+docs/checkpoint-format.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .config import QUANT_METHOD, LowRankSparseConfig
+from .layer import FACTOR_NAMES, LowRankSparseLinear, index_dtype_for
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = QUANT_METHOD
+BASE_MODEL_TYPE_KEY = "lrs_base_model_type"
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8,
+}
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint whose tensors do not describe the layers its config announces."""
+
+
+class LRSConfigLoader(PreTrainedConfig):
+    """Registered for `model_type="optimum_lrs"`; resolves to the base architecture's own config class."""
+
+    model_type = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        base = config_dict.get(BASE_MODEL_TYPE_KEY)
+        if base not in CONFIG_MAPPING:
+            raise ValueError(
+                f"this optimum_lrs checkpoint names base model type {base!r} in {BASE_MODEL_TYPE_KEY!r}, which "
+                "this transformers installation does not know"
+            )
+        config_dict = {k: v for k, v in config_dict.items() if k != BASE_MODEL_TYPE_KEY}
+        config_dict["model_type"] = base
+        return CONFIG_MAPPING[base].from_dict(config_dict, **kwargs)
+
+
+def register_model_type() -> None:
+    if MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(MODEL_TYPE, LRSConfigLoader)
+
+
+@functools.cache
+def _compressed_config_class(base: type) -> type:
+    """A subclass of the base config class that writes the `optimum_lrs` model type to config.json.
+
+    In memory the model type stays the base one, so transformers and PEFT keep their per-architecture
+    behaviour; only the serialised form changes.
+    """
+
+    def to_dict(self):
+        out = base.to_dict(self)
+        out[BASE_MODEL_TYPE_KEY] = out.get("model_type", base.model_type)
+        out["model_type"] = MODEL_TYPE
+        return out
+
+    return type(f"LRS{base.__name__}", (base,), {"to_dict": to_dict, "__module__": __name__})
+
+
+def mark_compressed(model: nn.Module) -> None:
+    """Make every config of `model` serialise as an `optimum_lrs` checkpoint."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PreTrainedConfig) and not getattr(type(config), "_lrs_marked", False):
+            cls = _compressed_config_class(type(config))
+            cls._lrs_marked = True
+            config.__class__ = cls
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    file: str
+
+
+def read_headers(files: list[str]) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of every tensor in the safetensors files, read from the headers only."""
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            raise CheckpointError(f"{file}: compressed checkpoints are stored as safetensors only")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    infos[key] = TensorInfo(tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype()), str(file))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise CheckpointError(f"{file}: cannot read the safetensors header ({exc})") from exc
+    return infos
+
+
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise CheckpointError(message)
+
+
+def empty_layer_from_headers(
+    name: str, dense: nn.Linear, entry: dict, headers: dict[str, TensorInfo]
+) -> LowRankSparseLinear:
+    """A meta-device `LowRankSparseLinear` shaped exactly as the checkpoint's tensors, after checking them."""
+    keys = {f: f"{name}.{f}" for f in FACTOR_NAMES}
+    if dense.bias is not None:
+        keys["bias"] = f"{name}.bias"
+    for key in keys.values():
+        _expect(key in headers, f"the checkpoint has no tensor {key!r} for compressed layer {name!r}")
+    u, v, vals, cols, rows = (headers[keys[f]] for f in FACTOR_NAMES)
+    out_f, in_f = dense.out_features, dense.in_features
+    rank, nnz = v.shape[0] if len(v.shape) == 2 else -1, vals.shape[0] if len(vals.shape) == 1 else -1
+    where = f"layer {name!r} (file {u.file})"
+    _expect(u.shape == (out_f, rank) and v.shape == (rank, in_f),
+            f"{where}: lowrank_u {u.shape} and lowrank_v {v.shape} do not form a ({out_f} x {in_f}) product")
+    _expect(vals.shape == (nnz,) and cols.shape == (nnz,) and rows.shape == (out_f + 1,),
+            f"{where}: sparse tensors have shapes values {vals.shape}, col_indices {cols.shape}, "
+            f"row_offsets {rows.shape}; expected ({nnz},), ({nnz},), ({out_f + 1},)")
+    _expect(cols.dtype == index_dtype_for(in_f - 1) and rows.dtype == index_dtype_for(nnz),
+            f"{where}: index dtypes {cols.dtype}/{rows.dtype} differ from the format's "
+            f"{index_dtype_for(in_f - 1)}/{index_dtype_for(nnz)}")
+    _expect(u.dtype is not None and u.dtype.is_floating_point and u.dtype == v.dtype == vals.dtype,
+            f"{where}: factor dtypes differ or are not floating point ({u.dtype}, {v.dtype}, {vals.dtype})")
+    _expect(entry.get("rank") == rank and entry.get("nnz") == nnz,
+            f"{where}: config.json records rank={entry.get('rank')}, nnz={entry.get('nnz')} but the tensors "
+            f"hold rank={rank}, nnz={nnz}")
+    with torch.device("meta"):
+        return LowRankSparseLinear(in_f, out_f, rank, nnz, bias=dense.bias is not None, dtype=u.dtype)
+
+
+def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, files: list[str]) -> None:
+    """Swap each layer listed in `config.compressed_modules` for an empty compressed layer, before loading."""
+    headers = read_headers(list(files or []))
+    listed = config.compressed_modules or {}
+    for name, entry in listed.items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"config.json lists compressed layer {name!r}, which this model does not have") from None
+        _expect(isinstance(dense, nn.Linear), f"compressed layer {name!r} replaces a {type(dense).__name__}, not an nn.Linear")
+        layer = empty_layer_from_headers(name, dense, entry, headers)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    # Tensors that belong to no announced layer would be dropped with a mere warning: refuse them.
+    for key, info in headers.items():
+        module, _, leaf = key.rpartition(".")
+        stray_factor = leaf in FACTOR_NAMES and module not in listed
+        dense_leftover = module in listed and leaf not in (*FACTOR_NAMES, "bias")
+        _expect(not (stray_factor or dense_leftover),
+                f"{info.file}: tensor {key!r} does not belong to the compressed layers config.json describes")
+
+
+def assert_materialised(model: nn.Module) -> None:
+    """After loading, every tensor of a compressed layer must hold data, not meta placeholders."""
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankSparseLinear):
+            for tname, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+                _expect(t.device.type != "meta", f"compressed layer {name!r}: tensor {tname!r} was not loaded")

@@ -1,0 +1,150 @@
+"""Compress a loaded model in place: pick target layers, run Stage 1 and Stage 2, swap in factorised layers."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.quantizers import HfQuantizer
+
+from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
+from .allocation.base import kept_parameters
+from .config import LowRankSparseConfig
+from .layer import LowRankSparseLinear
+from .rpca import robust_pca
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A module name matches a plain name when it is that name or ends with `.name`."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def skipped_modules(model: nn.Module, config: LowRankSparseConfig) -> list[str]:
+    """Modules never compressed: the LM head / output embedding, tied weights, and the user's list."""
+    return HfQuantizer.get_modules_to_not_convert(model, config.modules_to_not_convert, add_default_skips=True)
+
+
+def find_target_modules(model: nn.Module, config: LowRankSparseConfig) -> dict[str, nn.Linear]:
+    """The linear layers `config` selects, after removing the ones that must stay dense."""
+    skips = skipped_modules(model, config)
+
+    def is_skipped(name: str) -> bool:
+        return any(_matches(name, s) or name.startswith(s + ".") for s in skips)
+
+    def is_selected(name: str) -> bool:
+        t = config.target_modules
+        if t is None:
+            return True
+        if isinstance(t, str):
+            return re.fullmatch(t, name) is not None
+        return any(_matches(name, p) for p in t)
+
+    targets = {}
+    for name, module in model.named_modules():
+        if not name or not is_selected(name):
+            continue
+        explicit = config.target_modules is not None
+        if is_skipped(name):
+            if explicit and isinstance(config.target_modules, list) and any(name == p for p in config.target_modules):
+                raise ValueError(
+                    f"target_modules names {name!r}, which must stay dense (LM head, output embedding or tied weight)"
+                )
+            continue
+        if isinstance(module, nn.Linear):
+            targets[name] = module
+        elif explicit and isinstance(config.target_modules, list) and any(name == p for p in config.target_modules):
+            raise ValueError(
+                f"target_modules names {name!r}, a {type(module).__name__}; only torch.nn.Linear layers can be compressed"
+            )
+    if not targets:
+        raise ValueError(
+            f"no linear layer to compress: target_modules={config.target_modules!r} matched none outside the "
+            f"always-dense modules {sorted(skips)}"
+        )
+    return targets
+
+
+def factor_dtype(config: LowRankSparseConfig, weight: torch.Tensor) -> torch.dtype:
+    return weight.dtype if config.factor_dtype == "auto" else _DTYPES[config.factor_dtype]
+
+
+def decompose(name: str, module: nn.Linear, config: LowRankSparseConfig) -> LayerCandidates:
+    """Stage 1 for one layer, with the checks that keep a bad weight from turning into a bad model."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        raise ValueError(f"cannot compress {name}: its weight is on the meta device (not loaded)")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"cannot compress {name}: its weight has NaN or infinite entries")
+    result = robust_pca(weight, config.rpca_lambda, config.rpca_max_iter, config.rpca_tol, config.rpca_rho)
+    if not result.converged:
+        logger.warning(
+            "RPCA of %s stopped after %d iterations at relative residual %.2e (tol %.0e); the residual is lost",
+            name, result.iterations, result.residual, config.rpca_tol,
+        )
+    return LayerCandidates(name, weight.shape[0], weight.shape[1], result)
+
+
+def build_layer(candidates: LayerCandidates, keep: LayerAllocation, source: nn.Linear, dtype: torch.dtype) -> LowRankSparseLinear:
+    """Extract the kept factors: U' = U_r sqrt(s_r), V' = sqrt(s_r) Vh_r, and the `nnz` largest |S| entries."""
+    rpca = candidates.rpca
+    root = rpca.s[: keep.rank].sqrt()
+    u = rpca.u[:, : keep.rank] * root
+    v = root[:, None] * rpca.vh[: keep.rank]
+    flat = rpca.sparse.flatten()
+    kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.nnz else flat.new_zeros(0, dtype=torch.long)
+    sparse = torch.zeros_like(flat)
+    sparse[kept] = flat[kept]
+    bias = None if source.bias is None else source.bias.detach()
+    return LowRankSparseLinear.from_factors(u, v, sparse.view_as(rpca.sparse), bias, dtype=dtype)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
+    """Compress every targeted layer of `model` in place and write the allocation into `config`."""
+    if config.is_compressed:
+        raise ValueError(
+            "this LowRankSparseConfig already carries a compressed_modules allocation (it describes a compressed "
+            "checkpoint); pass a fresh config to compress a dense model"
+        )
+    if any(isinstance(m, LowRankSparseLinear) for m in model.modules()):
+        raise ValueError("the model already contains LowRankSparseLinear layers; it is compressed already")
+    targets = find_target_modules(model, config)
+    candidates = [
+        decompose(name, module, config)
+        for name, module in tqdm(targets.items(), desc="RPCA (stage 1)", unit="layer", disable=None)
+    ]
+    problem = AllocationProblem(candidates, 0, config, model=model)
+    dense = problem.dense_params
+    problem.budget = round(config.param_ratio * dense)
+    allocation = allocate(problem)
+    kept = kept_parameters(problem, allocation)
+    entries = {}
+    for c in candidates:
+        source = targets[c.name]
+        keep = allocation[c.name]
+        _replace(model, c.name, build_layer(c, keep, source, factor_dtype(config, source.weight)))
+        entries[c.name] = {
+            "rank": keep.rank,
+            "nnz": keep.nnz,
+            "rpca_iterations": c.rpca.iterations,
+            "rpca_residual": c.rpca.residual,
+        }
+        c.rpca = None  # free this layer's candidate pools before building the next
+    config.compressed_modules = entries
+    logger.info(
+        "compressed %d layers: kept %d of %d parameters (%.2f%%, budget %.2f%%)",
+        len(candidates), kept, dense, 100 * kept / dense, 100 * config.param_ratio,
+    )
+    return model

@@ -1,0 +1,214 @@
+"""`LowRankSparseConfig`: the one object that says how a model is compressed and what came out.
+
+It plays the part `BitsAndBytesConfig` plays for bitsandbytes: pass it to `from_pretrained` as
+`quantization_config`, and after compression it carries the per-layer allocation into
+`config.json`, which is what lets a saved model reload without recompressing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "optimum_lrs"
+FORMAT_VERSION = 1
+
+ALLOCATION_METHODS = ("uniform",)
+FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Fields that configure a run but must never reach config.json (user data, live objects).
+_RUNTIME_ONLY = ("calibration_data", "tokenizer")
+# Keys of one entry of `compressed_modules`.
+_MODULE_ENTRY_KEYS = {"rank", "nnz", "rpca_iterations", "rpca_residual"}
+
+
+def _fail(field: str, allowed: str, value: Any) -> None:
+    raise ValueError(f"LowRankSparseConfig.{field} must be {allowed}, got {value!r}")
+
+
+def _check_real(field: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    """Validate a real number against an interval, naming the field and the interval on failure."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(field, f"a finite number in {interval}", value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        _fail(field, f"in {interval}", value)
+    return float(value)
+
+
+def _check_int(field: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(field, f"an integer >= {low}", value)
+    return value
+
+
+def _check_names(field: str, value: Any, allow_regex: bool) -> list[str] | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not allow_regex:
+            _fail(field, "a list of module names or None", value)
+        if not value:
+            _fail(field, "a non-empty regular expression, a list of module names or None", value)
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    _fail(field, "a non-empty list of non-empty module names" + (", a regular expression" if allow_regex else "") + " or None", value)
+
+
+def _check_calibration(value: Any) -> Any:
+    """Accept texts, token-id sequences, a 2-D tensor of ids or a `datasets.Dataset`; reject anything else now."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if type(value).__name__ in ("Dataset", "IterableDataset") and type(value).__module__.startswith("datasets"):
+        return value
+    if hasattr(value, "dim") and hasattr(value, "dtype"):  # torch tensor of token ids
+        if value.dim() != 2 or value.dtype.is_floating_point or value.numel() == 0:
+            _fail("calibration_data", "a non-empty 2-D integer tensor of token ids when a tensor", tuple(value.shape))
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, (list, tuple)) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v) for v in value):
+            return [list(v) for v in value]
+    _fail(
+        "calibration_data",
+        "None, a text, a non-empty list of texts, a list of token-id lists, a 2-D tensor of token ids or a datasets.Dataset",
+        type(value).__name__,
+    )
+
+
+def _check_compressed_modules(value: Any) -> dict[str, dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        _fail("compressed_modules", "None or a dict of module name -> {rank, nnz, ...}", type(value).__name__)
+    out = {}
+    for name, entry in value.items():
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            _fail("compressed_modules", "a dict of module name -> dict", {name: entry})
+        unknown = set(entry) - _MODULE_ENTRY_KEYS
+        if unknown or not {"rank", "nnz"} <= set(entry):
+            _fail("compressed_modules", f"entries with keys rank, nnz and optionally {sorted(_MODULE_ENTRY_KEYS - {'rank', 'nnz'})}", {name: entry})
+        _check_int(f"compressed_modules[{name!r}].rank", entry["rank"], 0)
+        _check_int(f"compressed_modules[{name!r}].nnz", entry["nnz"], 0)
+        out[name] = dict(entry)
+    return out
+
+
+class LowRankSparseConfig(QuantizationConfigMixin):
+    """Configuration of low-rank + sparse compression (CAP, arXiv 2505.03801).
+
+    Args:
+        param_ratio: fraction of the targeted linear layers' dense parameter count to keep, counted as
+            `sum r (m + n) + nnz(S)` over all compressed matrices; met globally to within 0.1%.
+        allocation: how the budget is shared among layers; `"uniform"` gives every matrix the same ratio.
+        lowrank_fraction: for `"uniform"`, the share of each matrix's budget spent on rank (the rest on
+            sparse entries). 0.7 keeps a sparse part about 15% dense at `param_ratio=0.5`.
+        target_modules: module names (suffixes such as `"q_proj"`) or one regular expression over full
+            module names; None targets every `nn.Linear` except the skipped ones.
+        modules_to_not_convert: extra module names to leave dense. The LM head, the output embedding and
+            tied weights are always left dense.
+        rpca_lambda: weight of the L1 term; None means `1 / sqrt(max(m, n))` per matrix.
+        rpca_max_iter, rpca_tol, rpca_rho: inexact-ALM iteration cap, stopping tolerance on
+            `||W - L - S||_F / ||W||_F`, and the growth factor of the penalty mu.
+        calibration_data, calibration_seq_len, calibration_num_samples, tokenizer: calibration inputs
+            (texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`). Never serialised.
+        seed: seed of every random choice, so that a run repeats exactly.
+        factor_dtype: dtype of the stored factors; `"auto"` keeps the dtype of the dense weight.
+        compressed_modules: written by compression: module name -> {rank, nnz, rpca_iterations,
+            rpca_residual}. A config that carries it describes a compressed checkpoint.
+    """
+
+    def __init__(
+        self,
+        param_ratio: float = 0.5,
+        allocation: str = "uniform",
+        lowrank_fraction: float = 0.7,
+        target_modules: list[str] | str | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        rpca_lambda: float | None = None,
+        rpca_max_iter: int = 50,
+        rpca_tol: float = 1e-4,
+        rpca_rho: float = 1.5,
+        calibration_data: Any = None,
+        calibration_seq_len: int = 512,
+        calibration_num_samples: int = 128,
+        tokenizer: Any = None,
+        seed: int = 0,
+        factor_dtype: str = "auto",
+        compressed_modules: dict[str, dict[str, Any]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = QUANT_METHOD,
+    ):
+        if quant_method != QUANT_METHOD:
+            _fail("quant_method", repr(QUANT_METHOD), quant_method)
+        if format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"LowRankSparseConfig.format_version {format_version!r} is not supported by this optimum_lrs "
+                f"(it reads format {FORMAT_VERSION}); install the optimum-lrs release that wrote the checkpoint"
+            )
+        self.quant_method = QUANT_METHOD
+        self.format_version = FORMAT_VERSION
+        self.param_ratio = _check_real("param_ratio", param_ratio, 0.0, 1.0, True, True)
+        if allocation not in ALLOCATION_METHODS:
+            _fail("allocation", f"one of {ALLOCATION_METHODS}", allocation)
+        self.allocation = allocation
+        self.lowrank_fraction = _check_real("lowrank_fraction", lowrank_fraction, 0.0, 1.0, False, False)
+        self.target_modules = _check_names("target_modules", target_modules, allow_regex=True)
+        self.modules_to_not_convert = _check_names("modules_to_not_convert", modules_to_not_convert, allow_regex=False)
+        self.rpca_lambda = None if rpca_lambda is None else _check_real("rpca_lambda", rpca_lambda, 0.0, math.inf, True, True)
+        self.rpca_max_iter = _check_int("rpca_max_iter", rpca_max_iter, 1)
+        self.rpca_tol = _check_real("rpca_tol", rpca_tol, 0.0, 1.0, True, True)
+        self.rpca_rho = _check_real("rpca_rho", rpca_rho, 1.0, math.inf, True, True)
+        self.calibration_data = _check_calibration(calibration_data)
+        self.calibration_seq_len = _check_int("calibration_seq_len", calibration_seq_len, 2)
+        self.calibration_num_samples = _check_int("calibration_num_samples", calibration_num_samples, 1)
+        if tokenizer is not None and not callable(tokenizer):
+            _fail("tokenizer", "None or a tokenizer (callable on text)", type(tokenizer).__name__)
+        self.tokenizer = tokenizer
+        self.seed = _check_int("seed", seed, 0)
+        if factor_dtype not in FACTOR_DTYPES:
+            _fail("factor_dtype", f"one of {FACTOR_DTYPES}", factor_dtype)
+        self.factor_dtype = factor_dtype
+        self.compressed_modules = _check_compressed_modules(compressed_modules)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """Build from a dict, refusing keys this version does not know (a typo must not pass silently)."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"LowRankSparseConfig.from_dict expects a dict, got {type(config_dict).__name__}")
+        known = set(cls._fields())
+        unknown = sorted(k for k in config_dict if k not in known)
+        if unknown:
+            raise ValueError(f"LowRankSparseConfig got unknown keys {unknown}; known keys are {sorted(known)}")
+        return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @staticmethod
+    def _fields() -> tuple[str, ...]:
+        import inspect
+
+        return tuple(inspect.signature(LowRankSparseConfig.__init__).parameters)[1:]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialisable fields only: calibration inputs and the tokenizer stay out of config.json."""
+        out = {k: getattr(self, k) for k in self._fields() if k not in _RUNTIME_ONLY}
+        return json.loads(json.dumps(out))  # a deep, JSON-clean copy
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LowRankSparseConfig) and self.to_dict() == other.to_dict()
+
+    @property
+    def is_compressed(self) -> bool:
+        """True when this config describes an already compressed checkpoint."""
+        return self.compressed_modules is not None

@@ -1,0 +1,155 @@
+"""`LowRankSparseLinear`: a linear layer whose weight is stored as U V + S, never as a dense matrix."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+# Tensor names inside a compressed layer; they are the checkpoint's key suffixes too (docs/checkpoint-format.md).
+FACTOR_NAMES = ("lowrank_u", "lowrank_v", "sparse_values", "sparse_col_indices", "sparse_row_offsets")
+
+
+@contextlib.contextmanager
+def _quiet_sparse() -> Iterator[None]:
+    """Silence torch's "sparse CSR support is in beta" notice, which would otherwise fire on every forward."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        yield
+
+
+def index_dtype_for(max_value: int) -> torch.dtype:
+    """The narrowest signed integer dtype that holds every value in [0, max_value]."""
+    for dtype in (torch.int16, torch.int32):
+        if max_value <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+class LowRankSparseLinear(nn.Module):
+    """y = x (U V + S)^T + b, with U (out x r), V (r x in) dense and S (out x in) in CSR form.
+
+    S is kept as `sparse_values`, `sparse_col_indices` (narrowest integer dtype that indexes
+    `in_features`) and `sparse_row_offsets` (narrowest dtype that holds nnz). There is deliberately
+    no `.weight`: transformers, PEFT and accelerate treat a `.weight` as a dense matrix to load or cast.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        nnz: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if min(in_features, out_features) < 1 or rank < 0 or nnz < 0:
+            raise ValueError(
+                f"LowRankSparseLinear needs positive in/out features and non-negative rank and nnz, got "
+                f"in={in_features}, out={out_features}, rank={rank}, nnz={nnz}"
+            )
+        if nnz > in_features * out_features:
+            raise ValueError(f"LowRankSparseLinear: nnz={nnz} exceeds {out_features}x{in_features} entries")
+        self.in_features = in_features
+        self.out_features = out_features
+        factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        self.lowrank_u = nn.Parameter(torch.empty(out_features, rank, **factory), requires_grad=False)
+        self.lowrank_v = nn.Parameter(torch.empty(rank, in_features, **factory), requires_grad=False)
+        self.sparse_values = nn.Parameter(torch.empty(nnz, **factory), requires_grad=False)
+        self.register_buffer(
+            "sparse_col_indices", torch.empty(nnz, dtype=index_dtype_for(in_features - 1), device=device)
+        )
+        self.register_buffer(
+            "sparse_row_offsets", torch.empty(out_features + 1, dtype=index_dtype_for(nnz), device=device)
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_factors(
+        cls,
+        lowrank_u: torch.Tensor,
+        lowrank_v: torch.Tensor,
+        sparse: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LowRankSparseLinear:
+        """Build from U (out x r), V (r x in) and S given as a dense (out x in) or sparse tensor."""
+        out_features, rank = lowrank_u.shape
+        if lowrank_v.shape[0] != rank or sparse.shape != (out_features, lowrank_v.shape[1]):
+            raise ValueError(
+                f"incompatible factor shapes U {tuple(lowrank_u.shape)}, V {tuple(lowrank_v.shape)}, S {tuple(sparse.shape)}"
+            )
+        dtype = dtype or lowrank_u.dtype
+        with _quiet_sparse():
+            csr = sparse.to_sparse_csr() if sparse.layout != torch.sparse_csr else sparse
+        values = csr.values()
+        layer = cls(lowrank_v.shape[1], out_features, rank, values.numel(), bias is not None, dtype, lowrank_u.device)
+        with torch.no_grad():
+            layer.lowrank_u.copy_(lowrank_u)
+            layer.lowrank_v.copy_(lowrank_v)
+            layer.sparse_values.copy_(values)
+            layer.sparse_col_indices.copy_(csr.col_indices())
+            layer.sparse_row_offsets.copy_(csr.crow_indices())
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank_u.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        return self.sparse_values.numel()
+
+    @property
+    def num_parameters(self) -> int:
+        """Kept weight parameters as the budget counts them: r (m + n) + nnz (bias and indices excluded)."""
+        return self.rank * (self.in_features + self.out_features) + self.nnz
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer holds, indices and bias included."""
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+
+    def sparse_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """S as a torch CSR tensor (int32 indices, as the kernels want), optionally cast to `dtype`."""
+        values = self.sparse_values if dtype is None else self.sparse_values.to(dtype)
+        with _quiet_sparse():
+            return torch.sparse_csr_tensor(
+                self.sparse_row_offsets.to(torch.int32),
+                self.sparse_col_indices.to(torch.int32),
+                values,
+                (self.out_features, self.in_features),
+                check_invariants=False,  # indices were validated when the layer was built or loaded
+            )
+
+    def dense_weight(self) -> torch.Tensor:
+        """U V + S as a dense matrix: for tests and export, never used by `forward`."""
+        return self.lowrank_u @ self.lowrank_v + self.sparse_matrix().to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"LowRankSparseLinear expected last dimension {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).to(self.lowrank_u.dtype)
+        out = (flat @ self.lowrank_v.t()) @ self.lowrank_u.t()
+        if self.nnz:
+            # CPU sparse kernels (MKL) exist only for float32/float64: run half precision through float32.
+            compute = torch.float32 if flat.device.type == "cpu" and flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
+            sparse_out = torch.sparse.mm(self.sparse_matrix(compute), flat.to(compute).t()).t()
+            out = out + sparse_out.to(out.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"nnz={self.nnz}, bias={self.bias is not None}"
+        )

