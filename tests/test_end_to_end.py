@@ -1,0 +1,173 @@
+"""Compress on load through both entry points, save sharded, reload in a fresh process, and break things."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from optimum_lrs import CheckpointError, LowRankSparseConfig, LowRankSparseLinear, LRSModelForCausalLM
+
+from .conftest import run_python
+
+
+def compressed_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankSparseLinear)}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def saved(dense_checkpoint, tmp_path_factory):
+    """One compressed model per architecture, saved in several shards."""
+    cfg = LowRankSparseConfig(param_ratio=0.5, calibration_data=["unused by uniform allocation"])
+    model = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
+    out = tmp_path_factory.mktemp("compressed")
+    model.save_pretrained(out, max_shard_size="40KB")
+    return model, out
+
+
+def test_both_entry_points_agree_and_meet_the_budget(dense_checkpoint, saved, input_ids):
+    model, _ = saved
+    dense = AutoModelForCausalLM.from_pretrained(dense_checkpoint)
+    other = LRSModelForCausalLM.from_pretrained(dense_checkpoint, compression_config={"param_ratio": 0.5})
+    assert torch.equal(logits(model, input_ids), logits(other, input_ids))
+    layers = compressed_layers(model)
+    dense_linears = {n: m for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(layers) == set(dense_linears) - {"lm_head"}
+    budget = 0.5 * sum(dense_linears[n].weight.numel() for n in layers)
+    kept = sum(layer.num_parameters for layer in layers.values())
+    assert abs(kept - budget) <= 1e-3 * budget
+    recorded = model.config.quantization_config.compressed_modules
+    assert {n: (e["rank"], e["nnz"]) for n, e in recorded.items()} == {n: (l.rank, l.nnz) for n, l in layers.items()}
+    assert all(e["rpca_residual"] < 1e-4 for e in recorded.values())
+    # The compressed model is a real approximation of the dense one, not noise.
+    ref = logits(dense, input_ids)
+    assert torch.linalg.norm(logits(model, input_ids) - ref) < 0.5 * torch.linalg.norm(ref)
+
+
+def test_saved_checkpoint_holds_only_factors_in_shards(saved, capsys):
+    model, out = saved
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2
+    keys = set()
+    for shard in shards:
+        keys |= set(load_file(shard))
+    for name in compressed_layers(model):
+        assert f"{name}.weight" not in keys
+        assert f"{name}.lowrank_u" in keys and f"{name}.sparse_col_indices" in keys
+    factor_bytes = sum(layer.nbytes for layer in compressed_layers(model).values())
+    with capsys.disabled():
+        print(f"\n[{model.config.model_type}] {len(shards)} shards, {sum(s.stat().st_size for s in shards)} bytes on "
+              f"disk, compressed-layer tensors {factor_bytes} bytes")
+
+
+def test_reload_in_fresh_process_gives_identical_logits(saved, input_ids, tmp_path):
+    model, out = saved
+    save_file({"ids": input_ids}, tmp_path / "ids.safetensors")
+    code = f"""
+import torch, optimum_lrs
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+assert any(isinstance(m, optimum_lrs.LowRankSparseLinear) for m in model.modules())
+with torch.no_grad():
+    out = model(load_file({str(tmp_path / 'ids.safetensors')!r})["ids"]).logits
+save_file({{"logits": out.contiguous()}}, {str(tmp_path / 'logits.safetensors')!r})
+"""
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(load_file(tmp_path / "logits.safetensors")["logits"], logits(model, input_ids))
+    again = LRSModelForCausalLM.from_pretrained(out)
+    assert torch.equal(logits(again, input_ids), logits(model, input_ids))
+
+
+def test_loading_without_the_plugin_fails_loudly(saved):
+    _, out = saved
+    proc = run_python(f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(out)!r})")
+    assert proc.returncode != 0
+    assert "optimum_lrs" in proc.stderr
+
+
+def test_bf16_factors_round_trip(dense_checkpoint, tmp_path, input_ids):
+    cfg = LowRankSparseConfig(param_ratio=0.4, factor_dtype="bfloat16", target_modules=r".*mlp\..*")
+    model = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
+    layers = compressed_layers(model)
+    assert layers and all(".mlp." in n and l.lowrank_u.dtype == torch.bfloat16 for n, l in layers.items())
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert compressed_layers(again)[next(iter(layers))].lowrank_u.dtype == torch.bfloat16
+    assert torch.equal(logits(again, input_ids), logits(model, input_ids))
+
+
+def _single_file_copy(saved, tmp_path: Path) -> tuple[Path, dict]:
+    model, _ = saved
+    model.save_pretrained(tmp_path)
+    return tmp_path / "model.safetensors", load_file(tmp_path / "model.safetensors")
+
+
+def _first_layer(saved) -> str:
+    return sorted(saved[0].config.quantization_config.compressed_modules)[0]
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra_dense", "wrong_shape", "stray_factor", "allocation_lies"])
+def test_damaged_checkpoint_raises_naming_the_problem(saved, tmp_path, damage):
+    file, tensors = _single_file_copy(saved, tmp_path)
+    layer = _first_layer(saved)
+    if damage == "missing":
+        del tensors[f"{layer}.sparse_values"]
+        expected = f"{layer}.sparse_values"
+    elif damage == "extra_dense":
+        tensors[f"{layer}.weight"] = torch.zeros(4, 4)
+        expected = f"{layer}.weight"
+    elif damage == "wrong_shape":
+        u = tensors[f"{layer}.lowrank_u"]
+        tensors[f"{layer}.lowrank_u"] = torch.zeros(u.shape[0], u.shape[1] + 1)
+        expected = "lowrank_u"
+    elif damage == "stray_factor":
+        tensors["model.layers.0.mystery.lowrank_u"] = torch.zeros(2, 2)
+        expected = "mystery"
+    else:
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["quantization_config"]["compressed_modules"][layer]["rank"] += 1
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        expected = "config.json records rank"
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=expected.replace(".", r"\.")):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_entry_point_argument_errors(dense_checkpoint, saved):
+    cfg = LowRankSparseConfig()
+    with pytest.raises(ValueError, match="not both"):
+        LRSModelForCausalLM.from_pretrained(dense_checkpoint, compression_config=cfg, quantization_config=cfg)
+    with pytest.raises(TypeError, match="LowRankSparseConfig or a dict"):
+        LRSModelForCausalLM.from_pretrained(dense_checkpoint, compression_config=0.5)
+    with pytest.raises(ValueError, match="unknown keys"):
+        LRSModelForCausalLM.from_pretrained(dense_checkpoint, compression_config={"ratio": 0.5})
+    with pytest.raises(ValueError, match="carries compressed_modules"):
+        AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=saved[0].config.quantization_config)
+    with pytest.raises(ValueError, match="must stay dense"):
+        AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=LowRankSparseConfig(target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="only torch.nn.Linear"):
+        AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=LowRankSparseConfig(target_modules=["model.layers.0.input_layernorm"]))
+    with pytest.raises(ValueError, match="no linear layer"):
+        AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=LowRankSparseConfig(target_modules=["nothing"]))
+    with pytest.raises(OSError, match="factory"):
+        LRSModelForCausalLM()
+
+
+def test_non_finite_weight_is_refused(tmp_path):
+    from .conftest import tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj.*NaN"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=LowRankSparseConfig())
