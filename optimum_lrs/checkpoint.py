@@ -74,7 +74,7 @@ def _compressed_config_class(base: type) -> type:
         out["model_type"] = MODEL_TYPE
         return out
 
-    return type(f"LRS{base.__name__}", (base,), {"to_dict": to_dict, "__module__": __name__})
+    return type(f"LRS{base.__name__}", (base,), {"to_dict": to_dict, "__module__": __name__, "_lrs_marked": True})
 
 
 def mark_compressed(model: nn.Module) -> None:
@@ -82,9 +82,7 @@ def mark_compressed(model: nn.Module) -> None:
     for module in model.modules():
         config = getattr(module, "config", None)
         if isinstance(config, PreTrainedConfig) and not getattr(type(config), "_lrs_marked", False):
-            cls = _compressed_config_class(type(config))
-            cls._lrs_marked = True
-            config.__class__ = cls
+            config.__class__ = _compressed_config_class(type(config))
 
 
 @dataclass(frozen=True)

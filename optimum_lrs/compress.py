@@ -50,16 +50,16 @@ def find_target_modules(model: nn.Module, config: LowRankSparseConfig) -> dict[s
     for name, module in model.named_modules():
         if not name or not is_selected(name):
             continue
-        explicit = config.target_modules is not None
+        named_explicitly = isinstance(config.target_modules, list) and name in config.target_modules
         if is_skipped(name):
-            if explicit and isinstance(config.target_modules, list) and any(name == p for p in config.target_modules):
+            if named_explicitly:
                 raise ValueError(
                     f"target_modules names {name!r}, which must stay dense (LM head, output embedding or tied weight)"
                 )
             continue
         if isinstance(module, nn.Linear):
             targets[name] = module
-        elif explicit and isinstance(config.target_modules, list) and any(name == p for p in config.target_modules):
+        elif named_explicitly:
             raise ValueError(
                 f"target_modules names {name!r}, a {type(module).__name__}; only torch.nn.Linear layers can be compressed"
             )
@@ -91,18 +91,29 @@ def decompose(name: str, module: nn.Linear, config: LowRankSparseConfig) -> Laye
     return LayerCandidates(name, weight.shape[0], weight.shape[1], result)
 
 
-def build_layer(candidates: LayerCandidates, keep: LayerAllocation, source: nn.Linear, dtype: torch.dtype) -> LowRankSparseLinear:
-    """Extract the kept factors: U' = U_r sqrt(s_r), V' = sqrt(s_r) Vh_r, and the `nnz` largest |S| entries."""
+def build_layer(
+    candidates: LayerCandidates, keep: LayerAllocation, source: nn.Linear, config: LowRankSparseConfig
+) -> LowRankSparseLinear:
+    """Extract the kept factors: U' = U_r sqrt(s_r), V' = sqrt(s_r) Vh_r, and the `nnz` largest |S| entries.
+
+    With `sparse_values="residual"` the kept entries hold `W - U'V'` instead of RPCA's (shrunk) S values.
+    """
     rpca = candidates.rpca
     root = rpca.s[: keep.rank].sqrt()
     u = rpca.u[:, : keep.rank] * root
     v = root[:, None] * rpca.vh[: keep.rank]
     flat = rpca.sparse.flatten()
-    kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.nnz else flat.new_zeros(0, dtype=torch.long)
-    sparse = torch.zeros_like(flat)
-    sparse[kept] = flat[kept]
+    kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices.sort().values  # row-major order = CSR order
+    if config.sparse_values == "residual":
+        flat = (source.weight.detach().float() - u @ v).flatten()
+    out_features, in_features = rpca.sparse.shape
+    row_offsets = torch.zeros(out_features + 1, dtype=torch.long)
+    row_offsets[1:] = torch.bincount(kept // in_features, minlength=out_features).cumsum(0)
+    # Built from the kept positions, not from a dense matrix, so that a kept entry equal to 0 stays counted.
     bias = None if source.bias is None else source.bias.detach()
-    return LowRankSparseLinear.from_factors(u, v, sparse.view_as(rpca.sparse), bias, dtype=dtype)
+    return LowRankSparseLinear.from_csr(
+        u, v, row_offsets, kept % in_features, flat[kept], bias, dtype=factor_dtype(config, source.weight)
+    )
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -134,7 +145,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     for c in candidates:
         source = targets[c.name]
         keep = allocation[c.name]
-        _replace(model, c.name, build_layer(c, keep, source, factor_dtype(config, source.weight)))
+        _replace(model, c.name, build_layer(c, keep, source, config))
         entries[c.name] = {
             "rank": keep.rank,
             "nnz": keep.nnz,

@@ -78,23 +78,40 @@ class LowRankSparseLinear(nn.Module):
         bias: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> LowRankSparseLinear:
-        """Build from U (out x r), V (r x in) and S given as a dense (out x in) or sparse tensor."""
-        out_features, rank = lowrank_u.shape
-        if lowrank_v.shape[0] != rank or sparse.shape != (out_features, lowrank_v.shape[1]):
-            raise ValueError(
-                f"incompatible factor shapes U {tuple(lowrank_u.shape)}, V {tuple(lowrank_v.shape)}, S {tuple(sparse.shape)}"
-            )
-        dtype = dtype or lowrank_u.dtype
+        """Build from U (out x r), V (r x in) and S given as a dense (out x in) or CSR tensor."""
         with _quiet_sparse():
-            csr = sparse.to_sparse_csr() if sparse.layout != torch.sparse_csr else sparse
-        values = csr.values()
-        layer = cls(lowrank_v.shape[1], out_features, rank, values.numel(), bias is not None, dtype, lowrank_u.device)
+            csr = sparse if sparse.layout == torch.sparse_csr else sparse.to_sparse_csr()
+        return cls.from_csr(lowrank_u, lowrank_v, csr.crow_indices(), csr.col_indices(), csr.values(), bias, dtype)
+
+    @classmethod
+    def from_csr(
+        cls,
+        lowrank_u: torch.Tensor,
+        lowrank_v: torch.Tensor,
+        row_offsets: torch.Tensor,
+        col_indices: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LowRankSparseLinear:
+        """Build from U, V and S's CSR arrays (column indices ascending within each row)."""
+        out_features, rank = lowrank_u.shape
+        in_features = lowrank_v.shape[1]
+        nnz = values.numel()
+        if lowrank_v.shape[0] != rank or row_offsets.shape != (out_features + 1,) or col_indices.shape != (nnz,):
+            raise ValueError(
+                f"incompatible factor shapes U {tuple(lowrank_u.shape)}, V {tuple(lowrank_v.shape)}, "
+                f"row_offsets {tuple(row_offsets.shape)}, col_indices {tuple(col_indices.shape)}, values ({nnz},)"
+            )
+        if nnz and (int(row_offsets[-1]) != nnz or int(col_indices.min()) < 0 or int(col_indices.max()) >= in_features):
+            raise ValueError(f"invalid CSR arrays for a {out_features}x{in_features} matrix with {nnz} entries")
+        layer = cls(in_features, out_features, rank, nnz, bias is not None, dtype or lowrank_u.dtype, lowrank_u.device)
         with torch.no_grad():
             layer.lowrank_u.copy_(lowrank_u)
             layer.lowrank_v.copy_(lowrank_v)
             layer.sparse_values.copy_(values)
-            layer.sparse_col_indices.copy_(csr.col_indices())
-            layer.sparse_row_offsets.copy_(csr.crow_indices())
+            layer.sparse_col_indices.copy_(col_indices)
+            layer.sparse_row_offsets.copy_(row_offsets)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer

