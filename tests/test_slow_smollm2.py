@@ -39,4 +39,6 @@ def test_smollm2_half_budget_uniform(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nSmolLM2-135M WikiText-2 ({WINDOWS} x {SEQ_LEN} tokens): dense ppl {ppl_dense:.2f}, "
               f"uniform 50% ppl {ppl:.2f}; max RPCA residual {max(residuals):.1e}")
-    assert ppl_dense < ppl < 1e4 and torch.isfinite(torch.tensor(ppl))
+    # Measured 761 with the defaults on these windows (docs/results.md); a broken forward or extraction
+    # lands in the tens of thousands, as lowrank_fraction=0.7 does.
+    assert ppl_dense < ppl < 2000
