@@ -99,11 +99,13 @@ def build_layer(
     With `sparse_values="residual"` the kept entries hold `W - U'V'` instead of RPCA's (shrunk) S values.
     """
     rpca = candidates.rpca
-    root = rpca.s[: keep.rank].sqrt()
-    u = rpca.u[:, : keep.rank] * root
-    v = root[:, None] * rpca.vh[: keep.rank]
+    rank_ids = torch.arange(keep.rank) if keep.rank_ids is None else keep.rank_ids
+    root = rpca.s[rank_ids].sqrt()
+    u = rpca.u[:, rank_ids] * root
+    v = root[:, None] * rpca.vh[rank_ids]
     flat = rpca.sparse.flatten()
-    kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices.sort().values  # row-major order = CSR order
+    kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.sparse_ids is None else keep.sparse_ids
+    kept = kept.sort().values  # row-major order is CSR order
     if config.sparse_values == "residual":
         flat = (source.weight.detach().float() - u @ v).flatten()
     out_features, in_features = rpca.sparse.shape
@@ -116,7 +118,7 @@ def build_layer(
     )
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -145,7 +147,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     for c in candidates:
         source = targets[c.name]
         keep = allocation[c.name]
-        _replace(model, c.name, build_layer(c, keep, source, config))
+        replace_module(model, c.name, build_layer(c, keep, source, config))
         entries[c.name] = {
             "rank": keep.rank,
             "nnz": keep.nnz,

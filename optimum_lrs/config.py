@@ -16,7 +16,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 QUANT_METHOD = "optimum_lrs"
 FORMAT_VERSION = 1
 
-ALLOCATION_METHODS = ("uniform",)
+ALLOCATION_METHODS = ("uniform", "global_greedy")
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSE_VALUES = ("residual", "rpca")
 

@@ -57,3 +57,54 @@ def test_budget_larger_than_candidate_pool_is_refused():
     problem = AllocationProblem(cands, 512, LowRankSparseConfig())
     with pytest.raises(ValueError, match="fewer than the budget"):
         allocate(problem)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.3, 0.6])
+def test_global_greedy_meets_budget_and_prefers_the_more_compressible_layer(ratio):
+    g = torch.Generator().manual_seed(3)
+    low_rank = torch.randn(48, 2, generator=g) @ torch.randn(2, 40, generator=g)  # compressible: rank 2
+    noisy = torch.randn(48, 40, generator=g)  # incompressible
+    cands = [LayerCandidates("low_rank", 48, 40, robust_pca(low_rank)), LayerCandidates("noise", 48, 40, robust_pca(noisy))]
+    budget = round(ratio * 2 * 48 * 40)
+    problem = AllocationProblem(cands, budget, LowRankSparseConfig(allocation="global_greedy"))
+    result = allocate(problem)
+    assert kept_parameters(problem, result) == budget
+    assert result["low_rank"].rank >= 2  # its two triplets carry all its energy: kept first
+    for c in cands:
+        a = result[c.name]
+        assert a.rank_ids.numel() == a.rank and a.sparse_ids.numel() == a.nnz
+        assert torch.equal(a.rank_ids, torch.arange(a.rank))  # by sigma^2: a prefix of the spectrum
+
+
+def test_keep_best_is_exact_for_random_costs_and_budgets():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from optimum_lrs.allocation.select import keep_best
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        layers=st.lists(st.tuples(st.integers(2, 9), st.integers(0, 5), st.integers(0, 30)), min_size=1, max_size=4),
+        fraction=st.floats(0.0, 1.0),
+        seed=st.integers(0, 1000),
+    )
+    def check(layers, fraction, seed):
+        g = torch.Generator().manual_seed(seed)
+        cands, rank_scores, sparse_scores, positions = [], [], [], []
+        for i, (cost, n_rank, n_sparse) in enumerate(layers):
+            cand = LayerCandidates(f"l{i}", cost - 1, 1, None)  # rank cost = (cost - 1) + 1
+            cands.append(cand)
+            rank_scores.append(torch.rand(n_rank, generator=g))
+            sparse_scores.append(torch.rand(n_sparse, generator=g))
+            positions.append(torch.arange(n_sparse))
+        pool = sum(c * r + n for c, r, n in layers)
+        budget = int(fraction * pool)
+        result = keep_best(cands, rank_scores, sparse_scores, positions, budget)
+        kept = sum(result[c.name].rank * c.rank_cost + result[c.name].nnz for c in cands)
+        largest = max(c for c, _, _ in layers)
+        assert kept <= budget
+        # Exact, unless the cost-1 candidates ran out while the gap was smaller than one triplet.
+        all_sparse_kept = all(result[f"l{i}"].nnz == n for i, (_, _, n) in enumerate(layers))
+        assert kept == budget or (all_sparse_kept and budget - kept < largest)
+
+    check()

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..rpca import RPCAResult
 
 if TYPE_CHECKING:
@@ -40,13 +42,25 @@ class LayerCandidates:
     def sparse_pool(self) -> int:
         return int((self.rpca.sparse != 0).sum().item())
 
+    def sparse_positions(self) -> torch.Tensor:
+        """Flat positions of S's non-zeros, largest |S| first: the order of this layer's sparse candidates."""
+        flat = self.rpca.sparse.flatten()
+        nonzero = flat.nonzero().squeeze(1)
+        return nonzero[flat[nonzero].abs().argsort(descending=True, stable=True)]
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class LayerAllocation:
-    """How many of a layer's top singular triplets and largest sparse entries survive."""
+    """Which of a layer's candidates survive.
+
+    `rank_ids` (indices into the RPCA spectrum) and `sparse_ids` (flat positions in S) name them
+    explicitly; when None, the `rank` largest singular triplets and the `nnz` largest |S| entries.
+    """
 
     rank: int
     nnz: int
+    rank_ids: torch.Tensor | None = None
+    sparse_ids: torch.Tensor | None = None
 
 
 @dataclass

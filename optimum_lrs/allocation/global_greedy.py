@@ -1,0 +1,26 @@
+"""`allocation="global_greedy"`: one ranking of every candidate of every layer, by error removed per parameter.
+
+Keeping singular triplet i of W removes sigma_i^2 from ||W - W~||_F^2; keeping sparse entry (i, j)
+removes about S_ij^2. Divided by ||W||_F^2 (so that layers of different scale compare) and by the
+candidate's cost (m + n or 1), this ranks all candidates at once; the best are kept until the budget.
+It is the cheap global baseline that CAP's policy-gradient step has to beat.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AllocationProblem, LayerAllocation, register_allocator
+from .select import keep_best
+
+
+@register_allocator("global_greedy")
+def allocate_global_greedy(problem: AllocationProblem) -> dict[str, LayerAllocation]:
+    rank_scores, sparse_scores, positions = [], [], []
+    for c in problem.candidates:
+        energy = (c.rpca.low_rank + c.rpca.sparse).square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+        pos = c.sparse_positions()
+        rank_scores.append(c.rpca.s.square() / energy / c.rank_cost)
+        sparse_scores.append(c.rpca.sparse.flatten()[pos].square() / energy)
+        positions.append(pos)
+    return keep_best(problem.candidates, rank_scores, sparse_scores, positions, problem.budget)
