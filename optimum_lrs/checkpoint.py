@@ -19,7 +19,6 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .compress import replace_module
 from .config import QUANT_METHOD, LowRankSparseConfig
 from .layer import FACTOR_NAMES, LowRankSparseLinear, index_dtype_for
 
@@ -156,7 +155,7 @@ def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, fil
         except AttributeError:
             raise CheckpointError(f"config.json lists compressed layer {name!r}, which this model does not have") from None
         _expect(isinstance(dense, nn.Linear), f"compressed layer {name!r} replaces a {type(dense).__name__}, not an nn.Linear")
-        replace_module(model, name, empty_layer_from_headers(name, dense, entry, headers))
+        model.set_submodule(name, empty_layer_from_headers(name, dense, entry, headers))
     # Tensors that belong to no announced layer would be dropped with a mere warning: refuse them.
     for key, info in headers.items():
         module, _, leaf = key.rpartition(".")

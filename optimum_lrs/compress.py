@@ -8,11 +8,13 @@ import re
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 from transformers.quantizers import HfQuantizer
 
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import kept_parameters
-from .config import LowRankSparseConfig
+from .calibration import calibration_windows
+from .config import LOSS_DRIVEN_METHODS, LowRankSparseConfig
 from .layer import LowRankSparseLinear
 from .rpca import robust_pca
 
@@ -118,9 +120,26 @@ def build_layer(
     )
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+def _calibration(model: nn.Module, config: LowRankSparseConfig) -> torch.Tensor | None:
+    """Calibration windows for loss-driven allocation (None for the others, which need no data)."""
+    if config.allocation not in LOSS_DRIVEN_METHODS:
+        return None
+    data, tokenizer = config.calibration_data, config.tokenizer
+    token_ids = isinstance(data, torch.Tensor) or (isinstance(data, list) and isinstance(data[0], list))
+    if tokenizer is None and not token_ids:
+        source = getattr(model, "name_or_path", "")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as exc:
+            raise ValueError(
+                f"allocation={config.allocation!r} tokenizes calibration text but no tokenizer was given and none "
+                f"loads from {source!r}; pass LowRankSparseConfig(tokenizer=...) or token ids as calibration_data"
+            ) from exc
+    windows = calibration_windows(
+        config.calibration_data, tokenizer, config.calibration_seq_len, config.calibration_num_samples, config.seed,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+    )
+    return windows.to(next(model.parameters()).device)
 
 
 @torch.no_grad()
@@ -138,7 +157,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
         decompose(name, module, config)
         for name, module in tqdm(targets.items(), desc="RPCA (stage 1)", unit="layer", disable=None)
     ]
-    problem = AllocationProblem(candidates, 0, config, model=model)
+    problem = AllocationProblem(candidates, 0, config, model=model, calibration=_calibration(model, config))
     dense = problem.dense_params
     problem.budget = round(config.param_ratio * dense)
     allocation = allocate(problem)
@@ -147,7 +166,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     for c in candidates:
         source = targets[c.name]
         keep = allocation[c.name]
-        replace_module(model, c.name, build_layer(c, keep, source, config))
+        model.set_submodule(c.name, build_layer(c, keep, source, config))
         entries[c.name] = {
             "rank": keep.rank,
             "nnz": keep.nnz,

@@ -16,7 +16,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 QUANT_METHOD = "optimum_lrs"
 FORMAT_VERSION = 1
 
-ALLOCATION_METHODS = ("uniform", "global_greedy")
+ALLOCATION_METHODS = ("uniform", "global_greedy", "cap")
+LOSS_DRIVEN_METHODS = ("cap",)  # methods that need the model's loss on calibration tokens
+CAP_INITS = ("energy", "layer_max")
+CAP_RANK_BY = ("probability", "probability_per_cost")
+CAP_GRADIENTS = ("probability", "logit")
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSE_VALUES = ("residual", "rpca")
 
@@ -125,6 +129,15 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             `||W - L - S||_F / ||W||_F`, and the growth factor of the penalty mu.
         calibration_data, calibration_seq_len, calibration_num_samples, tokenizer: calibration inputs
             (texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`). Never serialised.
+        cap_steps, cap_samples, cap_batch_size, cap_lr, cap_baseline_beta: CAP's policy-gradient loop:
+            steps, masks sampled per step, calibration windows per loss evaluation, learning rate (the
+            paper's 0.05) and the moving-average factor of the baseline (0.8, a window of about 5).
+        cap_init, cap_init_temperature: initial keep-probabilities. `"energy"` (default) is a soft
+            version of global_greedy's ranking: a hard sigmoid of (log score - log tau) / temperature, with score
+            = squared error removed per parameter relative to the layer's energy and tau set so that
+            the expected kept cost is the budget. `"layer_max"` uses sigma_i / max sigma and
+            |S_ij| / max |S| within each layer and leaves the fit to the budget projection.
+        cap_rank_by: final extraction ranks candidates by `"probability"` or `"probability_per_cost"`.
         seed: seed of every random choice, so that a run repeats exactly.
         factor_dtype: dtype of the stored factors; `"auto"` keeps the dtype of the dense weight.
         compressed_modules: written by compression: module name -> {rank, nnz, rpca_iterations,
@@ -147,6 +160,16 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         calibration_seq_len: int = 512,
         calibration_num_samples: int = 128,
         tokenizer: Any = None,
+        cap_steps: int = 8,
+        cap_samples: int = 4,
+        cap_batch_size: int = 4,
+        cap_lr: float = 0.05,
+        cap_baseline_beta: float = 0.8,
+        cap_init: str = "energy",
+        cap_init_temperature: float = 1.0,
+        cap_rank_by: str = "probability",
+        cap_gradient: str = "probability",
+        cap_normalize_advantage: bool = False,
         seed: int = 0,
         factor_dtype: str = "auto",
         compressed_modules: dict[str, dict[str, Any]] | None = None,
@@ -182,6 +205,24 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if tokenizer is not None and not callable(tokenizer):
             _fail("tokenizer", "None or a tokenizer (callable on text)", type(tokenizer).__name__)
         self.tokenizer = tokenizer
+        self.cap_steps = _check_int("cap_steps", cap_steps, 0)
+        self.cap_samples = _check_int("cap_samples", cap_samples, 1)
+        self.cap_batch_size = _check_int("cap_batch_size", cap_batch_size, 1)
+        self.cap_lr = _check_real("cap_lr", cap_lr, 0.0, math.inf, False, True)
+        self.cap_baseline_beta = _check_real("cap_baseline_beta", cap_baseline_beta, 0.0, 1.0, False, True)
+        if cap_init not in CAP_INITS:
+            _fail("cap_init", f"one of {CAP_INITS}", cap_init)
+        self.cap_init = cap_init
+        self.cap_init_temperature = _check_real("cap_init_temperature", cap_init_temperature, 0.0, math.inf, True, True)
+        if cap_rank_by not in CAP_RANK_BY:
+            _fail("cap_rank_by", f"one of {CAP_RANK_BY}", cap_rank_by)
+        self.cap_rank_by = cap_rank_by
+        if cap_gradient not in CAP_GRADIENTS:
+            _fail("cap_gradient", f"one of {CAP_GRADIENTS}", cap_gradient)
+        self.cap_gradient = cap_gradient
+        if not isinstance(cap_normalize_advantage, bool):
+            _fail("cap_normalize_advantage", "True or False", cap_normalize_advantage)
+        self.cap_normalize_advantage = cap_normalize_advantage
         self.seed = _check_int("seed", seed, 0)
         if factor_dtype not in FACTOR_DTYPES:
             _fail("factor_dtype", f"one of {FACTOR_DTYPES}", factor_dtype)

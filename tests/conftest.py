@@ -65,3 +65,13 @@ def smollm2_gguf() -> Path | None:
         return None
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     return files[0] if files else None
+
+
+class ByteTokenizer:
+    """A real (if simple) tokenizer: one id per UTF-8 byte, called like a transformers tokenizer."""
+
+    bos_token_id = None
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = torch.tensor([list(text.encode("utf-8"))], dtype=torch.long)
+        return type("Encoding", (), {"input_ids": ids})()

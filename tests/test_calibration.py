@@ -3,13 +3,7 @@ import torch
 
 from optimum_lrs.calibration import calibration_windows, default_texts
 
-
-class CharTokenizer:
-    """A real (if simple) tokenizer: one id per byte, called like a transformers tokenizer."""
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        ids = torch.tensor([list(text.encode("utf-8"))], dtype=torch.long)
-        return type("Encoding", (), {"input_ids": ids})()
+from .conftest import ByteTokenizer as CharTokenizer
 
 
 def test_windows_from_texts_are_seeded_and_in_the_stream():

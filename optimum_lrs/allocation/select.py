@@ -22,7 +22,7 @@ def keep_best(
     """
     scores, costs, sizes = [], [], []
     for c, r, s in zip(candidates, rank_scores, sparse_scores):
-        scores += [r.float(), s.float()]
+        scores += [r.double(), s.double()]
         costs += [torch.full((r.numel(),), c.rank_cost, dtype=torch.long), torch.ones(s.numel(), dtype=torch.long)]
         sizes += [r.numel(), s.numel()]
     flat_scores, flat_costs = torch.cat(scores), torch.cat(costs)

