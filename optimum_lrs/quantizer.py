@@ -8,6 +8,7 @@ transformers then loads the factor tensors.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import PreTrainedModel
@@ -21,6 +22,13 @@ from .config import QUANT_METHOD, LowRankSparseConfig
 
 class LRSHfQuantizer(HfQuantizer):
     requires_calibration = False
+
+    def __init__(self, quantization_config: LowRankSparseConfig, **kwargs: Any):
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:
+            # Compression writes the allocation into the config: work on a copy, so that the user's
+            # config object stays reusable for the next model.
+            self.quantization_config = copy.copy(quantization_config)
 
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
         config = self.quantization_config

@@ -183,3 +183,11 @@ def test_compress_in_place_matches_compress_on_load(dense_checkpoint, saved, tmp
         compress_(model, LowRankSparseConfig())
     model.save_pretrained(tmp_path)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path), input_ids), logits(model, input_ids))
+
+
+def test_config_object_is_reusable(dense_checkpoint, input_ids):
+    cfg = LowRankSparseConfig(param_ratio=0.5)
+    first = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
+    second = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
+    assert cfg.compressed_modules is None and first.config.quantization_config.is_compressed
+    assert torch.equal(logits(first, input_ids), logits(second, input_ids))
