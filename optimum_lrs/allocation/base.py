@@ -42,6 +42,14 @@ class LayerCandidates:
     def sparse_pool(self) -> int:
         return int((self.rpca.sparse != 0).sum().item())
 
+    def energy_scores(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared error each candidate removes per parameter, relative to the layer's energy ||W||_F^2.
+
+        Triplet i: sigma_i^2 / ||W||^2 / (m + n); sparse entry at flat position p: S_p^2 / ||W||^2.
+        """
+        energy = (self.rpca.low_rank + self.rpca.sparse).square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return self.rpca.s.square() / energy / self.rank_cost, self.rpca.sparse.flatten()[positions].square() / energy
+
     def sparse_positions(self) -> torch.Tensor:
         """Flat positions of S's non-zeros, largest |S| first: the order of this layer's sparse candidates."""
         flat = self.rpca.sparse.flatten()
@@ -111,7 +119,9 @@ def allocate(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     allocation = ALLOCATORS[method](problem)
     for c in problem.candidates:
         a = allocation.get(c.name)
-        if a is None or not (0 <= a.rank <= c.rank_pool and 0 <= a.nnz <= c.sparse_pool):
+        ids_ok = a is not None and (a.rank_ids is None or a.rank_ids.numel() == a.rank) and (
+            a.sparse_ids is None or a.sparse_ids.numel() == a.nnz)
+        if not ids_ok or not (0 <= a.rank <= c.rank_pool and 0 <= a.nnz <= c.sparse_pool):
             raise RuntimeError(f"allocator {method!r} returned {a} for {c.name}, outside its pools "
                                f"(rank <= {c.rank_pool}, nnz <= {c.sparse_pool})")
     kept = kept_parameters(problem, allocation)

@@ -39,10 +39,8 @@ class _CandidateMasks:
             self.rank_score = c.rpca.s / c.rpca.s.max().clamp_min(EPS) if c.rank_pool else c.rpca.s.clone()
             sparse_abs = self.sparse_vals.abs()
             self.sparse_score = sparse_abs / sparse_abs.max().clamp_min(EPS) if sparse_abs.numel() else sparse_abs
-        else:  # "energy": squared error removed per parameter, relative to the layer's energy (global_greedy's score)
-            energy = (c.rpca.low_rank + c.rpca.sparse).square().sum().clamp_min(torch.finfo(torch.float32).tiny)
-            self.rank_score = c.rpca.s.square() / energy / c.rank_cost
-            self.sparse_score = self.sparse_vals.square() / energy
+        else:  # "energy": global_greedy's score
+            self.rank_score, self.sparse_score = c.energy_scores(self.positions)
         self.s_rank = torch.zeros(c.rank_pool)
         self.s_sparse = torch.zeros(self.positions.numel(), dtype=torch.float16)
         self.m_rank: torch.Tensor | None = None

@@ -8,19 +8,12 @@ It is the cheap global baseline that CAP's policy-gradient step has to beat.
 
 from __future__ import annotations
 
-import torch
-
 from .base import AllocationProblem, LayerAllocation, register_allocator
 from .select import keep_best
 
 
 @register_allocator("global_greedy")
 def allocate_global_greedy(problem: AllocationProblem) -> dict[str, LayerAllocation]:
-    rank_scores, sparse_scores, positions = [], [], []
-    for c in problem.candidates:
-        energy = (c.rpca.low_rank + c.rpca.sparse).square().sum().clamp_min(torch.finfo(torch.float32).tiny)
-        pos = c.sparse_positions()
-        rank_scores.append(c.rpca.s.square() / energy / c.rank_cost)
-        sparse_scores.append(c.rpca.sparse.flatten()[pos].square() / energy)
-        positions.append(pos)
-    return keep_best(problem.candidates, rank_scores, sparse_scores, positions, problem.budget)
+    positions = [c.sparse_positions() for c in problem.candidates]
+    scores = [c.energy_scores(pos) for c, pos in zip(problem.candidates, positions)]
+    return keep_best(problem.candidates, [r for r, _ in scores], [s for _, s in scores], positions, problem.budget)
