@@ -59,11 +59,13 @@ def header(args) -> str:
             f"{args.seq_len} tokens\n")
 
 
-def stage1(model, config: LowRankSparseConfig) -> tuple[dict, list[LayerCandidates], float]:
-    """RPCA of every targeted layer, once: the candidates every variant is built from."""
+def stage1(model, config: LowRankSparseConfig, scales: dict | None = None) -> tuple[dict, list[LayerCandidates], float]:
+    """RPCA of every targeted layer (activation-aware when `scales` are given), once: the candidates every
+    variant is built from."""
     targets = find_target_modules(model, config)
     start = time.perf_counter()
-    candidates = [decompose(name, module, config) for name, module in targets.items()]
+    scales = scales or {}
+    candidates = [decompose(name, module, config, scales.get(name)) for name, module in targets.items()]
     return targets, candidates, time.perf_counter() - start
 
 

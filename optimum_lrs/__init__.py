@@ -7,6 +7,7 @@ with transformers, so that `from_pretrained` can compress on load and reload com
 from .checkpoint import CheckpointError, register_model_type
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
+from .lora import LowRankSparseLoraLinear, lora_target_modules, register_with_peft
 from .modeling import LRSModelForCausalLM
 from .quantizer import LRSHfQuantizer, compress_, register
 from .rpca import RPCAResult, robust_pca
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 register()
 register_model_type()
+register_with_peft()
 
 __all__ = [
     "CheckpointError",
@@ -22,7 +24,9 @@ __all__ = [
     "LRSModelForCausalLM",
     "LowRankSparseConfig",
     "LowRankSparseLinear",
+    "LowRankSparseLoraLinear",
     "RPCAResult",
     "compress_",
+    "lora_target_modules",
     "robust_pca",
 ]

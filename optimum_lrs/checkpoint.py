@@ -116,9 +116,12 @@ def _expect(cond: bool, message: str) -> None:
 
 
 def empty_layer_from_headers(
-    name: str, dense: nn.Linear, entry: dict, headers: dict[str, TensorInfo]
+    name: str, dense: nn.Linear, entry: dict, headers: dict[str, TensorInfo], dtype: torch.dtype | None = None
 ) -> LowRankSparseLinear:
-    """A meta-device `LowRankSparseLinear` shaped exactly as the checkpoint's tensors, after checking them."""
+    """A meta-device `LowRankSparseLinear` shaped exactly as the checkpoint's tensors, after checking them.
+
+    Its factors get `dtype` (the checkpoint's own when None); transformers casts the stored tensors into it.
+    """
     keys = {f: f"{name}.{f}" for f in FACTOR_NAMES}
     if dense.bias is not None:
         keys["bias"] = f"{name}.bias"
@@ -142,11 +145,15 @@ def empty_layer_from_headers(
             f"{where}: config.json records rank={entry.get('rank')}, nnz={entry.get('nnz')} but the tensors "
             f"hold rank={rank}, nnz={nnz}")
     with torch.device("meta"):
-        return LowRankSparseLinear(in_f, out_f, rank, nnz, bias=dense.bias is not None, dtype=u.dtype)
+        return LowRankSparseLinear(in_f, out_f, rank, nnz, bias=dense.bias is not None, dtype=dtype or u.dtype)
 
 
 def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, files: list[str]) -> None:
-    """Swap each layer listed in `config.compressed_modules` for an empty compressed layer, before loading."""
+    """Swap each layer listed in `config.compressed_modules` for an empty compressed layer, before loading.
+
+    With `factor_dtype="auto"` the factors follow the dtype the model is loaded in (`dtype=` of
+    `from_pretrained`), as dense weights do; an explicit factor_dtype is kept.
+    """
     headers = read_headers(list(files or []))
     listed = config.compressed_modules or {}
     for name, entry in listed.items():
@@ -155,7 +162,8 @@ def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, fil
         except AttributeError:
             raise CheckpointError(f"config.json lists compressed layer {name!r}, which this model does not have") from None
         _expect(isinstance(dense, nn.Linear), f"compressed layer {name!r} replaces a {type(dense).__name__}, not an nn.Linear")
-        model.set_submodule(name, empty_layer_from_headers(name, dense, entry, headers))
+        dtype = config.factor_torch_dtype(dense.weight.dtype)
+        model.set_submodule(name, empty_layer_from_headers(name, dense, entry, headers, dtype))
     # Tensors that belong to no announced layer would be dropped with a mere warning: refuse them.
     for key, info in headers.items():
         module, _, leaf = key.rpartition(".")

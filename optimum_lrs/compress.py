@@ -14,13 +14,13 @@ from transformers.quantizers import HfQuantizer
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import kept_parameters
 from .calibration import calibration_windows
-from .config import LOSS_DRIVEN_METHODS, LowRankSparseConfig
+from . import stage1_cache
+from .activations import input_rms
+from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
-from .rpca import robust_pca
+from .rpca import alternating_refit, robust_pca
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -73,24 +73,32 @@ def find_target_modules(model: nn.Module, config: LowRankSparseConfig) -> dict[s
     return targets
 
 
-def factor_dtype(config: LowRankSparseConfig, weight: torch.Tensor) -> torch.dtype:
-    return weight.dtype if config.factor_dtype == "auto" else _DTYPES[config.factor_dtype]
+def decompose(
+    name: str, module: nn.Linear, config: LowRankSparseConfig, column_scale: torch.Tensor | None = None
+) -> LayerCandidates:
+    """Stage 1 for one layer, with the checks that keep a bad weight from turning into a bad model.
 
-
-def decompose(name: str, module: nn.Linear, config: LowRankSparseConfig) -> LayerCandidates:
-    """Stage 1 for one layer, with the checks that keep a bad weight from turning into a bad model."""
+    With a `column_scale` (activation-aware Stage 1) the RPCA runs on `W diag(column_scale)`.
+    """
     weight = module.weight
     if weight.device.type == "meta":
         raise ValueError(f"cannot compress {name}: its weight is on the meta device (not loaded)")
     if not torch.isfinite(weight).all():
         raise ValueError(f"cannot compress {name}: its weight has NaN or infinite entries")
-    result = robust_pca(weight, config.rpca_lambda, config.rpca_max_iter, config.rpca_tol, config.rpca_rho)
+    matrix = weight if column_scale is None else weight.detach().float() * column_scale.to(weight.device)
+    settings = [config.rpca_lambda, config.rpca_max_iter, config.rpca_tol, config.rpca_rho]
+    key = stage1_cache.cache_key(matrix, settings) if config.cache_dir else None
+    result = stage1_cache.load(config.cache_dir, key, weight.device) if key else None
+    if result is None:
+        result = robust_pca(matrix, *settings)
+        if key:
+            stage1_cache.store(config.cache_dir, key, result)
     if not result.converged:
         logger.warning(
             "RPCA of %s stopped after %d iterations at relative residual %.2e (tol %.0e); the residual is lost",
             name, result.iterations, result.residual, config.rpca_tol,
         )
-    return LayerCandidates(name, weight.shape[0], weight.shape[1], result)
+    return LayerCandidates(name, weight.shape[0], weight.shape[1], result, column_scale)
 
 
 def build_layer(
@@ -98,31 +106,39 @@ def build_layer(
 ) -> LowRankSparseLinear:
     """Extract the kept factors: U' = U_r sqrt(s_r), V' = sqrt(s_r) Vh_r, and the `nnz` largest |S| entries.
 
-    With `sparse_values="residual"` the kept entries hold `W - U'V'` instead of RPCA's (shrunk) S values.
+    With `sparse_values="residual"` (or a refit) the kept entries hold `W - U'V'` instead of RPCA's
+    (shrunk) S values. `config.refine_iterations` refits factors and positions at the same rank and nnz.
     """
-    rpca = candidates.rpca
+    rpca, scale = candidates.rpca, candidates.column_scale
     rank_ids = torch.arange(keep.rank) if keep.rank_ids is None else keep.rank_ids
     root = rpca.s[rank_ids].sqrt()
     u = rpca.u[:, rank_ids] * root
     v = root[:, None] * rpca.vh[rank_ids]
     flat = rpca.sparse.flatten()
     kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.sparse_ids is None else keep.sparse_ids
+    weight = source.weight.detach().float()
+    if config.refine_iterations:
+        target = weight if scale is None else weight * scale
+        u, v, kept = alternating_refit(target, u, v, keep.nnz, config.refine_iterations)
+    if scale is not None:
+        v = v / scale
+        flat = (rpca.sparse / scale).flatten()
     kept = kept.sort().values  # row-major order is CSR order
-    if config.sparse_values == "residual":
-        flat = (source.weight.detach().float() - u @ v).flatten()
+    if config.sparse_values == "residual" or config.refine_iterations:
+        flat = (weight - u @ v).flatten()
     out_features, in_features = rpca.sparse.shape
     row_offsets = torch.zeros(out_features + 1, dtype=torch.long)
     row_offsets[1:] = torch.bincount(kept // in_features, minlength=out_features).cumsum(0)
     # Built from the kept positions, not from a dense matrix, so that a kept entry equal to 0 stays counted.
     bias = None if source.bias is None else source.bias.detach()
     return LowRankSparseLinear.from_csr(
-        u, v, row_offsets, kept % in_features, flat[kept], bias, dtype=factor_dtype(config, source.weight)
+        u, v, row_offsets, kept % in_features, flat[kept], bias, dtype=config.factor_torch_dtype(source.weight.dtype)
     )
 
 
 def _calibration(model: nn.Module, config: LowRankSparseConfig) -> torch.Tensor | None:
-    """Calibration windows for loss-driven allocation (None for the others, which need no data)."""
-    if config.allocation not in LOSS_DRIVEN_METHODS:
+    """Calibration windows for loss-driven allocation or activation-aware Stage 1 (else None)."""
+    if not config.needs_calibration:
         return None
     data, tokenizer = config.calibration_data, config.tokenizer
     token_ids = isinstance(data, torch.Tensor) or (isinstance(data, list) and isinstance(data[0], list))
@@ -132,7 +148,7 @@ def _calibration(model: nn.Module, config: LowRankSparseConfig) -> torch.Tensor 
             tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as exc:
             raise ValueError(
-                f"allocation={config.allocation!r} tokenizes calibration text but no tokenizer was given and none "
+                f"allocation={config.allocation!r}, activation_aware={config.activation_aware} tokenizes calibration text but no tokenizer was given and none "
                 f"loads from {source!r}; pass LowRankSparseConfig(tokenizer=...) or token ids as calibration_data"
             ) from exc
     windows = calibration_windows(
@@ -153,11 +169,13 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     if any(isinstance(m, LowRankSparseLinear) for m in model.modules()):
         raise ValueError("the model already contains LowRankSparseLinear layers; it is compressed already")
     targets = find_target_modules(model, config)
+    calibration = _calibration(model, config)
+    scales = input_rms(model, targets, calibration) if config.activation_aware else {}
     candidates = [
-        decompose(name, module, config)
+        decompose(name, module, config, scales.get(name))
         for name, module in tqdm(targets.items(), desc="RPCA (stage 1)", unit="layer", disable=None)
     ]
-    problem = AllocationProblem(candidates, 0, config, model=model, calibration=_calibration(model, config))
+    problem = AllocationProblem(candidates, 0, config, model=model, calibration=calibration)
     dense = problem.dense_params
     problem.budget = round(config.param_ratio * dense)
     allocation = allocate(problem)

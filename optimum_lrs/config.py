@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -25,7 +26,7 @@ FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSE_VALUES = ("residual", "rpca")
 
 # Fields that configure a run but must never reach config.json (user data, live objects).
-_RUNTIME_ONLY = ("calibration_data", "tokenizer")
+_RUNTIME_ONLY = ("calibration_data", "tokenizer", "cache_dir")
 # Keys of one entry of `compressed_modules`.
 _MODULE_ENTRY_KEYS = {"rank", "nnz", "rpca_iterations", "rpca_residual"}
 
@@ -127,6 +128,16 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         rpca_lambda: weight of the L1 term; None means `1 / sqrt(max(m, n))` per matrix.
         rpca_max_iter, rpca_tol, rpca_rho: inexact-ALM iteration cap, stopping tolerance on
             `||W - L - S||_F / ||W||_F`, and the growth factor of the penalty mu.
+        activation_aware: run Stage 1 on `W diag(d)`, d_j the RMS of input feature j over the calibration
+            tokens, and score candidates in that space (the Wanda / OATS insight: an entry matters as
+            much as the activation it multiplies); the factors are unscaled afterwards. Off is the paper.
+        refine_iterations: after allocation, alternate this many times between "keep the layer's `nnz`
+            largest entries of M - L" and "L = best rank-r approximation of M - S" (M the possibly
+            scaled weight), keeping every layer's rank and nnz, so the budget is unchanged. 0 keeps the
+            allocator's own positions.
+        cache_dir: directory for Stage 1 results, one file per layer keyed by the weight's content and
+            the RPCA settings; a rerun (after a crash or with another budget) reuses finished layers.
+            Never serialised.
         calibration_data, calibration_seq_len, calibration_num_samples, tokenizer: calibration inputs
             (texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`). Never serialised.
         cap_steps, cap_samples, cap_batch_size, cap_lr, cap_baseline_beta: CAP's policy-gradient loop:
@@ -156,9 +167,12 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         rpca_max_iter: int = 50,
         rpca_tol: float = 1e-4,
         rpca_rho: float = 1.5,
+        activation_aware: bool = False,
+        refine_iterations: int = 0,
+        cache_dir: str | None = None,
         calibration_data: Any = None,
         calibration_seq_len: int = 512,
-        calibration_num_samples: int = 128,
+        calibration_num_samples: int = 32,
         tokenizer: Any = None,
         cap_steps: int = 8,
         cap_samples: int = 4,
@@ -199,6 +213,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         self.rpca_max_iter = _check_int("rpca_max_iter", rpca_max_iter, 1)
         self.rpca_tol = _check_real("rpca_tol", rpca_tol, 0.0, 1.0, True, True)
         self.rpca_rho = _check_real("rpca_rho", rpca_rho, 1.0, math.inf, True, True)
+        if not isinstance(activation_aware, bool):
+            _fail("activation_aware", "True or False", activation_aware)
+        self.activation_aware = activation_aware
+        self.refine_iterations = _check_int("refine_iterations", refine_iterations, 0)
+        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
+            _fail("cache_dir", "None or a directory path", cache_dir)
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.calibration_data = _check_calibration(calibration_data)
         self.calibration_seq_len = _check_int("calibration_seq_len", calibration_seq_len, 2)
         self.calibration_num_samples = _check_int("calibration_num_samples", calibration_num_samples, 1)
@@ -256,6 +277,17 @@ class LowRankSparseConfig(QuantizationConfigMixin):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LowRankSparseConfig) and self.to_dict() == other.to_dict()
+
+    def factor_torch_dtype(self, model_dtype: Any) -> Any:
+        """The dtype of the stored factors for a model (or dense weight) in `model_dtype`."""
+        import torch
+
+        return model_dtype if self.factor_dtype == "auto" else getattr(torch, self.factor_dtype)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when compression runs the model on calibration tokens (loss-driven or activation-aware)."""
+        return self.allocation in LOSS_DRIVEN_METHODS or self.activation_aware
 
     @property
     def is_compressed(self) -> bool:

@@ -18,6 +18,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from .checkpoint import assert_materialised, mark_compressed, replace_with_empty_layers
 from .compress import compress_model
 from .config import QUANT_METHOD, LowRankSparseConfig
+from .layer import LowRankSparseLinear
 
 
 class LRSHfQuantizer(HfQuantizer):
@@ -57,6 +58,14 @@ class LRSHfQuantizer(HfQuantizer):
             compress_model(model, self.quantization_config)
         mark_compressed(model)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """Refresh the allocation from the live layers before config.json is written (a merged LoRA grows ranks)."""
+        modules = self.quantization_config.compressed_modules or {}
+        for name, module in model.named_modules():
+            if isinstance(module, LowRankSparseLinear) and name in modules:
+                modules[name].update(rank=module.rank, nnz=module.nnz)
+        return None, {}
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True

@@ -89,3 +89,26 @@ def robust_pca(
         y = y + mu * z
         mu = min(mu * rho, mu_max)
     return RPCAResult(u.contiguous(), sig.contiguous(), vh.contiguous(), s_mat, it, residual, residual < tol)
+
+
+def alternating_refit(
+    target: torch.Tensor, u: torch.Tensor, v: torch.Tensor, nnz: int, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Improve a fixed-size split `target ~ u @ v + S` (rank of u, `nnz` entries in S) by alternating
+    projections: S <- the `nnz` largest entries of target - uv; uv <- best rank-r approximation of
+    target - S. Each step can only lower ||target - uv - S||_F. Returns the new factors (u scaled by
+    sqrt(sigma), v likewise) and the flat positions of the final S.
+    """
+    rank = u.shape[1]
+    low = u @ v
+    for _ in range(iterations):
+        resid = (target - low).flatten()
+        pos = torch.topk(resid.abs(), nnz, sorted=False).indices
+        sparse = torch.zeros_like(resid)
+        sparse[pos] = resid[pos]
+        left, sig, right = torch.linalg.svd(target - sparse.view_as(target), full_matrices=False)
+        root = sig[:rank].sqrt()
+        u, v = left[:, :rank] * root, root[:, None] * right[:rank]
+        low = u @ v
+    pos = torch.topk((target - low).flatten().abs(), nnz, sorted=False).indices
+    return u, v, pos

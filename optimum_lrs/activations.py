@@ -1,0 +1,45 @@
+"""Input-activation statistics of the target layers, for activation-aware Stage 1."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+# Floor on a feature's RMS relative to the layer's mean RMS: a feature never active still gets a finite
+# unscale factor (its column is then weighted down, not divided by zero).
+_SCALE_FLOOR = 1e-3
+
+
+@torch.no_grad()
+def input_rms(model: nn.Module, modules: dict[str, nn.Linear], windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Per target layer, the root-mean-square of each input feature over all calibration tokens.
+
+    One pass of the dense model over `windows` with a forward pre-hook on every target layer; sums
+    are kept in float64 so that tens of thousands of tokens add up exactly enough.
+    """
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in modules.items()}
+    counts = dict.fromkeys(modules, 0)
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            sums[name] += x.double().square().sum(0).cpu()
+            counts[name] += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="activation statistics", unit="batch", disable=None):
+            model(windows[start:start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    scales = {}
+    for name, total in sums.items():
+        if counts[name] == 0:
+            raise RuntimeError(f"the calibration forward pass never reached {name}; cannot measure its inputs")
+        rms = (total / counts[name]).sqrt().float()
+        scales[name] = rms.clamp_min(_SCALE_FLOOR * rms.mean().clamp_min(torch.finfo(torch.float32).tiny))
+    return scales
