@@ -8,6 +8,7 @@ from .checkpoint import CheckpointError, register_model_type
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
 from .lora import LowRankSparseLoraLinear, lora_target_modules, register_with_peft
+from .model_card import install_push_to_hub, model_card
 from .modeling import LRSModelForCausalLM
 from .quantizer import LRSHfQuantizer, compress_, register
 from .rpca import RPCAResult, robust_pca
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 register()
 register_model_type()
 register_with_peft()
+install_push_to_hub()
 
 __all__ = [
     "CheckpointError",
@@ -28,5 +30,6 @@ __all__ = [
     "RPCAResult",
     "compress_",
     "lora_target_modules",
+    "model_card",
     "robust_pca",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress
 
 # Floor on a feature's RMS relative to the layer's mean RMS: a feature never active still gets a finite
 # unscale factor (its column is then weighted down, not divided by zero).
@@ -31,7 +31,7 @@ def input_rms(model: nn.Module, modules: dict[str, nn.Linear], windows: torch.Te
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
     try:
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="activation statistics", unit="batch", disable=None):
+        for start in progress(range(0, windows.shape[0], batch_size), desc="activation statistics", unit="batch"):
             model(windows[start:start + batch_size])
     finally:
         for h in handles:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress
 from transformers import AutoTokenizer
 from transformers.quantizers import HfQuantizer
 
@@ -21,6 +22,11 @@ from .layer import LowRankSparseLinear
 from .rpca import alternating_refit, robust_pca
 
 logger = logging.getLogger(__name__)
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a Hub repo id ("org/name"), False for a local path or an empty name."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name or "")) and not os.path.exists(name)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -173,7 +179,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     scales = input_rms(model, targets, calibration) if config.activation_aware else {}
     candidates = [
         decompose(name, module, config, scales.get(name))
-        for name, module in tqdm(targets.items(), desc="RPCA (stage 1)", unit="layer", disable=None)
+        for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer")
     ]
     problem = AllocationProblem(candidates, 0, config, model=model, calibration=calibration)
     dense = problem.dense_params
@@ -193,6 +199,8 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
         }
         c.rpca = None  # free this layer's candidate pools before building the next
     config.compressed_modules = entries
+    if config.base_model is None and is_hub_id(getattr(model, "name_or_path", "")):
+        config.base_model = model.name_or_path
     logger.info(
         "compressed %d layers: kept %d of %d parameters (%.2f%%, budget %.2f%%)",
         len(candidates), kept, dense, 100 * kept / dense, 100 * config.param_ratio,

@@ -91,6 +91,18 @@ def _check_calibration(value: Any) -> Any:
     )
 
 
+def _check_evaluation(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, dict) and all(
+        isinstance(k, str) and (isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)))
+        for k, v in value.items()
+    )
+    if not ok:
+        _fail("evaluation", "None or a dict of name -> finite number or text", value)
+    return dict(value)
+
+
 def _check_compressed_modules(value: Any) -> dict[str, dict[str, Any]] | None:
     if value is None:
         return None
@@ -151,6 +163,10 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         cap_rank_by: final extraction ranks candidates by `"probability"` or `"probability_per_cost"`.
         seed: seed of every random choice, so that a run repeats exactly.
         factor_dtype: dtype of the stored factors; `"auto"` keeps the dtype of the dense weight.
+        base_model: Hub id of the dense model, for the model card; filled from the loaded model's id when
+            that is a Hub id.
+        evaluation: measured quality of the compressed model (e.g. {"perplexity": ..., "dataset": ...}),
+            written by `optimum-lrs eval --record` and shown on the model card.
         compressed_modules: written by compression: module name -> {rank, nnz, rpca_iterations,
             rpca_residual}. A config that carries it describes a compressed checkpoint.
     """
@@ -186,6 +202,8 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         cap_normalize_advantage: bool = False,
         seed: int = 0,
         factor_dtype: str = "auto",
+        base_model: str | None = None,
+        evaluation: dict[str, Any] | None = None,
         compressed_modules: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
@@ -248,6 +266,10 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if factor_dtype not in FACTOR_DTYPES:
             _fail("factor_dtype", f"one of {FACTOR_DTYPES}", factor_dtype)
         self.factor_dtype = factor_dtype
+        if base_model is not None and (not isinstance(base_model, str) or not base_model):
+            _fail("base_model", "None or a Hub model id", base_model)
+        self.base_model = base_model
+        self.evaluation = _check_evaluation(evaluation)
         self.compressed_modules = _check_compressed_modules(compressed_modules)
 
     @classmethod

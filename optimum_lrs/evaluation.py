@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 
 
 def perplexity(
@@ -32,7 +32,7 @@ def perplexity(
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     with torch.no_grad():
-        for i in tqdm(range(n_windows), desc="perplexity", unit="window", disable=None):
+        for i in progress(range(n_windows), desc="perplexity", unit="window"):
             window = ids[i * seq_len : (i + 1) * seq_len]
             if add_bos and tokenizer.bos_token_id is not None:
                 window = torch.cat([torch.tensor([tokenizer.bos_token_id]), window[:-1]])

@@ -47,6 +47,30 @@ def dense_checkpoint(request, tmp_path_factory) -> Path:
     return path
 
 
+def train_tokenizer(directory: Path) -> None:
+    """A real 256-entry BPE tokenizer trained on the shipped C4 sample, saved as transformers files."""
+    import json as _json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sample = REPO / "optimum_lrs" / "data" / "c4_sample.jsonl"
+    texts = [_json.loads(line)["text"] for line in sample.read_text().splitlines()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<s>"], show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def dense_with_tokenizer(tmp_path_factory) -> Path:
+    """The tiny llama and a trained tokenizer in one directory, as a Hub repo would hold them."""
+    path = tmp_path_factory.mktemp("dense-llama-tok")
+    tiny_llama().save_pretrained(path)
+    train_tokenizer(path)
+    return path
+
+
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from .base import AllocationProblem, LayerAllocation, LayerCandidates, register_allocator
 from .select import keep_best
@@ -164,7 +164,7 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     baseline: float | None = None
     history = []
     try:
-        for step in tqdm(range(cfg.cap_steps), desc="CAP allocation (stage 2)", unit="step", disable=None):
+        for step in progress(range(cfg.cap_steps), desc="CAP allocation (stage 2)", unit="step"):
             start = (step * cfg.cap_batch_size) % calib.shape[0]
             batch = calib[torch.arange(start, start + cfg.cap_batch_size) % calib.shape[0]]
             samples = []

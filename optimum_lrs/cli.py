@@ -1,0 +1,223 @@
+"""Command line: `optimum-lrs compress | eval | report`, also reachable as `optimum-cli lrs ...`.
+
+One implementation behind both entry points: `add_arguments` builds the sub-commands on any parser
+(optimum-cli hands us its own) and `run` executes parsed arguments, returning the exit status:
+0 success, 1 the work failed (bad model, impossible budget...), 2 bad arguments or unusable paths.
+Heavy imports (torch, transformers) happen inside `run`, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("optimum_lrs.cli")
+
+
+class UsageError(Exception):
+    """Arguments that parse but cannot be used (missing file, unwritable directory): exit status 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    sub = parser.add_subparsers(dest="lrs_command", metavar="{compress,eval,report}")
+    sub.required = True
+
+    c = sub.add_parser("compress", help="compress a model and save it (optionally push it to the Hub)")
+    c.add_argument("model", help="Hub id or local directory of the dense model (with --gguf-file: its directory)")
+    c.add_argument("--ratio", type=float, default=0.5, help="fraction of the linear layers' parameters to keep")
+    c.add_argument("--allocation", default="uniform", help="uniform, global_greedy or cap")
+    c.add_argument("--activation-aware", action="store_true", help="activation-aware Stage 1 (needs calibration)")
+    c.add_argument("--gguf-file", help="GGUF file name inside MODEL's directory (dequantized, then compressed)")
+    c.add_argument("--calibration", type=Path, help="calibration text: a .txt file or a .jsonl file with a 'text' field")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--base-model", help="Hub id of the dense model, for the model card")
+    c.add_argument("--cache-dir", type=Path, help="Stage 1 cache: a rerun after an interruption resumes from it")
+    c.add_argument("--output", type=Path, required=True, help="directory to write (must not exist, or --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+    c.add_argument("--push-to-hub", metavar="REPO", help="also push the compressed model and its card to this repo")
+
+    e = sub.add_parser("eval", help="perplexity of a saved model on a text file")
+    e.add_argument("directory", type=Path)
+    e.add_argument("--text", type=Path, required=True, help="evaluation text (e.g. WikiText-2 raw test)")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    e.add_argument("--record", action="store_true", help="store the result in config.json and the model card")
+
+    r = sub.add_parser("report", help="per-layer allocation table and plot of a saved model")
+    r.add_argument("directory", type=Path)
+    r.add_argument("--plot", type=Path, help="where to write the plot (default DIRECTORY/allocation.png)")
+
+
+def _calibration_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UsageError(f"--calibration {path}: no such file")
+    if path.suffix == ".jsonl":
+        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".txt":
+        texts = [path.read_text(encoding="utf-8")]
+    else:
+        raise UsageError(f"--calibration {path}: expected a .txt or .jsonl file")
+    if not any(t.strip() for t in texts):
+        raise UsageError(f"--calibration {path}: the file holds no text")
+    return texts
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    """Fail before any work when the output cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output {path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"--output {path} exists and is not empty; pass --overwrite to replace it")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"--output {path}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {path}: parent directory {parent} is not writable")
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a finished directory into place, so that `target` is never a half-written model."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from . import LowRankSparseConfig, LRSModelForCausalLM
+    from .model_card import write_card
+
+    from .compress import is_hub_id
+
+    if not Path(args.model).exists() and not is_hub_id(args.model):
+        raise UsageError(f"{args.model}: neither a local directory nor a Hub model id")
+    _check_output(args.output, args.overwrite)
+    if args.gguf_file and not (Path(args.model) / args.gguf_file).is_file():
+        raise UsageError(f"--gguf-file {args.gguf_file}: not found in {args.model}")
+    texts = _calibration_texts(args.calibration) if args.calibration else None
+    try:
+        config = LowRankSparseConfig(
+            param_ratio=args.ratio, allocation=args.allocation, activation_aware=args.activation_aware,
+            calibration_data=texts, seed=args.seed, base_model=args.base_model,
+            cache_dir=str(args.cache_dir) if args.cache_dir else None,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    source = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **source)
+    config.tokenizer = tokenizer
+    model = LRSModelForCausalLM.from_pretrained(args.model, compression_config=config, **source)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.partial-", dir=args.output.resolve().parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_card(model, staging, args.push_to_hub)
+        _publish(staging, args.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved the compressed model to %s", args.output)
+    if args.push_to_hub:
+        model.push_to_hub(args.push_to_hub)
+        tokenizer.push_to_hub(args.push_to_hub)
+        logger.info("pushed to %s", args.push_to_hub)
+    return 0
+
+
+def _load_saved(directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"{directory}: no config.json; not a saved model directory")
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    from .model_card import lrs_config
+
+    if lrs_config(model) is None:
+        raise UsageError(f"{directory}: not an optimum_lrs compressed model")
+    return model
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .evaluation import perplexity
+    from .model_card import write_card
+
+    if not args.text.is_file():
+        raise UsageError(f"--text {args.text}: no such file")
+    model = _load_saved(args.directory)
+    tokenizer = AutoTokenizer.from_pretrained(args.directory)
+    value = perplexity(model, tokenizer, args.text.read_text(encoding="utf-8"), args.seq_len, args.max_windows)
+    result = {"perplexity": round(value, 4), "text": args.text.name, "seq_len": args.seq_len}
+    if args.max_windows is not None:
+        result["max_windows"] = args.max_windows
+    print(json.dumps(result))
+    if args.record:
+        config_path = args.directory / "config.json"
+        saved = json.loads(config_path.read_text())
+        saved["quantization_config"]["evaluation"] = result
+        tmp = config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, config_path)
+        model.config.quantization_config.evaluation = result
+        write_card(model, args.directory)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .model_card import allocation_table, plot_allocation
+
+    model = _load_saved(args.directory)
+    rows = allocation_table(model)
+    print("| layer | shape | rank | nnz | kept / dense |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layer']} | {r['out_features']}x{r['in_features']} | {r['rank']} | {r['nnz']} | {r['kept'] / r['dense']:.3f} |")
+    kept, dense = sum(r["kept"] for r in rows), sum(r["dense"] for r in rows)
+    print(f"\n{len(rows)} layers, kept {kept} of {dense} parameters ({kept / dense:.2%})")
+    plot = plot_allocation(rows, args.plot or args.directory / "allocation.png")
+    print(f"plot: {plot}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute parsed arguments; returns the exit status and reports failures on stderr."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        from .progress import set_progress_bars
+
+        set_progress_bars(False)
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    commands = {"compress": _compress, "eval": _eval, "report": _report}
+    try:
+        return commands[args.lrs_command](args)
+    except UsageError as exc:
+        print(f"optimum-lrs {args.lrs_command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"optimum-lrs {args.lrs_command}: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optimum-lrs", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Model card, allocation table and plot of a compressed model, and `push_to_hub` that publishes them.
+
+transformers' `push_to_hub` builds its README from whatever card the repo already has (adding tags).
+So for a compressed model the card and the allocation plot are committed first, and transformers'
+own push then keeps that card.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from torch import nn
+from transformers import PreTrainedModel
+
+from .layer import LowRankSparseLinear
+
+logger = logging.getLogger(__name__)
+
+PLOT_NAME = "allocation.png"
+TAGS = ["optimum-lrs", "low-rank", "sparse", "compressed"]
+
+
+def lrs_config(model: nn.Module) -> Any:
+    """The model's LowRankSparseConfig, or None when the model is not compressed by optimum_lrs."""
+    from .config import LowRankSparseConfig
+
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    return config if isinstance(config, LowRankSparseConfig) and config.is_compressed else None
+
+
+def allocation_table(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per compressed layer: shape, rank, sparse entries and the kept share of its parameters."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, LowRankSparseLinear):
+            dense = m.in_features * m.out_features
+            rows.append({
+                "layer": name, "out_features": m.out_features, "in_features": m.in_features, "rank": m.rank,
+                "nnz": m.nnz, "kept": m.num_parameters, "dense": dense,
+                "lowrank_share": m.rank * (m.in_features + m.out_features) / dense, "sparse_share": m.nnz / dense,
+            })
+    if not rows:
+        raise ValueError("the model has no LowRankSparseLinear layers; it is not compressed")
+    return rows
+
+
+def plot_allocation(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Stacked bars per layer: share of its dense parameters kept as low-rank factors and as sparse entries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = range(len(rows))
+    low = [r["lowrank_share"] for r in rows]
+    sparse = [r["sparse_share"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, len(rows) * 0.06), 3.5))
+    ax.bar(x, low, width=1.0, label="low-rank r(m+n)/mn", color="tab:blue")
+    ax.bar(x, sparse, width=1.0, bottom=low, label="sparse nnz/mn", color="tab:orange")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("compressed layer (model order)")
+    ax.set_ylabel("kept / dense parameters")
+    ax.set_title(title or "Per-layer allocation")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard:
+    """A Hub model card: front matter (base model, relation, library, tags), budget, quality, how to load."""
+    config = lrs_config(model)
+    if config is None:
+        raise ValueError("the model is not compressed by optimum_lrs; there is no allocation to describe")
+    rows = allocation_table(model)
+    kept, dense = sum(r["kept"] for r in rows), sum(r["dense"] for r in rows)
+    data = ModelCardData(library_name="transformers", tags=list(TAGS) + [f"allocation-{config.allocation}"])
+    if config.base_model:
+        data.base_model = config.base_model
+        data.base_model_relation = "quantized"  # the Hub's relation for compressed derivatives
+    name = repo_id or "this model"
+    lines = [
+        f"# {name}",
+        "",
+        f"Low-rank + sparse compression of {config.base_model or 'a transformers model'} with "
+        "[optimum-lrs](https://pypi.org/project/optimum-lrs/) (CAP, arXiv 2505.03801): every targeted linear layer "
+        "is stored as U V + S (low-rank factors plus a CSR sparse matrix), with ranks and sparse entries shared out "
+        "across layers under one parameter budget.",
+        "",
+        "| budget (param_ratio) | allocation | compressed layers | kept parameters | dense parameters |",
+        "|---|---|---|---|---|",
+        f"| {config.param_ratio} | {config.allocation} | {len(rows)} | {kept:,} ({kept / dense:.1%}) | {dense:,} |",
+        "",
+    ]
+    if config.evaluation:
+        lines += ["## Measured quality", "", "| " + " | ".join(config.evaluation) + " |",
+                  "|" + "---|" * len(config.evaluation), "| " + " | ".join(str(v) for v in config.evaluation.values()) + " |", ""]
+    else:
+        lines += ["Quality was not measured before upload (`optimum-lrs eval DIR --text FILE --record` records it).", ""]
+    lines += [
+        "## How to load",
+        "",
+        "```bash",
+        "pip install optimum-lrs",
+        "```",
+        "",
+        "```python",
+        "import optimum_lrs  # registers the optimum_lrs model type and quantization method",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "<repo id>"}")',
+        "```",
+        "",
+        "Without `import optimum_lrs`, transformers refuses the checkpoint (unknown model type `optimum_lrs`).",
+        "",
+        "## Per-layer allocation",
+        "",
+        f"![per-layer allocation]({PLOT_NAME})",
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def write_card(model: nn.Module, directory: str | Path, repo_id: str | None = None) -> None:
+    """Write README.md and the allocation plot into `directory` (next to a saved checkpoint)."""
+    directory = Path(directory)
+    model_card(model, repo_id).save(directory / "README.md")
+    plot_allocation(allocation_table(model), directory / PLOT_NAME, title=f"{repo_id or ''} allocation".strip())
+
+
+def install_push_to_hub() -> None:
+    """Make `PreTrainedModel.push_to_hub` publish the card and plot first for optimum_lrs-compressed models."""
+    original = PreTrainedModel.push_to_hub
+    if getattr(original, "_optimum_lrs", False):
+        return
+
+    @functools.wraps(original)
+    def push_to_hub(self: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        if lrs_config(self) is None:
+            return original(self, repo_id, *args, **kwargs)
+        token = kwargs.get("token")
+        api = HfApi()
+        repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            write_card(self, tmp, repo_id)
+            api.upload_folder(repo_id=repo_id, folder_path=tmp, token=token, revision=kwargs.get("revision"),
+                              commit_message="optimum-lrs model card and allocation plot")
+        logger.info("pushed the model card and allocation plot to %s", repo_id)
+        return original(self, repo_id, *args, **kwargs)
+
+    push_to_hub._optimum_lrs = True
+    PreTrainedModel.push_to_hub = push_to_hub

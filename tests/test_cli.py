@@ -1,0 +1,97 @@
+"""The command line end to end on a tiny model: compress -> eval -> report, both entry points, bad invocations."""
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from optimum_lrs.cli import main
+
+from .conftest import REPO
+
+
+def cli(*args):
+    """Run the command line in this process (the entry points themselves are tested in subprocesses below)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def compressed(dense_with_tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "model"
+    calib = tmp_path_factory.mktemp("cli-data") / "calib.txt"
+    calib.write_text((REPO / "README.md").read_text())
+    proc = cli("--quiet", "compress", dense_with_tokenizer, "--ratio", "0.5", "--allocation", "global_greedy",
+               "--activation-aware", "--calibration", calib, "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_compress_writes_a_loadable_model_with_card(compressed):
+    names = {p.name for p in compressed.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "allocation.png", "tokenizer.json"} <= names
+    config = json.loads((compressed / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert config["model_type"] == "optimum_lrs" and qc["allocation"] == "global_greedy" and qc["activation_aware"]
+    assert not [p for p in compressed.parent.iterdir() if ".partial-" in p.name]  # staging directory removed
+
+
+def test_eval_and_record_then_report(compressed, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text((REPO / "optimum_lrs" / "data" / "README.md").read_text() * 3)
+    proc = cli("--quiet", "eval", compressed, "--text", text, "--seq-len", "64", "--max-windows", "4", "--record")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["perplexity"] > 1 and result["max_windows"] == 4
+    recorded = json.loads((compressed / "config.json").read_text())["quantization_config"]["evaluation"]
+    assert recorded == result
+    assert str(result["perplexity"]) in (compressed / "README.md").read_text()
+
+    proc = cli("report", compressed, "--plot", tmp_path / "plot.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| model.layers.") == 14
+    assert "kept" in proc.stdout and (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_console_script_and_optimum_cli_reach_the_same_command(compressed):
+    for command in (["optimum-lrs"], ["optimum-cli", "lrs"]):
+        exe = shutil.which(command[0])
+        assert exe, f"{command[0]} is not installed (pip install -e . installs it)"
+        proc = subprocess.run([exe, *command[1:], "report", str(compressed), "--plot", str(compressed / "p.png")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "14 layers" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["compress", "/nonexistent/model", "--output", "{tmp}/o"], 2, "neither a local directory"),
+    (["compress", "{dense}", "--ratio", "0.5", "--output", "/proc/forbidden/o"], 2, "parent directory"),
+    (["compress", "{dense}", "--ratio", "1.5", "--output", "{tmp}/o"], 2, "param_ratio"),
+    (["compress", "{dense}", "--calibration", "{tmp}/missing.txt", "--output", "{tmp}/o"], 2, "no such file"),
+    (["eval", "{tmp}", "--text", "{tmp}/x.txt"], 2, "no such file"),
+    (["report", "{dense}"], 2, "not an optimum_lrs compressed model"),
+    (["compress"], 2, "required"),
+])
+def test_bad_invocations_fail_with_a_message(args, code, message, dense_with_tokenizer, tmp_path):
+    args = [a.format(tmp=tmp_path, dense=dense_with_tokenizer) for a in args]
+    proc = cli(*args)
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert message in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_kept_without_overwrite(dense_with_tokenizer, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    proc = cli("compress", dense_with_tokenizer, "--output", out)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (out / "keep.txt").read_text() == "user data"
