@@ -10,6 +10,7 @@ from .layer import LowRankSparseLinear
 from .lora import LowRankSparseLoraLinear, lora_target_modules, register_with_peft
 from .model_card import install_push_to_hub, model_card
 from .modeling import LRSModelForCausalLM
+from .optimum_quantizer import LRSQuantizer
 from .quantizer import LRSHfQuantizer, compress_, register
 from .rpca import RPCAResult, robust_pca
 
@@ -24,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "LRSHfQuantizer",
     "LRSModelForCausalLM",
+    "LRSQuantizer",
     "LowRankSparseConfig",
     "LowRankSparseLinear",
     "LowRankSparseLoraLinear",

@@ -12,9 +12,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 logger = logging.getLogger("optimum_lrs.cli")
@@ -69,45 +67,18 @@ def _calibration_texts(path: Path) -> list[str]:
     return texts
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    """Fail before any work when the output cannot be written."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--output {path} exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"--output {path} exists and is not empty; pass --overwrite to replace it")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"--output {path}: parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--output {path}: parent directory {parent} is not writable")
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Move a finished directory into place, so that `target` is never a half-written model."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def _compress(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from . import LowRankSparseConfig, LRSModelForCausalLM
-    from .model_card import write_card
-
     from .compress import is_hub_id
+    from .config import LowRankSparseConfig
+    from .optimum_quantizer import LRSQuantizer, check_output_dir
 
     if not Path(args.model).exists() and not is_hub_id(args.model):
         raise UsageError(f"{args.model}: neither a local directory nor a Hub model id")
-    _check_output(args.output, args.overwrite)
     if args.gguf_file and not (Path(args.model) / args.gguf_file).is_file():
         raise UsageError(f"--gguf-file {args.gguf_file}: not found in {args.model}")
     texts = _calibration_texts(args.calibration) if args.calibration else None
     try:
+        check_output_dir(args.output, args.overwrite)
         config = LowRankSparseConfig(
             param_ratio=args.ratio, allocation=args.allocation, activation_aware=args.activation_aware,
             calibration_data=texts, seed=args.seed, base_model=args.base_model,
@@ -115,22 +86,12 @@ def _compress(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    source = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(args.model, **source)
-    config.tokenizer = tokenizer
-    model = LRSModelForCausalLM.from_pretrained(args.model, compression_config=config, **source)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.partial-", dir=args.output.resolve().parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_card(model, staging, args.push_to_hub)
-        _publish(staging, args.output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("saved the compressed model to %s", args.output)
+    quantizer = LRSQuantizer.from_pretrained(args.model, file_name=args.gguf_file)
+    model = quantizer.quantize(args.output, compression_config=config, overwrite=args.overwrite, repo_id=args.push_to_hub)
     if args.push_to_hub:
         model.push_to_hub(args.push_to_hub)
-        tokenizer.push_to_hub(args.push_to_hub)
+        if quantizer.tokenizer is not None:
+            quantizer.tokenizer.push_to_hub(args.push_to_hub)
         logger.info("pushed to %s", args.push_to_hub)
     return 0
 

@@ -265,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
                     getattr(self, name)(**args)
                 except HubError as err:
                     self._send_error(err)
-                except (KeyError, TypeError, ValueError) as err:  # a malformed request body
+                except (KeyError, TypeError, ValueError) as err:  # a malformed body (JSONDecodeError is a ValueError)
                     self._send_error(HubError(400, f"Bad request: {err!r}"))
                 return
         self.hub.unhandled.append(f"{method} {self.path}")
@@ -296,13 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _require_token(self) -> None:
         if not self.headers.get("Authorization", "").startswith("Bearer "):
-            raise HubError(401, "Invalid credentials in Authorization header")
-
-    def _json_body(self) -> Any:
-        try:
-            return json.loads(self.body or b"{}")
-        except json.JSONDecodeError as err:
-            raise HubError(400, f"Invalid JSON body: {err}") from err
+            raise HubError(401, "This route needs an Authorization: Bearer <token> header")
 
     # --- routes -------------------------------------------------------------------------------------------------
 
@@ -315,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route_create_repo(self) -> None:
         self._require_token()
-        payload = self._json_body()
+        payload = json.loads(self.body)
         if payload.get("type", "model") != "model":
             raise HubError(400, "This test Hub only hosts model repos")
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
@@ -330,7 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route_model_info(self, repo: str, rev: str = "main") -> None:
         commit = self.hub._snapshot(repo, rev)
-        siblings = [{"rfilename": p, "size": len(d), "blobId": git_blob_sha(d)} for p, d in sorted(commit.files.items())]
+        files = sorted(commit.files.items())
+        siblings = [{"rfilename": p, "size": len(d), "blobId": git_blob_sha(d)} for p, d in files]
         self._send_json({
             "_id": repo, "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.sha,
             "lastModified": commit.date, "private": False, "disabled": False, "gated": False,
@@ -369,20 +364,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_token()
         commit = self.hub._snapshot(repo, rev)
         answer = []
-        for item in self._json_body().get("files", []):
+        for item in json.loads(self.body)["files"]:
             path = item["path"]
-            oid = None
-            answer.append({"path": path, "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
+            oid = git_blob_sha(commit.files[path]) if path in commit.files else None
+            answer.append({"path": path, "uploadMode": "lfs", "shouldIgnore": False, "oid": oid})
         self._send_json({"files": answer, "commitOid": commit.sha})
 
     def _route_commit(self, repo: str, rev: str) -> None:
         self._require_token()
         if self.query.get("create_pr"):
             raise HubError(400, "This test Hub does not support pull requests")
-        try:
-            lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise HubError(400, f"Invalid NDJSON commit body: {err}") from err
+        lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
         headers = [line["value"] for line in lines if line.get("key") == "header"]
         if len(headers) != 1 or not headers[0].get("summary"):
             raise HubError(400, "A commit needs exactly one header line with a summary")

@@ -39,7 +39,10 @@ def _no_unhandled_route(hub: HubServer) -> Iterator[None]:
 
 
 def run_client(hub: HubServer, home: Path, code: str, *args: str) -> str:
-    """Run `code` in a fresh interpreter pointed at `hub`; return its stdout, failing with its stderr."""
+    """Run `code` in a fresh interpreter pointed at `hub`; return its stdout, failing with its stderr.
+
+    Inherited HF_*/TRANSFORMERS_* settings (offline mode, another endpoint or token) are dropped first.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
     env.update(
         HF_ENDPOINT=hub.url, HF_TOKEN="dummy", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",

@@ -1,0 +1,111 @@
+"""`LRSQuantizer`: optimum's quantizer convention (`from_pretrained(...)` then `quantize(save_dir=...)`).
+
+This is also what the command line runs. The output directory is written atomically: everything
+goes into a hidden staging directory beside it, which is renamed into place only when complete, so
+an interrupted run never leaves a directory that loads as a valid but incomplete model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from optimum.quantization_base import OptimumQuantizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .config import LowRankSparseConfig
+from .model_card import write_card
+from .quantizer import compress_
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Fail before any work when `path` cannot receive a saved model (ValueError naming the problem)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output {path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"output {path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"output {path}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"output {path}: parent directory {parent} is not writable")
+
+
+def save_atomically(model: PreTrainedModel, save_dir: str | Path, tokenizer: Any = None, repo_id: str | None = None,
+                    overwrite: bool = False) -> Path:
+    """Save model, tokenizer, model card and allocation plot to `save_dir`, all or nothing."""
+    target = Path(save_dir)
+    check_output_dir(target, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.resolve().parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_card(model, staging, repo_id)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+class LRSQuantizer(OptimumQuantizer):
+    """Compress a causal LM and write it as an optimum_lrs checkpoint.
+
+    >>> quantizer = LRSQuantizer.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    >>> model = quantizer.quantize(save_dir="smollm2-lrs", compression_config=LowRankSparseConfig(param_ratio=0.5))
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any = None):
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"LRSQuantizer needs a transformers PreTrainedModel, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, model_or_path: str | Path | PreTrainedModel, file_name: str | None = None,
+                        tokenizer: Any = None, **kwargs: Any) -> LRSQuantizer:
+        """Load the dense model (`file_name`: a GGUF file inside `model_or_path`) and, if none is given,
+        its tokenizer (None when the repo has none; compression then needs token-id calibration data)."""
+        if isinstance(model_or_path, PreTrainedModel):
+            return cls(model_or_path, tokenizer)
+        source = {"gguf_file": file_name} if file_name else {}
+        model = AutoModelForCausalLM.from_pretrained(model_or_path, **source, **kwargs)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model_or_path, **source)
+            except (OSError, ValueError) as exc:
+                logger.warning("no tokenizer loads from %s (%s); pass token ids as calibration_data", model_or_path, exc)
+        return cls(model, tokenizer)
+
+    def quantize(self, save_dir: str | Path, file_prefix: str | None = None,
+                 compression_config: LowRankSparseConfig | dict | None = None, overwrite: bool = False,
+                 repo_id: str | None = None, **kwargs: Any) -> PreTrainedModel:
+        """Compress the model in place with `compression_config` and save it atomically to `save_dir`."""
+        if file_prefix is not None:
+            raise ValueError("file_prefix is not supported: transformers names the safetensors shards")
+        if kwargs:
+            raise TypeError(f"LRSQuantizer.quantize got unexpected arguments {sorted(kwargs)}")
+        config = compression_config if compression_config is not None else LowRankSparseConfig()
+        if isinstance(config, dict):
+            config = LowRankSparseConfig.from_dict(config)
+        check_output_dir(Path(save_dir), overwrite)
+        if config.tokenizer is None and self.tokenizer is not None:
+            config = copy.copy(config)
+            config.tokenizer = self.tokenizer
+        compress_(self.model, config)
+        save_atomically(self.model, save_dir, self.tokenizer, repo_id, overwrite)
+        logger.info("saved the compressed model to %s", save_dir)
+        return self.model
