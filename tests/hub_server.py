@@ -43,12 +43,17 @@ client needed nothing more.
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
+import textwrap
 import hashlib
 import json
 import logging
 import re
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -367,7 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
         for item in json.loads(self.body)["files"]:
             path = item["path"]
             oid = git_blob_sha(commit.files[path]) if path in commit.files else None
-            answer.append({"path": path, "uploadMode": "lfs", "shouldIgnore": False, "oid": oid})
+            answer.append({"path": path, "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
         self._send_json({"files": answer, "commitOid": commit.sha})
 
     def _route_commit(self, repo: str, rev: str) -> None:
@@ -394,3 +399,21 @@ class _Handler(BaseHTTPRequestHandler):
             "Content-Type": "application/octet-stream", "ETag": f'"{git_blob_sha(data)}"',
             "X-Repo-Commit": commit.sha,
         })
+
+
+def run_client(hub: HubServer, home: Path, code: str, *args: str) -> str:
+    """Run `code` in a fresh interpreter pointed at `hub`; return its stdout, failing with its stderr.
+
+    Inherited HF_*/TRANSFORMERS_* settings (offline mode, another endpoint or token) are dropped first.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
+    env.update(
+        HF_ENDPOINT=hub.url, HF_TOKEN="dummy", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost", OMP_NUM_THREADS="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

@@ -6,11 +6,7 @@ Clients run in fresh interpreters because `huggingface_hub` reads `HF_ENDPOINT` 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from .hub_server import HubServer
+from .hub_server import HubServer, run_client
 
 REPO_ID = "user/files"
 README = "---\nlicense: mit\ntags:\n- low-rank\n- test\n---\n\n# Files\n\nA card with YAML front matter.\n"
@@ -36,24 +32,6 @@ def _no_unhandled_route(hub: HubServer) -> Iterator[None]:
     """Whatever a test does, the clients must have needed no route the server lacks."""
     yield
     assert hub.unhandled == []
-
-
-def run_client(hub: HubServer, home: Path, code: str, *args: str) -> str:
-    """Run `code` in a fresh interpreter pointed at `hub`; return its stdout, failing with its stderr.
-
-    Inherited HF_*/TRANSFORMERS_* settings (offline mode, another endpoint or token) are dropped first.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
-    env.update(
-        HF_ENDPOINT=hub.url, HF_TOKEN="dummy", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost", OMP_NUM_THREADS="1",
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")
