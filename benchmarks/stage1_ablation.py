@@ -2,7 +2,7 @@
 refit iterations and the low-rank share, for the cheap allocators. Stage 1 results are cached on disk.
 
     python benchmarks/stage1_ablation.py --ratio 0.5 --windows 16 --threads 2 --cache-dir /tmp/lrs_stage1 \
-        --variants uniform:raw:0:0.2 uniform:aware:0:0.2 uniform:aware:3:0.2
+        --variants uniform:raw:allocation:0:0.2 uniform:aware:row:3:0.2
 """
 
 import argparse
@@ -20,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--variants", nargs="+", required=True, help="allocation:raw|aware:refine_iterations:lowrank_fraction")
+    parser.add_argument("--variants", nargs="+", required=True, help="allocation:raw|aware:sparse_selection:refine_iterations:lowrank_fraction")
     add_eval_args(parser)
     args = parser.parse_args()
     model, tokenizer, ppl = prepare(args)
@@ -35,12 +35,12 @@ def main() -> None:
     stages = {}
     rows = []
     for spec in args.variants:
-        method, stage, refine, fraction = spec.split(":")
+        method, stage, selection, refine, fraction = spec.split(":")
         if stage not in stages:
             stages[stage] = stage1(model, defaults, scales if stage == "aware" else None)
             print(f"stage 1 ({stage}): {stages[stage][2]:.0f} s", flush=True)
         targets, candidates, _ = stages[stage]
-        cfg = LowRankSparseConfig(param_ratio=args.ratio, allocation=method, refine_iterations=int(refine),
+        cfg = LowRankSparseConfig(param_ratio=args.ratio, allocation=method, sparse_selection=selection, refine_iterations=int(refine),
                                   lowrank_fraction=float(fraction), activation_aware=stage == "aware")
         budget = round(args.ratio * sum(c.dense_params for c in candidates))
         start = time.perf_counter()
@@ -49,7 +49,7 @@ def main() -> None:
         rows.append((spec, ppl(variant), seconds))
         print(f"{spec}: perplexity {rows[-1][1]:.2f} (allocation + extraction {seconds:.1f} s)", flush=True)
         del variant
-    print("\n| allocation:stage1:refine_iterations:lowrank_fraction | perplexity | allocation + extraction s |\n|---|---|---|")
+    print("\n| allocation:stage1:sparse_selection:refine_iterations:lowrank_fraction | perplexity | allocation + extraction s |\n|---|---|---|")
     for spec, value, seconds in rows:
         print(f"| {spec} | {value:.2f} | {seconds:.1f} |")
 

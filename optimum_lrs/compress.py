@@ -112,8 +112,9 @@ def build_layer(
 ) -> LowRankSparseLinear:
     """Extract the kept factors: U' = U_r sqrt(s_r), V' = sqrt(s_r) Vh_r, and the `nnz` largest |S| entries.
 
-    With `sparse_values="residual"` (or a refit) the kept entries hold `W - U'V'` instead of RPCA's
-    (shrunk) S values. `config.refine_iterations` refits factors and positions at the same rank and nnz.
+    With `sparse_values="residual"` (or any `sparse_selection` but "allocation") the kept entries hold
+    `W - U'V'` instead of RPCA's (shrunk) S values. `sparse_selection` "matrix"/"row" re-picks the
+    positions from the residual, after `refine_iterations` alternating refits at the same rank and nnz.
     """
     rpca, scale = candidates.rpca, candidates.column_scale
     rank_ids = torch.arange(keep.rank) if keep.rank_ids is None else keep.rank_ids
@@ -123,14 +124,14 @@ def build_layer(
     flat = rpca.sparse.flatten()
     kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.sparse_ids is None else keep.sparse_ids
     weight = source.weight.detach().float()
-    if config.refine_iterations:
+    if config.sparse_selection != "allocation":
         target = weight if scale is None else weight * scale
-        u, v, kept = alternating_refit(target, u, v, keep.nnz, config.refine_iterations)
+        u, v, kept = alternating_refit(target, u, v, keep.nnz, config.refine_iterations, config.sparse_selection == "row")
     if scale is not None:
         v = v / scale
         flat = (rpca.sparse / scale).flatten()
     kept = kept.sort().values  # row-major order is CSR order
-    if config.sparse_values == "residual" or config.refine_iterations:
+    if config.sparse_values == "residual" or config.sparse_selection != "allocation":
         flat = (weight - u @ v).flatten()
     out_features, in_features = rpca.sparse.shape
     row_offsets = torch.zeros(out_features + 1, dtype=torch.long)

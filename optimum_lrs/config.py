@@ -24,6 +24,7 @@ CAP_RANK_BY = ("probability", "probability_per_cost")
 CAP_GRADIENTS = ("probability", "logit")
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSE_VALUES = ("residual", "rpca")
+SPARSE_SELECTIONS = ("allocation", "matrix", "row")
 
 # Fields that configure a run but must never reach config.json (user data, live objects).
 _RUNTIME_ONLY = ("calibration_data", "tokenizer", "cache_dir")
@@ -143,10 +144,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         activation_aware: run Stage 1 on `W diag(d)`, d_j the RMS of input feature j over the calibration
             tokens, and score candidates in that space (the Wanda / OATS insight: an entry matters as
             much as the activation it multiplies); the factors are unscaled afterwards. Off is the paper.
-        refine_iterations: after allocation, alternate this many times between "keep the layer's `nnz`
-            largest entries of M - L" and "L = best rank-r approximation of M - S" (M the possibly
-            scaled weight), keeping every layer's rank and nnz, so the budget is unchanged. 0 keeps the
-            allocator's own positions.
+        sparse_selection: which sparse entries a layer keeps once its rank and nnz are allocated.
+            `"allocation"` keeps the allocator's own candidates (the paper); `"matrix"` keeps the `nnz`
+            largest entries of M - L (M the possibly scaled weight, L the kept low-rank part), which is
+            optimal in Frobenius norm for that L; `"row"` keeps the same count in every output row (the
+            comparison group of Wanda). The budget is unchanged either way.
+        refine_iterations: for `"matrix"`/`"row"`, alternate this many times between picking S from
+            M - L and refitting L as the best rank-r approximation of M - S before the final pick.
         cache_dir: directory for Stage 1 results, one file per layer keyed by the weight's content and
             the RPCA settings; a rerun (after a crash or with another budget) reuses finished layers.
             Never serialised.
@@ -184,6 +188,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         rpca_tol: float = 1e-4,
         rpca_rho: float = 1.5,
         activation_aware: bool = False,
+        sparse_selection: str = "allocation",
         refine_iterations: int = 0,
         cache_dir: str | None = None,
         calibration_data: Any = None,
@@ -234,7 +239,12 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if not isinstance(activation_aware, bool):
             _fail("activation_aware", "True or False", activation_aware)
         self.activation_aware = activation_aware
+        if sparse_selection not in SPARSE_SELECTIONS:
+            _fail("sparse_selection", f"one of {SPARSE_SELECTIONS}", sparse_selection)
+        self.sparse_selection = sparse_selection
         self.refine_iterations = _check_int("refine_iterations", refine_iterations, 0)
+        if self.refine_iterations and sparse_selection == "allocation":
+            _fail("refine_iterations", '0 when sparse_selection="allocation" (a refit re-picks the sparse positions)', refine_iterations)
         if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
             _fail("cache_dir", "None or a directory path", cache_dir)
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)

@@ -91,24 +91,45 @@ def robust_pca(
     return RPCAResult(u.contiguous(), sig.contiguous(), vh.contiguous(), s_mat, it, residual, residual < tol)
 
 
+def largest_entries(matrix: torch.Tensor, count: int, per_row: bool) -> torch.Tensor:
+    """Flat positions of the `count` largest |entries|, over the whole matrix or spread evenly over rows.
+
+    Per row, every row keeps `count // rows` entries and the remainder goes to the rows whose next
+    entry is largest, so that exactly `count` positions come back either way.
+    """
+    magnitude = matrix.abs()
+    if not per_row:
+        return torch.topk(magnitude.flatten(), count, sorted=False).indices
+    rows, cols = magnitude.shape
+    base, extra = divmod(count, rows)
+    take = min(cols, base + (1 if extra else 0))
+    values, idx = torch.topk(magnitude, take, dim=1)  # sorted, largest first
+    flat = idx + torch.arange(rows, device=idx.device)[:, None] * cols
+    positions = flat[:, :base].flatten()
+    if extra:
+        best_rows = torch.topk(values[:, base], extra).indices
+        positions = torch.cat([positions, flat[best_rows, base]])
+    return positions
+
+
 def alternating_refit(
-    target: torch.Tensor, u: torch.Tensor, v: torch.Tensor, nnz: int, iterations: int
+    target: torch.Tensor, u: torch.Tensor, v: torch.Tensor, nnz: int, iterations: int, per_row: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Improve a fixed-size split `target ~ u @ v + S` (rank of u, `nnz` entries in S) by alternating
-    projections: S <- the `nnz` largest entries of target - uv; uv <- best rank-r approximation of
-    target - S. Each step can only lower ||target - uv - S||_F. Returns the new factors (u scaled by
+    projections: S <- the `nnz` largest entries of target - uv (per row when `per_row`); uv <- best
+    rank-r approximation of target - S. Each step can only lower ||target - uv - S||_F (for
+    `per_row`, under the equal-count-per-row constraint). Returns the new factors (u scaled by
     sqrt(sigma), v likewise) and the flat positions of the final S.
     """
     rank = u.shape[1]
     low = u @ v
     for _ in range(iterations):
-        resid = (target - low).flatten()
-        pos = torch.topk(resid.abs(), nnz, sorted=False).indices
-        sparse = torch.zeros_like(resid)
-        sparse[pos] = resid[pos]
+        resid = target - low
+        pos = largest_entries(resid, nnz, per_row)
+        sparse = torch.zeros_like(resid).flatten()
+        sparse[pos] = resid.flatten()[pos]
         left, sig, right = torch.linalg.svd(target - sparse.view_as(target), full_matrices=False)
         root = sig[:rank].sqrt()
         u, v = left[:, :rank] * root, root[:, None] * right[:rank]
         low = u @ v
-    pos = torch.topk((target - low).flatten().abs(), nnz, sorted=False).indices
-    return u, v, pos
+    return u, v, largest_entries(target - low, nnz, per_row)

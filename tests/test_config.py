@@ -18,6 +18,7 @@ BAD_VALUES = [
     ("rpca_tol", 0.0), ("rpca_tol", 1.0),
     ("rpca_rho", 1.0), ("rpca_rho", 0.5),
     ("activation_aware", 1), ("activation_aware", "yes"), ("refine_iterations", -1), ("refine_iterations", 1.5),
+    ("refine_iterations", 2), ("sparse_selection", "column"),
     ("cache_dir", ""), ("cache_dir", 3), ("base_model", ""), ("base_model", 3),
     ("evaluation", {"perplexity": float("nan")}), ("evaluation", [1]), ("evaluation", {"ok": True}),
     ("calibration_data", 42), ("calibration_data", [1, 2]), ("calibration_data", []),
@@ -62,7 +63,7 @@ def test_round_trip_is_exact_and_strips_runtime_fields():
     cfg = LowRankSparseConfig(
         param_ratio=0.3, lowrank_fraction=0.25, sparse_values="rpca", target_modules=["q_proj", "v_proj"], modules_to_not_convert=["x"],
         rpca_lambda=0.02, rpca_max_iter=7, rpca_tol=1e-3, rpca_rho=1.7, calibration_data=["secret text"],
-        tokenizer=lambda t: t, seed=3, factor_dtype="float16", activation_aware=True, refine_iterations=2,
+        tokenizer=lambda t: t, seed=3, factor_dtype="float16", activation_aware=True, sparse_selection="row", refine_iterations=2,
         cache_dir="/tmp/secret-cache", compressed_modules={"m.a": {"rank": 2, "nnz": 5, "rpca_iterations": 4, "rpca_residual": 1e-5}},
     )
     d = cfg.to_dict()

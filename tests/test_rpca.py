@@ -1,8 +1,10 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from optimum_lrs import robust_pca
-from optimum_lrs.rpca import default_lambda
+from optimum_lrs.rpca import alternating_refit, default_lambda, largest_entries
 
 
 def planted(m: int, n: int, rank: int, density: float, seed: int = 0):
@@ -49,3 +51,38 @@ def test_lambda_default_and_edge_inputs():
         robust_pca(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="2-D"):
         robust_pca(torch.ones(3))
+
+
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), frac=st.floats(0, 1), seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_largest_entries_counts_exactly(rows, cols, frac, seed):
+    m = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    count = round(frac * rows * cols)
+    for per_row in (False, True):
+        pos = largest_entries(m, count, per_row)
+        assert pos.numel() == count and pos.unique().numel() == count
+    per_row_counts = torch.bincount(largest_entries(m, count, True) // cols, minlength=rows)
+    assert per_row_counts.max() - per_row_counts.min() <= 1
+    flat = m.abs().flatten()
+    chosen = largest_entries(m, count, False)
+    if 0 < count < flat.numel():
+        rest = torch.ones_like(flat, dtype=torch.bool)
+        rest[chosen] = False
+        assert flat[chosen].min() >= flat[rest].max()
+
+
+def test_alternating_refit_never_increases_the_error():
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(40, 30, generator=g) @ torch.randn(30, 30, generator=g) / 5
+    target[torch.rand(40, 30, generator=g) < 0.05] += 8.0
+    u0, v0 = torch.randn(40, 3, generator=g), torch.randn(3, 30, generator=g)
+
+    def error(u, v, pos):
+        s = torch.zeros(40 * 30)
+        s[pos] = (target - u @ v).flatten()[pos]
+        return torch.linalg.matrix_norm(target - u @ v - s.view(40, 30)).item()
+
+    for per_row in (False, True):
+        errors = [error(*alternating_refit(target, u0, v0, 120, it, per_row)) for it in range(4)]
+        assert all(b <= a + 1e-4 for a, b in zip(errors, errors[1:])), errors
+        assert errors[-1] < 0.8 * errors[0]

