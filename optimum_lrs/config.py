@@ -19,7 +19,7 @@ FORMAT_VERSION = 1
 
 ALLOCATION_METHODS = ("uniform", "global_greedy", "cap")
 LOSS_DRIVEN_METHODS = ("cap",)  # methods that need the model's loss on calibration tokens
-CAP_INITS = ("energy", "layer_max")
+CAP_INITS = ("energy", "uniform", "layer_max")
 CAP_RANK_BY = ("probability", "probability_per_cost")
 CAP_GRADIENTS = ("probability", "logit")
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -162,7 +162,8 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         cap_init, cap_init_temperature: initial keep-probabilities. `"energy"` (default) is a soft
             version of global_greedy's ranking: a hard sigmoid of (log score - log tau) / temperature, with score
             = squared error removed per parameter relative to the layer's energy and tau set so that
-            the expected kept cost is the budget. `"layer_max"` uses sigma_i / max sigma and
+            the expected kept cost is the budget. `"uniform"` is the same with one tau per layer, so
+            that each layer starts at its uniform share. `"layer_max"` uses sigma_i / max sigma and
             |S_ij| / max |S| within each layer and leaves the fit to the budget projection.
         cap_rank_by: final extraction ranks candidates by `"probability"` or `"probability_per_cost"`.
         seed: seed of every random choice, so that a run repeats exactly.

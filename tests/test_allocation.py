@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optimum_lrs import LowRankSparseConfig, robust_pca
+from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, robust_pca
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
 from optimum_lrs.allocation.base import kept_parameters
 
@@ -108,3 +108,13 @@ def test_keep_best_is_exact_for_random_costs_and_budgets():
         assert kept == budget or (all_sparse_kept and budget - kept < largest)
 
     check()
+
+
+def test_global_greedy_never_keeps_more_than_a_layers_dense_size():
+    from optimum_lrs import compress_
+
+    from .conftest import tiny_llama
+
+    model = compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.6, allocation="global_greedy"))
+    layers = [m for m in model.modules() if isinstance(m, LowRankSparseLinear)]
+    assert max(m.num_parameters / (m.in_features * m.out_features) for m in layers) <= 1.0

@@ -86,3 +86,10 @@ def test_projection_onto_budget_is_exact(sizes, costs, fraction, seed):
 def test_projection_rejects_impossible_budget():
     with pytest.raises(ValueError, match="outside"):
         project_to_budget([torch.zeros(3)], [2.0], 7.0)
+
+
+def test_uniform_init_starts_every_layer_at_its_share():
+    model = compress_(tiny_llama(), cap_config(cap_init="uniform", cap_steps=0))
+    dense = {n: m.weight.numel() for n, m in tiny_llama().named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, kept in compressed_params(model).items():
+        assert abs(kept / dense[name] - 0.5) < 0.1, (name, kept / dense[name])

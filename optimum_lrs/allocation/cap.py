@@ -53,7 +53,8 @@ def _initial_probabilities(pools: list[_CandidateMasks], init: str, temperature:
     "layer_max": s = score (in [0, 1]), left for the projection to fit. "energy": s = clip((log score -
     log tau) / temperature + 1/2, 0, 1), a hard sigmoid, with tau such that the expected cost is the
     budget: a soft version of global_greedy's cut (scores within a factor e^temperature of tau are
-    uncertain, the rest kept or dropped).
+    uncertain, the rest kept or dropped). "uniform": the same hard sigmoid with one tau per layer, set
+    so that every layer's expected cost is its uniform share of the budget.
     """
     if init == "layer_max":
         for p in pools:
@@ -65,8 +66,15 @@ def _initial_probabilities(pools: list[_CandidateMasks], init: str, temperature:
         p.sparse_score.clamp_min(1e-30).log() / temperature + 0.5,
     )]
     costs = [float(cost) for p in pools for cost in (p.c.rank_cost, 1)]
-    shift = _solve_shift(z, costs, [1.0] * len(z), budget)
-    for p, rank_z, sparse_z in zip(pools, z[0::2], z[1::2]):
+    if init == "uniform":  # one threshold per layer: each layer's expected cost is its uniform share
+        ratio = budget / sum(p.c.dense_params for p in pools)
+        shifts = []
+        for p, rank_z, sparse_z in zip(pools, z[0::2], z[1::2]):
+            pool = p.c.rank_pool * p.c.rank_cost + p.c.sparse_pool
+            shifts.append(_solve_shift([rank_z, sparse_z], [p.c.rank_cost, 1.0], [1.0, 1.0], min(pool, ratio * p.c.dense_params)))
+    else:
+        shifts = [_solve_shift(z, costs, [1.0] * len(z), budget)] * len(pools)
+    for p, rank_z, sparse_z, shift in zip(pools, z[0::2], z[1::2], shifts):
         p.s_rank.copy_((rank_z - shift).clamp_(0, 1))
         p.s_sparse.copy_((sparse_z - shift).clamp_(0, 1).to(torch.float16))
 
