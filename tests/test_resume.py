@@ -1,0 +1,88 @@
+"""Interrupted compression resumes from the Stage 1 cache; runs are byte-for-byte deterministic."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .conftest import REPO
+
+# A model big enough that Stage 1 takes seconds (so a kill lands mid-run), built the same way in every process.
+BUILD = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=160, intermediate_size=384, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+"""
+COMPRESS = BUILD + """
+import sys, optimum_lrs
+cfg = optimum_lrs.LowRankSparseConfig(param_ratio=0.5, cache_dir=sys.argv[1], rpca_tol=1e-6, rpca_max_iter=200)
+optimum_lrs.compress_(model, cfg)
+model.save_pretrained(sys.argv[2])
+"""
+
+
+def run(args, **kw):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", COMPRESS, *map(str, args)], env=env, **kw)
+
+
+def digest(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.safetensors"))}
+
+
+def test_killed_run_resumes_from_cache_and_matches_an_uninterrupted_run(tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "resumed"
+    proc = run([cache, out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(cache.glob("*.safetensors"))) < 6 and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "Stage 1 finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("*.safetensors")}
+    assert 6 <= len(finished) < 28 and not out.exists()
+
+    assert run([cache, out]).wait() == 0
+    entries = list(cache.glob("*.safetensors"))
+    assert len(entries) == 28  # 4 layers x 7 projections
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == stamp for p, stamp in finished.items())  # not redone
+
+    fresh = tmp_path / "uninterrupted"
+    assert run([tmp_path / "other-cache", fresh]).wait() == 0
+    assert digest(out) == digest(fresh)
+
+
+def test_same_seed_gives_byte_identical_checkpoints(tmp_path):
+    from optimum_lrs import LowRankSparseConfig, compress_
+
+    from .conftest import tiny_llama
+
+    for name in ("a", "b"):
+        model = compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.5, allocation="cap", cap_steps=2,
+                                                            calibration_data=torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))))
+        model.save_pretrained(tmp_path / name)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") and digest(tmp_path / "a")
+
+
+def test_unreadable_cache_entry_is_recomputed(tmp_path):
+    from optimum_lrs import LowRankSparseConfig, compress_
+
+    from .conftest import tiny_llama
+
+    cfg = dict(param_ratio=0.5, cache_dir=str(tmp_path / "cache"))
+    reference = compress_(tiny_llama(), LowRankSparseConfig(**cfg))
+    entry = sorted((tmp_path / "cache").glob("*.safetensors"))[0]
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated, as a crash mid-write outside our rename would leave it
+    again = compress_(tiny_llama(), LowRankSparseConfig(**cfg))
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reference(ids).logits, again(ids).logits)
+    assert entry.stat().st_size > 100  # rewritten
