@@ -79,6 +79,14 @@ def find_target_modules(model: nn.Module, config: LowRankSparseConfig) -> dict[s
     return targets
 
 
+def check_weight(name: str, module: nn.Linear) -> None:
+    """Refuse a weight that cannot give a correct factorisation (before any expensive work)."""
+    if module.weight.device.type == "meta":
+        raise ValueError(f"cannot compress {name}: its weight is on the meta device (not loaded)")
+    if not torch.isfinite(module.weight).all():
+        raise ValueError(f"cannot compress {name}: its weight has NaN or infinite entries")
+
+
 def decompose(
     name: str, module: nn.Linear, config: LowRankSparseConfig, column_scale: torch.Tensor | None = None
 ) -> LayerCandidates:
@@ -86,11 +94,8 @@ def decompose(
 
     With a `column_scale` (activation-aware Stage 1) the RPCA runs on `W diag(column_scale)`.
     """
+    check_weight(name, module)
     weight = module.weight
-    if weight.device.type == "meta":
-        raise ValueError(f"cannot compress {name}: its weight is on the meta device (not loaded)")
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"cannot compress {name}: its weight has NaN or infinite entries")
     matrix = weight if column_scale is None else weight.detach().float() * column_scale.to(weight.device)
     settings = [config.rpca_lambda, config.rpca_max_iter, config.rpca_tol, config.rpca_rho]
     key = stage1_cache.cache_key(matrix, settings) if config.cache_dir else None
@@ -176,6 +181,8 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     if any(isinstance(m, LowRankSparseLinear) for m in model.modules()):
         raise ValueError("the model already contains LowRankSparseLinear layers; it is compressed already")
     targets = find_target_modules(model, config)
+    for name, module in targets.items():
+        check_weight(name, module)
     calibration = _calibration(model, config)
     scales = input_rms(model, targets, calibration) if config.activation_aware else {}
     candidates = [

@@ -44,6 +44,7 @@ def dense_checkpoint(request, tmp_path_factory) -> Path:
     """A dense tiny model saved as a real safetensors checkpoint, one per architecture."""
     path = tmp_path_factory.mktemp(f"dense-{request.param}")
     BUILDERS[request.param]().save_pretrained(path)
+    train_tokenizer(path)  # the default (activation-aware) compression tokenizes its calibration text
     return path
 
 

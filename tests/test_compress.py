@@ -16,7 +16,7 @@ def linear():
 
 @pytest.mark.parametrize("keep", [LayerAllocation(0, 300), LayerAllocation(4, 0), LayerAllocation(6, 500)])
 def test_extraction_keeps_top_triplets_and_entries(linear, keep):
-    cfg = LowRankSparseConfig(sparse_values="rpca")
+    cfg = LowRankSparseConfig(sparse_values="rpca", sparse_selection="allocation")
     cands = decompose("x", linear, cfg)
     layer = build_layer(cands, keep, linear, cfg)
     assert (layer.rank, layer.nnz) == (keep.rank, keep.nnz)
@@ -34,7 +34,7 @@ def test_residual_values_are_exact_on_the_support_and_never_worse(linear):
     keep = LayerAllocation(5, 600)
     errors = {}
     for mode in ("rpca", "residual"):
-        cfg = LowRankSparseConfig(sparse_values=mode)
+        cfg = LowRankSparseConfig(sparse_values=mode, sparse_selection="allocation")
         layer = build_layer(decompose("x", linear, cfg), keep, linear, cfg)
         errors[mode] = torch.linalg.matrix_norm(linear.weight - layer.dense_weight()).item()
         if mode == "residual":

@@ -18,7 +18,7 @@ BAD_VALUES = [
     ("rpca_tol", 0.0), ("rpca_tol", 1.0),
     ("rpca_rho", 1.0), ("rpca_rho", 0.5),
     ("activation_aware", 1), ("activation_aware", "yes"), ("refine_iterations", -1), ("refine_iterations", 1.5),
-    ("refine_iterations", 2), ("sparse_selection", "column"),
+    ("refine_iterations", "3"), ("sparse_selection", "column"),
     ("cache_dir", ""), ("cache_dir", 3), ("base_model", ""), ("base_model", 3),
     ("evaluation", {"perplexity": float("nan")}), ("evaluation", [1]), ("evaluation", {"ok": True}),
     ("calibration_data", 42), ("calibration_data", [1, 2]), ("calibration_data", []),
@@ -86,7 +86,8 @@ def test_unknown_keys_rejected():
 def test_config_json_round_trip(tmp_path, dense_checkpoint):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = LowRankSparseConfig(param_ratio=0.6, rpca_max_iter=30, calibration_data=["not saved"])
+    cfg = LowRankSparseConfig(param_ratio=0.6, rpca_max_iter=30, calibration_data=["not saved, " * 3000],
+                              calibration_num_samples=4)
     model = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
     model.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, LowRankSparseLoraLinear, lora_target_modules
@@ -13,10 +13,8 @@ from .conftest import run_python, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def compressed_dir(tmp_path_factory):
-    dense = tmp_path_factory.mktemp("lora-dense")
-    tiny_llama().save_pretrained(dense)
-    model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=LowRankSparseConfig(param_ratio=0.5))
+def compressed_dir(dense_with_tokenizer, tmp_path_factory):
+    model = AutoModelForCausalLM.from_pretrained(dense_with_tokenizer, quantization_config=LowRankSparseConfig(param_ratio=0.5))
     out = tmp_path_factory.mktemp("lora-compressed")
     model.save_pretrained(out)
     return out
