@@ -8,7 +8,15 @@ Calibration: windows of the C4 sample in ../shared/data (CAP only); evaluation: 
 import argparse
 import time
 
-from common import add_eval_args, c4_texts, compressed_variant, header, magnitude_pruned, prepare, stage1
+from common import (
+    add_eval_args,
+    c4_texts,
+    compressed_variant,
+    header,
+    magnitude_pruned,
+    prepare,
+    stage1,
+)
 
 from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.calibration import calibration_windows

@@ -8,7 +8,14 @@ and scores it on the same WikiText-2 windows. Prints a markdown table.
 
 import argparse
 
-from common import add_eval_args, compressed_variant, header, magnitude_pruned, prepare, stage1
+from common import (
+    add_eval_args,
+    compressed_variant,
+    header,
+    magnitude_pruned,
+    prepare,
+    stage1,
+)
 
 from optimum_lrs import LowRankSparseConfig
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from .progress import progress
 
 # Floor on a feature's RMS relative to the layer's mean RMS: a feature never active still gets a finite

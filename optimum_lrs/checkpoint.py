@@ -10,8 +10,10 @@ docs/checkpoint-format.md.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -126,7 +128,8 @@ def empty_layer_from_headers(
     if dense.bias is not None:
         keys["bias"] = f"{name}.bias"
     for key in keys.values():
-        _expect(key in headers, f"the checkpoint has no tensor {key!r} for compressed layer {name!r}")
+        _expect(key in headers, f"no file of the checkpoint holds tensor {key!r} for compressed layer {name!r} "
+                                f"(files: {sorted({h.file for h in headers.values()})})")
     u, v, vals, cols, rows = (headers[keys[f]] for f in FACTOR_NAMES)
     out_f, in_f = dense.out_features, dense.in_features
     rank, nnz = v.shape[0] if len(v.shape) == 2 else -1, vals.shape[0] if len(vals.shape) == 1 else -1
@@ -145,7 +148,9 @@ def empty_layer_from_headers(
             f"{where}: config.json records rank={entry.get('rank')}, nnz={entry.get('nnz')} but the tensors "
             f"hold rank={rank}, nnz={nnz}")
     with torch.device("meta"):
-        return LowRankSparseLinear(in_f, out_f, rank, nnz, bias=dense.bias is not None, dtype=dtype or u.dtype)
+        layer = LowRankSparseLinear(in_f, out_f, rank, nnz, bias=dense.bias is not None, dtype=dtype or u.dtype)
+    layer.source_file = cols.file  # named by the post-load checks
+    return layer
 
 
 def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, files: list[str]) -> None:
@@ -155,6 +160,7 @@ def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, fil
     `from_pretrained`), as dense weights do; an explicit factor_dtype is kept.
     """
     headers = read_headers(list(files or []))
+    check_index(list(files or []), headers)
     listed = config.compressed_modules or {}
     for name, entry in listed.items():
         try:
@@ -171,11 +177,38 @@ def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, fil
         dense_leftover = module in listed and leaf not in (*FACTOR_NAMES, "bias")
         _expect(not (stray_factor or dense_leftover),
                 f"{info.file}: tensor {key!r} does not belong to the compressed layers config.json describes")
+    # transformers would initialise a missing tensor randomly and only warn: refuse instead.
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    for key in model.state_dict():
+        _expect(key in headers or key in tied, f"no file of the checkpoint holds tensor {key!r} "
+                                               f"(files: {sorted({h.file for h in headers.values()})})")
+
+
+def check_index(files: list[str], headers: dict[str, TensorInfo]) -> None:
+    """A sharded checkpoint's index must agree with the shards' headers, tensor by tensor."""
+    if not files:
+        return
+    index = Path(files[0]).parent / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+    for key, shard in weight_map.items():
+        _expect(key in headers, f"{index}: maps tensor {key!r} to {shard}, but no listed shard holds it")
+        actual = Path(headers[key].file).name
+        _expect(actual == shard, f"{index}: maps tensor {key!r} to {shard}, but it is stored in {actual}")
+    for key, info in headers.items():
+        _expect(key in weight_map, f"{index}: does not list tensor {key!r} stored in {info.file}")
 
 
 def assert_materialised(model: nn.Module) -> None:
-    """After loading, every tensor of a compressed layer must hold data, not meta placeholders."""
+    """After loading, every tensor of a compressed layer must hold data, not meta placeholders, and the
+    CSR arrays must be valid: the sparse kernels skip their own checks and would read out of bounds."""
     for name, module in model.named_modules():
         if isinstance(module, LowRankSparseLinear):
             for tname, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
                 _expect(t.device.type != "meta", f"compressed layer {name!r}: tensor {tname!r} was not loaded")
+            problem = module.csr_problem()
+            _expect(problem is None, f"{getattr(module, 'source_file', 'checkpoint')}: compressed layer {name!r}: {problem}")

@@ -8,17 +8,17 @@ import re
 
 import torch
 from torch import nn
-from .progress import progress
 from transformers import AutoTokenizer
 from transformers.quantizers import HfQuantizer
 
+from . import stage1_cache
+from .activations import input_rms
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import kept_parameters
 from .calibration import calibration_windows
-from . import stage1_cache
-from .activations import input_rms
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
+from .progress import progress
 from .rpca import alternating_refit, robust_pca
 
 logger = logging.getLogger(__name__)
@@ -54,10 +54,12 @@ def find_target_modules(model: nn.Module, config: LowRankSparseConfig) -> dict[s
             return re.fullmatch(t, name) is not None
         return any(_matches(name, p) for p in t)
 
-    targets = {}
+    targets, unsupported = {}, set()
     for name, module in model.named_modules():
         if not name or not is_selected(name):
             continue
+        if type(module).__name__ == "Conv1D" and not is_skipped(name):  # GPT-2-style transposed linear layers
+            unsupported.add(type(module).__name__)
         named_explicitly = isinstance(config.target_modules, list) and name in config.target_modules
         if is_skipped(name):
             if named_explicitly:
@@ -72,9 +74,11 @@ def find_target_modules(model: nn.Module, config: LowRankSparseConfig) -> dict[s
                 f"target_modules names {name!r}, a {type(module).__name__}; only torch.nn.Linear layers can be compressed"
             )
     if not targets:
+        hint = (f"; the model's {sorted(unsupported)} layers (GPT-2 style) are not supported, only torch.nn.Linear"
+                if unsupported else "")
         raise ValueError(
             f"no linear layer to compress: target_modules={config.target_modules!r} matched none outside the "
-            f"always-dense modules {sorted(skips)}"
+            f"always-dense modules {sorted(skips)}{hint}"
         )
     return targets
 
@@ -183,15 +187,20 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     targets = find_target_modules(model, config)
     for name, module in targets.items():
         check_weight(name, module)
+    dense = sum(m.weight.numel() for m in targets.values())
+    budget = round(config.param_ratio * dense)
+    if budget < len(targets):
+        raise ValueError(
+            f"param_ratio={config.param_ratio} keeps {budget} of {dense} parameters, fewer than one per "
+            f"compressed layer ({len(targets)}); raise param_ratio"
+        )
     calibration = _calibration(model, config)
     scales = input_rms(model, targets, calibration) if config.activation_aware else {}
     candidates = [
         decompose(name, module, config, scales.get(name))
         for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer")
     ]
-    problem = AllocationProblem(candidates, 0, config, model=model, calibration=calibration)
-    dense = problem.dense_params
-    problem.budget = round(config.param_ratio * dense)
+    problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration)
     allocation = allocate(problem)
     kept = kept_parameters(problem, allocation)
     entries = {}

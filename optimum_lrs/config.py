@@ -162,12 +162,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         cap_steps, cap_samples, cap_batch_size, cap_lr, cap_baseline_beta: CAP's policy-gradient loop:
             steps, masks sampled per step, calibration windows per loss evaluation, learning rate (the
             paper's 0.05) and the moving-average factor of the baseline (0.8, a window of about 5).
-        cap_init, cap_init_temperature: initial keep-probabilities. `"energy"` (default) is a soft
-            version of global_greedy's ranking: a hard sigmoid of (log score - log tau) / temperature, with score
-            = squared error removed per parameter relative to the layer's energy and tau set so that
-            the expected kept cost is the budget. `"uniform"` is the same with one tau per layer, so
-            that each layer starts at its uniform share. `"layer_max"` uses sigma_i / max sigma and
-            |S_ij| / max |S| within each layer and leaves the fit to the budget projection.
+        cap_init, cap_init_temperature: initial keep-probabilities, a hard sigmoid of (log score - log
+            tau) / temperature with score = squared error removed per parameter relative to the layer's
+            energy. `"uniform"` (default) sets one tau per layer so that every layer starts at its
+            uniform share; `"energy"` one tau for all layers (a soft version of global_greedy's ranking,
+            which measured far worse than uniform on SmolLM2, docs/benchmarks.md). `"layer_max"` uses
+            sigma_i / max sigma and |S_ij| / max |S| within each layer and leaves the fit to the budget
+            projection.
         cap_rank_by: final extraction ranks candidates by `"probability"` or `"probability_per_cost"`.
         seed: seed of every random choice, so that a run repeats exactly.
         factor_dtype: dtype of the stored factors; `"auto"` keeps the dtype of the dense weight.
@@ -204,7 +205,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         cap_batch_size: int = 4,
         cap_lr: float = 0.05,
         cap_baseline_beta: float = 0.8,
-        cap_init: str = "energy",
+        cap_init: str = "uniform",
         cap_init_temperature: float = 1.0,
         cap_rank_by: str = "probability",
         cap_gradient: str = "probability",

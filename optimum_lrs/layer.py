@@ -103,8 +103,6 @@ class LowRankSparseLinear(nn.Module):
                 f"incompatible factor shapes U {tuple(lowrank_u.shape)}, V {tuple(lowrank_v.shape)}, "
                 f"row_offsets {tuple(row_offsets.shape)}, col_indices {tuple(col_indices.shape)}, values ({nnz},)"
             )
-        if nnz and (int(row_offsets[-1]) != nnz or int(col_indices.min()) < 0 or int(col_indices.max()) >= in_features):
-            raise ValueError(f"invalid CSR arrays for a {out_features}x{in_features} matrix with {nnz} entries")
         layer = cls(in_features, out_features, rank, nnz, bias is not None, dtype or lowrank_u.dtype, lowrank_u.device)
         with torch.no_grad():
             layer.lowrank_u.copy_(lowrank_u)
@@ -114,7 +112,19 @@ class LowRankSparseLinear(nn.Module):
             layer.sparse_row_offsets.copy_(row_offsets)
             if bias is not None:
                 layer.bias.copy_(bias)
+        problem = layer.csr_problem()
+        if problem:
+            raise ValueError(f"invalid CSR arrays for a {out_features}x{in_features} matrix: {problem}")
         return layer
+
+    def csr_problem(self) -> str | None:
+        """Why the stored CSR arrays do not describe a valid sparse matrix, or None when they do."""
+        rows, cols = self.sparse_row_offsets.long(), self.sparse_col_indices.long()
+        if int(rows[0]) != 0 or int(rows[-1]) != self.nnz or bool((rows[1:] < rows[:-1]).any()):
+            return f"sparse_row_offsets must rise from 0 to nnz={self.nnz}"
+        if self.nnz and (int(cols.min()) < 0 or int(cols.max()) >= self.in_features):
+            return f"sparse_col_indices must lie in [0, {self.in_features})"
+        return None
 
     @property
     def rank(self) -> int:

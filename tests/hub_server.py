@@ -43,19 +43,19 @@ client needed nothing more.
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
-import textwrap
 import hashlib
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 

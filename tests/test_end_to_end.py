@@ -8,7 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from optimum_lrs import CheckpointError, LowRankSparseConfig, LowRankSparseLinear, LRSModelForCausalLM
+from optimum_lrs import (
+    CheckpointError,
+    LowRankSparseConfig,
+    LowRankSparseLinear,
+    LRSModelForCausalLM,
+)
 
 from .conftest import run_python
 

@@ -103,8 +103,6 @@ def test_contradictory_refine_iterations_with_allocation_selection_is_refused():
         LowRankSparseConfig(sparse_selection="allocation", refine_iterations=2)
 
 
-@pytest.mark.xfail(strict=True, reason="the budget rounds to 0 and compression succeeds: every layer is replaced by "
-                   "a rank-0, nnz-0 LowRankSparseLinear (0 parameters kept) that outputs only its bias")
 def test_budget_too_small_to_keep_anything_is_refused_at_compression():
     # param_ratio=1e-6 of ~150k parameters rounds to a budget of 0: every layer would be left all-zero.
     with pytest.raises(ValueError, match="param_ratio"):
@@ -123,8 +121,6 @@ def test_gpt2_conv1d_named_explicitly_is_rejected():
         compress_(tiny_gpt2(), cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="GPT-2 by default, by suffix or by regex gets 'no linear layer to compress' "
-                   "without saying that its Conv1D layers are unsupported")
 @pytest.mark.parametrize("targets", [None, ["c_attn"], r".*\.c_fc"], ids=["default", "suffix", "regex"])
 def test_gpt2_conv1d_is_rejected_naming_conv1d(targets):
     with pytest.raises(ValueError, match="Conv1D"):
@@ -291,20 +287,16 @@ def test_missing_shard_is_refused_naming_the_file(copy):
         AutoModelForCausalLM.from_pretrained(copy)
 
 
-@pytest.mark.xfail(strict=True, reason="loaded CSR arrays are not validated: an out-of-range column index loads "
-                   "silently and forward runs on it (the sparse kernels use check_invariants=False)")
 def test_out_of_range_sparse_index_in_a_shard_is_refused_naming_the_file(copy):
     key = f"{LAYER}.sparse_col_indices"
     shard = copy / weight_map(copy)[key]
     tensors = load_file(shard)
     tensors[key][0] = 30000  # the layer has 64 input features
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=names(shard.name, key)):
+    with pytest.raises(CheckpointError, match=names(shard.name, LAYER, "sparse_col_indices")):
         AutoModelForCausalLM.from_pretrained(copy)  # no forward: the kernels would read out of bounds
 
 
-@pytest.mark.xfail(strict=True, reason="a dense tensor missing from its shard is only reported as MISSING by "
-                   "transformers and newly initialised; the model loads with random model.norm.weight")
 def test_shard_missing_a_dense_tensor_is_refused_naming_the_file(copy):
     key = "model.norm.weight"
     shard = copy / weight_map(copy)[key]
@@ -324,8 +316,6 @@ def test_index_listing_a_shard_that_does_not_exist_is_refused_naming_the_file(co
         AutoModelForCausalLM.from_pretrained(copy)
 
 
-@pytest.mark.xfail(strict=True, reason="the weight_map is not checked against the shards' headers: the tensor is "
-                   "found in its real shard and the checkpoint loads without a word")
 def test_index_mapping_a_tensor_to_the_wrong_shard_is_refused_naming_the_file(copy):
     key = f"{LAYER}.lowrank_u"
     real = weight_map(copy)[key]
@@ -338,12 +328,8 @@ def test_index_mapping_a_tensor_to_the_wrong_shard_is_refused_naming_the_file(co
 
 
 @pytest.mark.parametrize("hidden", [
-    pytest.param("model.embed_tokens.weight", marks=pytest.mark.xfail(
-        strict=True, reason="the hidden shard is never read: transformers reports embed_tokens and lm_head MISSING "
-        "and initialises them randomly, no error")),
-    pytest.param(f"{LAYER}.sparse_values", marks=pytest.mark.xfail(
-        strict=True, reason="CheckpointError 'the checkpoint has no tensor ... for compressed layer ...' names the "
-        "tensor but neither the index nor the shard it hides")),
+    "model.embed_tokens.weight",
+    f"{LAYER}.sparse_values",
 ], ids=["dense_tensor", "compressed_factor"])
 def test_index_hiding_a_shard_is_refused_naming_the_file(copy, hidden):
     """The index maps every tensor of one shard to another shard, so the real one is never listed."""
@@ -351,7 +337,7 @@ def test_index_hiding_a_shard_is_refused_naming_the_file(copy, hidden):
     real = wm[hidden]
     other = next(f for f in sorted(set(wm.values())) if f != real)
     edit_json(copy / INDEX, lambda i: i["weight_map"].update({k: other for k, v in wm.items() if v == real}))
-    with pytest.raises(CheckpointError, match=names(INDEX, hidden) + "|" + names(hidden, INDEX)):
+    with pytest.raises(CheckpointError, match=names(INDEX, "but no listed shard holds it")):
         AutoModelForCausalLM.from_pretrained(copy)
 
 

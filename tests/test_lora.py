@@ -7,7 +7,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, LowRankSparseLoraLinear, lora_target_modules
+from optimum_lrs import (
+    LowRankSparseConfig,
+    LowRankSparseLinear,
+    LowRankSparseLoraLinear,
+    lora_target_modules,
+)
 
 from .conftest import run_python, tiny_llama
 

@@ -1,6 +1,13 @@
 """Stage 2: share one parameter budget among the candidates of all layers."""
 
 from . import cap, global_greedy, uniform  # noqa: F401  (register the methods)
-from .base import ALLOCATORS, AllocationProblem, LayerAllocation, LayerCandidates, allocate, register_allocator
+from .base import (
+    ALLOCATORS,
+    AllocationProblem,
+    LayerAllocation,
+    LayerCandidates,
+    allocate,
+    register_allocator,
+)
 
 __all__ = ["ALLOCATORS", "AllocationProblem", "LayerAllocation", "LayerCandidates", "allocate", "register_allocator"]

@@ -18,9 +18,14 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..progress import progress
 
-from .base import AllocationProblem, LayerAllocation, LayerCandidates, register_allocator
+from ..progress import progress
+from .base import (
+    AllocationProblem,
+    LayerAllocation,
+    LayerCandidates,
+    register_allocator,
+)
 from .select import keep_best
 
 logger = logging.getLogger(__name__)

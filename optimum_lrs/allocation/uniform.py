@@ -7,7 +7,13 @@ runs dry the other takes up the slack, and what a layer cannot hold goes to laye
 
 from __future__ import annotations
 
-from .base import AllocationProblem, LayerAllocation, LayerCandidates, kept_parameters, register_allocator
+from .base import (
+    AllocationProblem,
+    LayerAllocation,
+    LayerCandidates,
+    kept_parameters,
+    register_allocator,
+)
 
 
 def _fill(c: LayerCandidates, share: int, lowrank_fraction: float) -> LayerAllocation:
