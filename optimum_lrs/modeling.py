@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import cached_file
 
-from .config import LowRankSparseConfig
+from .config import QUANT_METHOD, LowRankSparseConfig
 from .quantizer import compress_
+
+
+def _is_compressed_checkpoint(model_id_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> bool:
+    """True when the checkpoint's config.json says optimum_lrs (read without loading any weight)."""
+    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+    try:
+        path = cached_file(model_id_or_path, "config.json", _raise_exceptions_for_missing_entries=False, **hub)
+    except OSError:
+        return False
+    return path is not None and json.loads(Path(path).read_text()).get("model_type") == QUANT_METHOD
 
 
 class LRSModelForCausalLM:
@@ -48,6 +61,11 @@ class LRSModelForCausalLM:
         if compression_config is not None and not isinstance(compression_config, LowRankSparseConfig):
             raise TypeError(
                 f"compression_config must be a LowRankSparseConfig or a dict, got {type(compression_config).__name__}"
+            )
+        if compression_config is not None and _is_compressed_checkpoint(model_id_or_path, kwargs):
+            raise ValueError(
+                f"{model_id_or_path} is already compressed by optimum_lrs; load it without compression_config "
+                "(compressing twice would factorise the factors)"
             )
         if gguf_file is not None:
             model = cls.auto_model_class.from_pretrained(model_id_or_path, gguf_file=gguf_file, **kwargs)
