@@ -204,7 +204,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     allocation = allocate(problem)
     kept = kept_parameters(problem, allocation)
     entries = {}
-    for c in candidates:
+    for c in progress(candidates, desc="extract factors", unit="layer"):
         source = targets[c.name]
         keep = allocation[c.name]
         model.set_submodule(c.name, build_layer(c, keep, source, config))

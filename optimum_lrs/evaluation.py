@@ -42,3 +42,19 @@ def perplexity(
             nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
             count += window.shape[1] - 1
     return math.exp(nll / count)
+
+
+def lm_eval_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], batch_size: int = 1, **kwargs) -> dict:
+    """Run lm-evaluation-harness tasks on a (compressed) model already in memory; returns its results dict.
+
+    Needs `pip install lm-eval` (not a dependency of optimum-lrs). The harness wraps the model as it is,
+    so the compressed layers run exactly as after `from_pretrained`; `kwargs` go to `simple_evaluate`
+    (e.g. `limit=`, `num_fewshot=`).
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise ImportError("lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval") from exc
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return simple_evaluate(model=harness_model, tasks=list(tasks), **kwargs)
