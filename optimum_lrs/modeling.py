@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
 from .config import QUANT_METHOD, LowRankSparseConfig
@@ -69,6 +70,10 @@ class LRSModelForCausalLM:
             )
         if gguf_file is not None:
             model = cls.auto_model_class.from_pretrained(model_id_or_path, gguf_file=gguf_file, **kwargs)
+            if compression_config is not None and compression_config.needs_calibration and compression_config.tokenizer is None:
+                # the GGUF file carries the tokenizer; the compression cannot find it from the directory alone
+                compression_config = copy.copy(compression_config)
+                compression_config.tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, gguf_file=gguf_file)
             return compress_(model, compression_config) if compression_config is not None else model
         if compression_config is not None:
             kwargs["quantization_config"] = compression_config
