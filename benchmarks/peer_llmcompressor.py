@@ -11,7 +11,6 @@ optimum-lrs's own perplexity code. Prints one JSON line: wall seconds and peak R
 import argparse
 import importlib.util
 import json
-import resource
 import shutil
 import tempfile
 import time
@@ -21,6 +20,14 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory since exec (VmHWM; ru_maxrss would include the forking parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
@@ -59,7 +66,7 @@ def main() -> None:
     save_file(weights, args.output)
     shutil.rmtree(dense_dir)
     kept = sum(int((w != 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss(),
                       "kept_fraction": kept, "layers": len(weights)}))
 
 

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--train", type=Path, default=SHARED / "c4_calibration.jsonl")
     parser.add_argument("--eval-text", type=Path, default=SHARED / "wikitext2_test_joined.txt")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=8)
