@@ -29,6 +29,21 @@ def index_dtype_for(max_value: int) -> torch.dtype:
     return torch.int64
 
 
+class _FrozenSparseMatmul(torch.autograd.Function):
+    """(S x^T)^T for a frozen CSR matrix S: gradients flow to x only, through a precomputed S^T."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, sparse: torch.Tensor, sparse_t: torch.Tensor) -> torch.Tensor:
+        ctx.sparse_t = sparse_t
+        with _quiet_sparse():
+            return torch.sparse.mm(sparse, flat.t()).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        with _quiet_sparse():
+            return torch.sparse.mm(ctx.sparse_t, grad.t().contiguous()).t(), None, None
+
+
 class LowRankSparseLinear(nn.Module):
     """y = x (U V + S)^T + b, with U (out x r), V (r x in) dense and S (out x in) in CSR form.
 
@@ -169,11 +184,26 @@ class LowRankSparseLinear(nn.Module):
         if self.nnz:
             # CPU sparse kernels (MKL) exist only for float32/float64: run half precision through float32.
             compute = torch.float32 if flat.device.type == "cpu" and flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
-            sparse_out = torch.sparse.mm(self.sparse_matrix(compute), flat.to(compute).t()).t()
+            sparse = self.sparse_matrix(compute)
+            if torch.is_grad_enabled() and flat.requires_grad:
+                sparse_out = _FrozenSparseMatmul.apply(flat.to(compute), sparse, self._transposed(sparse))
+            else:
+                sparse_out = torch.sparse.mm(sparse, flat.to(compute).t()).t()
             out = out + sparse_out.to(out.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
+
+    def _transposed(self, sparse: torch.Tensor) -> torch.Tensor:
+        """S^T in CSR, built once per factor tensor: the input gradient is S^T g, and letting autograd
+        transpose the CSR matrix on every backward costs orders of magnitude more (LoRA training)."""
+        key = (self.sparse_values.data_ptr(), self.sparse_values._version, sparse.dtype, sparse.device)
+        cached = getattr(self, "_transposed_cache", None)
+        if cached is None or cached[0] != key:
+            with _quiet_sparse():
+                cached = (key, sparse.t().to_sparse_csr())
+            self._transposed_cache = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return (

@@ -82,3 +82,15 @@ def test_from_csr_keeps_explicit_zeros_and_checks_arrays():
         LowRankSparseLinear.from_csr(u, v, rows, torch.tensor([2, 4]), torch.ones(2))
     with pytest.raises(ValueError, match="invalid CSR"):
         LowRankSparseLinear.from_csr(u, v, torch.tensor([0, 1, 1, 3]), cols, torch.ones(2))
+
+
+def test_input_gradient_through_the_sparse_part_matches_dense():
+    g = torch.Generator().manual_seed(4)
+    dense_s = torch.randn(9, 7, generator=g) * (torch.rand(9, 7, generator=g) < 0.4)
+    layer = LowRankSparseLinear.from_factors(torch.randn(9, 2, generator=g), torch.randn(2, 7, generator=g), dense_s)
+    x = torch.randn(3, 5, 7, generator=g, requires_grad=True)
+    layer(x).square().sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    (ref @ layer.dense_weight().t()).square().sum().backward()
+    assert torch.allclose(x.grad, ref.grad, atol=1e-4)
+    assert all(p.grad is None for p in layer.parameters())  # the factors stay frozen

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from .conftest import REPO
 
 # A model big enough that Stage 1 takes seconds (so a kill lands mid-run), built the same way in every process.
 BUILD = """
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(0)
@@ -86,3 +88,39 @@ def test_unreadable_cache_entry_is_recomputed(tmp_path):
     with torch.no_grad():
         assert torch.equal(reference(ids).logits, again(ids).logits)
     assert entry.stat().st_size > 100  # rewritten
+
+
+def test_cli_killed_while_writing_leaves_no_output_directory(dense_with_tokenizer, tmp_path):
+    """SIGKILL the command line the moment its staging directory appears: the target never exists half-written."""
+    out = tmp_path / "model"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "optimum_lrs.cli", "--quiet", "compress", str(dense_with_tokenizer),
+                             "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not list(tmp_path.glob(".model.partial-*")):
+        time.sleep(0.001)
+    assert proc.poll() is None, "the run ended before its output was being written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert [p.name.startswith(".model.partial-") for p in tmp_path.iterdir()] == [True]  # only the hidden staging dir
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, dense_checkpoint):
+    """Loading never unpickles: a compressed checkpoint must be safetensors."""
+    import json as _json
+
+    from transformers import AutoModelForCausalLM
+
+    from optimum_lrs import CheckpointError, LowRankSparseConfig
+
+    model = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=LowRankSparseConfig(param_ratio=0.5))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert _json.loads((tmp_path / "config.json").read_text())["model_type"] == "optimum_lrs"
+    with pytest.raises((CheckpointError, OSError, ValueError)) as err:
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "safetensors" in str(err.value)
