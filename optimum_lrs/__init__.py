@@ -11,7 +11,7 @@ from .lora import LowRankSparseLoraLinear, lora_target_modules, register_with_pe
 from .model_card import install_push_to_hub, model_card
 from .modeling import LRSModelForCausalLM
 from .optimum_quantizer import LRSQuantizer
-from .quantizer import LRSHfQuantizer, compress_, register
+from .quantizer import LRSHfQuantizer, compress_, register, set_sparse_format
 from .rpca import RPCAResult, robust_pca
 
 __version__ = "0.1.0"
@@ -34,4 +34,5 @@ __all__ = [
     "lora_target_modules",
     "model_card",
     "robust_pca",
+    "set_sparse_format",
 ]

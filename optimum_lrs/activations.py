@@ -31,9 +31,15 @@ def input_rms(model: nn.Module, modules: dict[str, nn.Linear], windows: torch.Te
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    # The decoder without the LM head when there is one: the head is never compressed, and its logits
+    # (batch x seq x vocab floats, 400 MB for SmolLM2 at 4 x 512) would dominate peak memory.
+    body = getattr(model, "base_model", model)
+    inside = {id(m) for m in body.modules()}
+    if not all(id(m) in inside for m in modules.values()):
+        body = model
     try:
         for start in progress(range(0, windows.shape[0], batch_size), desc="activation statistics", unit="batch"):
-            model(windows[start:start + batch_size])
+            body(windows[start:start + batch_size])
     finally:
         for h in handles:
             h.remove()

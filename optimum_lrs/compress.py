@@ -15,6 +15,7 @@ from . import stage1_cache
 from .activations import input_rms
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import kept_parameters
+from .allocation.uniform import max_rank as uniform_max_rank
 from .calibration import calibration_windows
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
@@ -101,7 +102,7 @@ def decompose(
     check_weight(name, module)
     weight = module.weight
     matrix = weight if column_scale is None else weight.detach().float() * column_scale.to(weight.device)
-    settings = [config.rpca_lambda, config.rpca_max_iter, config.rpca_tol, config.rpca_rho]
+    settings = [config.rpca_lambda, config.rpca_max_iter, config.rpca_tol, config.rpca_rho, config.rpca_solver]
     key = stage1_cache.cache_key(matrix, settings) if config.cache_dir else None
     result = stage1_cache.load(config.cache_dir, key, weight.device) if key else None
     if result is None:
@@ -130,25 +131,29 @@ def build_layer(
     root = rpca.s[rank_ids].sqrt()
     u = rpca.u[:, rank_ids] * root
     v = root[:, None] * rpca.vh[rank_ids]
-    flat = rpca.sparse.flatten()
-    kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.sparse_ids is None else keep.sparse_ids
     weight = source.weight.detach().float()
-    if config.sparse_selection != "allocation":
+    if config.sparse_selection == "allocation":
+        flat = rpca.sparse.flatten()
+        kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.sparse_ids is None else keep.sparse_ids
+    else:
         target = weight if scale is None else weight * scale
-        u, v, kept = alternating_refit(target, u, v, keep.nnz, config.refine_iterations, config.sparse_selection == "row")
+        u, v, kept = alternating_refit(target, u, v, keep.nnz, config.refine_iterations, config.sparse_selection == "row",
+                                       config.rpca_solver)
     if scale is not None:
         v = v / scale
-        flat = (rpca.sparse / scale).flatten()
+        if config.sparse_selection == "allocation":
+            flat = (rpca.sparse / scale).flatten()
     kept = kept.sort().values  # row-major order is CSR order
     if config.sparse_values == "residual" or config.sparse_selection != "allocation":
         flat = (weight - u @ v).flatten()
-    out_features, in_features = rpca.sparse.shape
+    out_features, in_features = candidates.out_features, candidates.in_features
     row_offsets = torch.zeros(out_features + 1, dtype=torch.long)
     row_offsets[1:] = torch.bincount(kept // in_features, minlength=out_features).cumsum(0)
     # Built from the kept positions, not from a dense matrix, so that a kept entry equal to 0 stays counted.
     bias = None if source.bias is None else source.bias.detach()
     return LowRankSparseLinear.from_csr(
-        u, v, row_offsets, kept % in_features, flat[kept], bias, dtype=config.factor_torch_dtype(source.weight.dtype)
+        u, v, row_offsets, kept % in_features, flat[kept], bias, dtype=config.factor_torch_dtype(source.weight.dtype),
+        sparse_format=config.sparse_format,
     )
 
 
@@ -196,10 +201,14 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
         )
     calibration = _calibration(model, config)
     scales = input_rms(model, targets, calibration) if config.activation_aware else {}
-    candidates = [
-        decompose(name, module, config, scales.get(name))
-        for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer")
-    ]
+    # Uniform allocation with re-picked sparse entries reads only S's size and the leading triplets, so
+    # the rest of each layer's pools (together about twice the weights) is freed as soon as it exists.
+    compact = config.allocation == "uniform" and config.sparse_selection != "allocation"
+    candidates = []
+    for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer"):
+        candidates.append(decompose(name, module, config, scales.get(name)))
+        if compact:
+            candidates[-1].compact(uniform_max_rank(candidates[-1], budget / dense))
     problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration)
     allocation = allocate(problem)
     kept = kept_parameters(problem, allocation)

@@ -14,6 +14,9 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .layer import SPARSE_FORMATS
+from .rpca import RPCA_SOLVERS
+
 QUANT_METHOD = "optimum_lrs"
 FORMAT_VERSION = 1
 
@@ -141,6 +144,14 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         rpca_lambda: weight of the L1 term; None means `1 / sqrt(max(m, n))` per matrix.
         rpca_max_iter, rpca_tol, rpca_rho: inexact-ALM iteration cap, stopping tolerance on
             `||W - L - S||_F / ||W||_F`, and the growth factor of the penalty mu.
+        rpca_solver: how each RPCA iteration thresholds singular values: `"gram"` (default) from the
+            eigendecomposition of the smaller Gram matrix, same iterates as `"svd"` (a full SVD per
+            iteration) to ~1e-5 and 2-3x faster on CPU (docs/performance.md).
+        sparse_format: how each compressed layer stores S's positions, in memory and in the checkpoint:
+            `"csr"` (default; column indices + row pointer, multiplied with torch's sparse kernels) or
+            `"bitmask"` (one bit per weight position: smallest when S is dense enough, e.g. 0.53x the
+            dense bytes at 50% in float32, but each forward rebuilds the dense weight, which suits long
+            inputs and not token-by-token decoding). docs/performance.md has the measurements.
         activation_aware: run Stage 1 on `W diag(d)`, d_j the RMS of input feature j over the calibration
             tokens, and score candidates in that space (the Wanda / OATS insight: an entry matters as
             much as the activation it multiplies); the factors are unscaled afterwards. On by default:
@@ -192,6 +203,8 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         rpca_max_iter: int = 50,
         rpca_tol: float = 1e-4,
         rpca_rho: float = 1.5,
+        rpca_solver: str = "gram",
+        sparse_format: str = "csr",
         activation_aware: bool = True,
         sparse_selection: str = "row",
         refine_iterations: int | None = None,
@@ -241,6 +254,12 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         self.rpca_max_iter = _check_int("rpca_max_iter", rpca_max_iter, 1)
         self.rpca_tol = _check_real("rpca_tol", rpca_tol, 0.0, 1.0, True, True)
         self.rpca_rho = _check_real("rpca_rho", rpca_rho, 1.0, math.inf, True, True)
+        if rpca_solver not in RPCA_SOLVERS:
+            _fail("rpca_solver", f"one of {RPCA_SOLVERS}", rpca_solver)
+        self.rpca_solver = rpca_solver
+        if sparse_format not in SPARSE_FORMATS:
+            _fail("sparse_format", f"one of {SPARSE_FORMATS}", sparse_format)
+        self.sparse_format = sparse_format
         if not isinstance(activation_aware, bool):
             _fail("activation_aware", "True or False", activation_aware)
         self.activation_aware = activation_aware

@@ -9,8 +9,33 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-# Tensor names inside a compressed layer; they are the checkpoint's key suffixes too (docs/checkpoint-format.md).
-FACTOR_NAMES = ("lowrank_u", "lowrank_v", "sparse_values", "sparse_col_indices", "sparse_row_offsets")
+# How S's positions are stored: CSR (column index per entry + row pointer) or a bitmask over all m x n
+# positions. Which is smaller depends on S's density and the value dtype (docs/checkpoint-format.md).
+SPARSE_FORMATS = ("csr", "bitmask")
+_INDEX_NAMES = {"csr": ("sparse_col_indices", "sparse_row_offsets"), "bitmask": ("sparse_bitmask",)}
+
+
+def factor_names(sparse_format: str) -> tuple[str, ...]:
+    """Tensor names inside a compressed layer of that format; they are the checkpoint's key suffixes too."""
+    return ("lowrank_u", "lowrank_v", "sparse_values", *_INDEX_NAMES[sparse_format])
+
+
+# Every name a compressed layer's tensor can have, whatever its format.
+FACTOR_NAMES = tuple(dict.fromkeys(n for f in SPARSE_FORMATS for n in factor_names(f)))
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool (m, n) mask as uint8 (m, ceil(n / 8)): column j is bit j % 8 (least significant first) of byte j // 8."""
+    rows, cols = mask.shape
+    padded = torch.nn.functional.pad(mask, (0, -cols % 8)).view(rows, -1, 8).to(torch.uint8)
+    return (padded << _BIT_SHIFTS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of `pack_bits`: a bool (m, cols) mask."""
+    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
+    return bits.view(packed.shape[0], -1)[:, :cols].bool()
 
 
 @contextlib.contextmanager
@@ -45,11 +70,15 @@ class _FrozenSparseMatmul(torch.autograd.Function):
 
 
 class LowRankSparseLinear(nn.Module):
-    """y = x (U V + S)^T + b, with U (out x r), V (r x in) dense and S (out x in) in CSR form.
+    """y = x (U V + S)^T + b, with U (out x r), V (r x in) dense and S (out x in) sparse.
 
-    S is kept as `sparse_values`, `sparse_col_indices` (narrowest integer dtype that indexes
-    `in_features`) and `sparse_row_offsets` (narrowest dtype that holds nnz). There is deliberately
-    no `.weight`: transformers, PEFT and accelerate treat a `.weight` as a dense matrix to load or cast.
+    S's non-zeros are `sparse_values` in row-major order. Their positions are, for `sparse_format="csr"`,
+    `sparse_col_indices` (narrowest integer dtype that indexes `in_features`) and `sparse_row_offsets`
+    (narrowest dtype that holds nnz), multiplied with torch's CSR kernels; for `"bitmask"`, one bit per
+    position in `sparse_bitmask`, the smallest layout when S is denser than ~1/16 (float32) but
+    multiplied by rebuilding the dense weight in each forward (fast for long inputs, slow for decoding).
+    There is deliberately no `.weight`: transformers, PEFT and accelerate treat a `.weight` as a dense
+    matrix to load or cast.
     """
 
     def __init__(
@@ -61,8 +90,11 @@ class LowRankSparseLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        sparse_format: str = "csr",
     ):
         super().__init__()
+        if sparse_format not in SPARSE_FORMATS:
+            raise ValueError(f"LowRankSparseLinear sparse_format must be one of {SPARSE_FORMATS}, got {sparse_format!r}")
         if min(in_features, out_features) < 1 or rank < 0 or nnz < 0:
             raise ValueError(
                 f"LowRankSparseLinear needs positive in/out features and non-negative rank and nnz, got "
@@ -72,16 +104,22 @@ class LowRankSparseLinear(nn.Module):
             raise ValueError(f"LowRankSparseLinear: nnz={nnz} exceeds {out_features}x{in_features} entries")
         self.in_features = in_features
         self.out_features = out_features
+        self.sparse_format = sparse_format
         factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         self.lowrank_u = nn.Parameter(torch.empty(out_features, rank, **factory), requires_grad=False)
         self.lowrank_v = nn.Parameter(torch.empty(rank, in_features, **factory), requires_grad=False)
         self.sparse_values = nn.Parameter(torch.empty(nnz, **factory), requires_grad=False)
-        self.register_buffer(
-            "sparse_col_indices", torch.empty(nnz, dtype=index_dtype_for(in_features - 1), device=device)
-        )
-        self.register_buffer(
-            "sparse_row_offsets", torch.empty(out_features + 1, dtype=index_dtype_for(nnz), device=device)
-        )
+        if sparse_format == "csr":
+            self.register_buffer(
+                "sparse_col_indices", torch.empty(nnz, dtype=index_dtype_for(in_features - 1), device=device)
+            )
+            self.register_buffer(
+                "sparse_row_offsets", torch.empty(out_features + 1, dtype=index_dtype_for(nnz), device=device)
+            )
+        else:
+            self.register_buffer(
+                "sparse_bitmask", torch.empty(out_features, -(-in_features // 8), dtype=torch.uint8, device=device)
+            )
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
 
     @classmethod
@@ -108,8 +146,10 @@ class LowRankSparseLinear(nn.Module):
         values: torch.Tensor,
         bias: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        sparse_format: str = "csr",
     ) -> LowRankSparseLinear:
-        """Build from U, V and S's CSR arrays (column indices ascending within each row)."""
+        """Build from U, V and S's CSR arrays (column indices strictly ascending within each row), stored
+        in `sparse_format`."""
         out_features, rank = lowrank_u.shape
         in_features = lowrank_v.shape[1]
         nnz = values.numel()
@@ -130,15 +170,57 @@ class LowRankSparseLinear(nn.Module):
         problem = layer.csr_problem()
         if problem:
             raise ValueError(f"invalid CSR arrays for a {out_features}x{in_features} matrix: {problem}")
+        return layer if sparse_format == "csr" else layer.with_sparse_format(sparse_format)
+
+    def with_sparse_format(self, sparse_format: str) -> LowRankSparseLinear:
+        """This layer with S's positions stored in `sparse_format` (the same tensors when it already is)."""
+        if sparse_format == self.sparse_format:
+            return self
+        factory = {"dtype": self.lowrank_u.dtype, "device": self.lowrank_u.device}
+        layer = type(self)(self.in_features, self.out_features, self.rank, self.nnz, self.bias is not None,
+                           sparse_format=sparse_format, **factory)
+        rows, cols = self.csr_arrays()
+        with torch.no_grad():
+            for name in ("lowrank_u", "lowrank_v", "sparse_values", "bias"):
+                if getattr(self, name) is not None:
+                    getattr(layer, name).copy_(getattr(self, name))
+            if sparse_format == "csr":
+                layer.sparse_col_indices.copy_(cols)
+                layer.sparse_row_offsets.copy_(rows)
+            else:
+                mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=cols.device)
+                row_ids = torch.repeat_interleave(torch.arange(self.out_features, device=cols.device), rows.long().diff())
+                mask[row_ids, cols.long()] = True
+                layer.sparse_bitmask.copy_(pack_bits(mask))
         return layer
 
+    def csr_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """S's row offsets and column indices (int64 for the bitmask format, stored dtypes for CSR)."""
+        if self.sparse_format == "csr":
+            return self.sparse_row_offsets, self.sparse_col_indices
+        mask = unpack_bits(self.sparse_bitmask, self.in_features)
+        rows = torch.zeros(self.out_features + 1, dtype=torch.long, device=mask.device)
+        rows[1:] = mask.sum(1).cumsum(0)
+        return rows, mask.nonzero()[:, 1]
+
     def csr_problem(self) -> str | None:
-        """Why the stored CSR arrays do not describe a valid sparse matrix, or None when they do."""
+        """Why the stored positions of S do not describe a valid sparse matrix, or None when they do."""
+        if self.sparse_format == "bitmask":
+            set_bits = int(unpack_bits(self.sparse_bitmask, self.sparse_bitmask.shape[1] * 8).sum())
+            if set_bits != self.nnz:
+                return f"sparse_bitmask sets {set_bits} bits, expected nnz={self.nnz} (padding bits must be 0)"
+            return None
         rows, cols = self.sparse_row_offsets.long(), self.sparse_col_indices.long()
         if int(rows[0]) != 0 or int(rows[-1]) != self.nnz or bool((rows[1:] < rows[:-1]).any()):
             return f"sparse_row_offsets must rise from 0 to nnz={self.nnz}"
         if self.nnz and (int(cols.min()) < 0 or int(cols.max()) >= self.in_features):
             return f"sparse_col_indices must lie in [0, {self.in_features})"
+        # Within a row the columns must strictly ascend: values are in row-major order (the bitmask format
+        # and the checkpoint format rely on it) and a repeated position would be counted twice.
+        new_row = torch.zeros(self.nnz, dtype=torch.bool, device=cols.device)
+        new_row[rows[:-1][rows[:-1] < self.nnz]] = True
+        if self.nnz > 1 and bool(((cols[1:] <= cols[:-1]) & ~new_row[1:]).any()):
+            return "sparse_col_indices must strictly ascend within each row"
         return None
 
     @property
@@ -162,10 +244,11 @@ class LowRankSparseLinear(nn.Module):
     def sparse_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """S as a torch CSR tensor (int32 indices, as the kernels want), optionally cast to `dtype`."""
         values = self.sparse_values if dtype is None else self.sparse_values.to(dtype)
+        rows, cols = self.csr_arrays()
         with _quiet_sparse():
             return torch.sparse_csr_tensor(
-                self.sparse_row_offsets.to(torch.int32),
-                self.sparse_col_indices.to(torch.int32),
+                rows.to(torch.int32),
+                cols.to(torch.int32),
                 values,
                 (self.out_features, self.in_features),
                 check_invariants=False,  # indices were validated when the layer was built or loaded
@@ -180,6 +263,8 @@ class LowRankSparseLinear(nn.Module):
             raise ValueError(f"LowRankSparseLinear expected last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(self.lowrank_u.dtype)
+        if self.sparse_format == "bitmask":
+            return torch.nn.functional.linear(flat, self._rebuilt_weight(), self.bias).reshape(*lead, self.out_features)
         out = (flat @ self.lowrank_v.t()) @ self.lowrank_u.t()
         if self.nnz:
             # CPU sparse kernels (MKL) exist only for float32/float64: run half precision through float32.
@@ -193,6 +278,13 @@ class LowRankSparseLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
+
+    def _rebuilt_weight(self) -> torch.Tensor:
+        """U V + S as a transient dense matrix, S scattered from the bitmask (values are in row-major order)."""
+        mask = unpack_bits(self.sparse_bitmask, self.in_features)
+        weight = torch.zeros(mask.shape, dtype=self.lowrank_u.dtype, device=mask.device)
+        weight.masked_scatter_(mask, self.sparse_values)
+        return weight.addmm_(self.lowrank_u, self.lowrank_v) if self.rank else weight
 
     def _transposed(self, sparse: torch.Tensor) -> torch.Tensor:
         """S^T in CSR, built once per factor tensor: the input gradient is S^T g, and letting autograd
@@ -208,5 +300,5 @@ class LowRankSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"nnz={self.nnz}, bias={self.bias is not None}"
+            f"nnz={self.nnz}, bias={self.bias is not None}, sparse_format={self.sparse_format}"
         )

@@ -25,7 +25,7 @@ from transformers.quantizers.auto import (
 from .checkpoint import assert_materialised, mark_compressed, replace_with_empty_layers
 from .compress import compress_model
 from .config import QUANT_METHOD, LowRankSparseConfig
-from .layer import LowRankSparseLinear
+from .layer import SPARSE_FORMATS, LowRankSparseLinear
 
 
 class LRSHfQuantizer(HfQuantizer):
@@ -102,6 +102,24 @@ def compress_(model: PreTrainedModel, config: LowRankSparseConfig) -> PreTrained
     quantizer.preprocess_model(model)
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
+    return model
+
+
+def set_sparse_format(model: PreTrainedModel, sparse_format: str) -> PreTrainedModel:
+    """Store every compressed layer's sparse positions as `sparse_format` ("csr" or "bitmask"), in place.
+
+    For example: load a CSR checkpoint, convert to "bitmask" and `save_pretrained` a smaller one; the
+    values and therefore the outputs do not change.
+    """
+    config = getattr(model.config, "quantization_config", None)
+    if not isinstance(config, LowRankSparseConfig):
+        raise ValueError("set_sparse_format expects a model compressed by optimum_lrs")
+    if sparse_format not in SPARSE_FORMATS:
+        raise ValueError(f"sparse_format must be one of {SPARSE_FORMATS}, got {sparse_format!r}")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankSparseLinear):
+            model.set_submodule(name, module.with_sparse_format(sparse_format))
+    config.sparse_format = sparse_format
     return model
 
 

@@ -4,6 +4,7 @@ import torch
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, robust_pca
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
 from optimum_lrs.allocation.base import kept_parameters
+from optimum_lrs.allocation.uniform import max_rank
 
 
 def candidates(shapes, seed=0):
@@ -47,6 +48,25 @@ def test_uniform_moves_slack_when_a_sparse_pool_runs_dry():
     result = allocate(problem)
     assert result["layer0"].nnz <= 10
     assert abs(kept_parameters(problem, result) - budget) <= 1e-3 * budget
+
+
+@pytest.mark.parametrize("dry", [False, True])
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 1.0])
+def test_uniform_never_exceeds_the_rank_compaction_keeps(ratio, fraction, dry):
+    """compress_model frees triplets beyond `max_rank` before uniform allocation: it must never want them,
+    even when a sparse pool runs dry and the layer's share goes to rank instead."""
+    cands = candidates(SHAPES)
+    if dry:
+        flat = cands[0].rpca.sparse.flatten()
+        flat[flat.abs().argsort()[10:]] = 0.0
+    budget = round(ratio * sum(m * n for m, n in SHAPES))
+    full = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, lowrank_fraction=fraction)))
+    for c in cands:
+        assert full[c.name].rank <= max_rank(c, budget / sum(m * n for m, n in SHAPES))
+        c.compact(max_rank(c, budget / sum(m * n for m, n in SHAPES)))
+    compacted = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, lowrank_fraction=fraction)))
+    assert {k: (a.rank, a.nnz) for k, a in compacted.items()} == {k: (a.rank, a.nnz) for k, a in full.items()}
 
 
 def test_budget_larger_than_candidate_pool_is_refused():

@@ -41,3 +41,19 @@ def test_residual_values_are_exact_on_the_support_and_never_worse(linear):
             csr = layer.sparse_matrix().to_dense() != 0
             assert torch.allclose(layer.dense_weight()[csr], linear.weight[csr], atol=1e-5)
     assert errors["residual"] < errors["rpca"]
+
+
+@pytest.mark.parametrize("selection", ["row", "matrix"])
+def test_compacting_the_pools_changes_nothing_when_entries_are_re_picked(linear, selection):
+    """Uniform allocation frees S's dense copy and unreachable triplets after Stage 1 (memory); the built
+    layer must not change."""
+    cfg = LowRankSparseConfig(sparse_selection=selection)
+    cands = decompose("x", linear, cfg)
+    pool = cands.sparse_pool
+    keep = LayerAllocation(3, 700)
+    before = build_layer(cands, keep, linear, cfg)
+    cands.compact(max_rank=5)
+    assert cands.rpca.sparse is None and cands.sparse_pool == pool > 700 and cands.rank_pool == 5
+    after = build_layer(cands, keep, linear, cfg)
+    for name, tensor in before.state_dict().items():
+        assert torch.equal(tensor, after.state_dict()[name]), name

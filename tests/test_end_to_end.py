@@ -196,3 +196,59 @@ def test_config_object_is_reusable(dense_checkpoint, input_ids):
     second = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
     assert cfg.compressed_modules is None and first.config.quantization_config.is_compressed
     assert torch.equal(logits(first, input_ids), logits(second, input_ids))
+
+
+def test_bitmask_layout_saves_smaller_and_reloads_identically(dense_checkpoint, input_ids, tmp_path):
+    """sparse_format="bitmask" (one bit per position) survives save / reload and beats CSR's bytes at 50%."""
+    models = {}
+    for fmt in ("csr", "bitmask"):
+        cfg = LowRankSparseConfig(param_ratio=0.5, sparse_format=fmt)
+        models[fmt] = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
+        models[fmt].save_pretrained(tmp_path / fmt, max_shard_size="40KB")
+    assert torch.allclose(logits(models["csr"], input_ids), logits(models["bitmask"], input_ids), atol=1e-5)
+    keys = {}
+    for fmt in models:
+        keys[fmt] = {k: v for shard in (tmp_path / fmt).glob("*.safetensors") for k, v in load_file(shard).items()}
+    names = compressed_layers(models["bitmask"])
+    assert all(f"{n}.sparse_bitmask" in keys["bitmask"] and f"{n}.sparse_col_indices" not in keys["bitmask"] for n in names)
+
+    def factor_bytes(fmt):
+        return sum(t.numel() * t.element_size() for k, t in keys[fmt].items() if k.rsplit(".", 1)[0] in names)
+
+    assert factor_bytes("bitmask") < factor_bytes("csr")
+    reloaded = LRSModelForCausalLM.from_pretrained(tmp_path / "bitmask")
+    assert all(m.sparse_format == "bitmask" for m in compressed_layers(reloaded).values())
+    assert torch.equal(logits(reloaded, input_ids), logits(models["bitmask"], input_ids))
+    assert reloaded.config.quantization_config.sparse_format == "bitmask"
+    # A bit set in the padding (a position outside the matrix) is refused on load, naming the shard.
+    name = next(iter(names))
+    shard = next(s for s in (tmp_path / "bitmask").glob("*.safetensors") if f"{name}.sparse_bitmask" in load_file(s))
+    tensors = load_file(shard)
+    mask = tensors[f"{name}.sparse_bitmask"]
+    cols = compressed_layers(reloaded)[name].in_features
+    if cols % 8:
+        mask[0, -1] |= 0x80
+    else:
+        mask[0, 0] ^= 1  # flips one position: the bit count no longer matches nnz
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=shard.name):
+        LRSModelForCausalLM.from_pretrained(tmp_path / "bitmask")
+
+
+def test_fast_solver_compresses_like_the_exact_one(dense_checkpoint, input_ids):
+    """The default rpca_solver="gram" (Gram eigendecomposition in RPCA, subspace iteration in the refits)
+    against "svd" end to end: same allocation, nearly the same layers and logits."""
+    models = {
+        solver: AutoModelForCausalLM.from_pretrained(
+            dense_checkpoint, quantization_config=LowRankSparseConfig(param_ratio=0.5, rpca_solver=solver))
+        for solver in ("gram", "svd")
+    }
+    fast, exact = (compressed_layers(models[s]) for s in ("gram", "svd"))
+    assert {n: (m.rank, m.nnz) for n, m in fast.items()} == {n: (m.rank, m.nnz) for n, m in exact.items()}
+    for name in fast:
+        w_fast, w_exact = fast[name].dense_weight(), exact[name].dense_weight()
+        assert torch.linalg.norm(w_fast - w_exact) < 0.05 * torch.linalg.norm(w_exact), name
+    dense = AutoModelForCausalLM.from_pretrained(dense_checkpoint)
+    ref = logits(dense, input_ids)
+    err = {s: torch.linalg.norm(logits(m, input_ids) - ref).item() for s, m in models.items()}
+    assert err["gram"] < 1.05 * err["svd"] + 1e-6, err

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from optimum_lrs import LowRankSparseLinear
-from optimum_lrs.layer import index_dtype_for
+from optimum_lrs.layer import index_dtype_for, pack_bits, unpack_bits
 
 
 def random_factors(out_f=48, in_f=40, rank=5, density=0.1, seed=0):
@@ -15,9 +15,12 @@ def random_factors(out_f=48, in_f=40, rank=5, density=0.1, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("x_shape", [(7, 40), (3, 5, 40)])
-def test_forward_matches_dense_formula(dtype, with_bias, x_shape):
+@pytest.mark.parametrize("sparse_format", ["csr", "bitmask"])
+def test_forward_matches_dense_formula(dtype, with_bias, x_shape, sparse_format):
     u, v, s, b = random_factors()
     layer = LowRankSparseLinear.from_factors(u, v, s, b if with_bias else None, dtype=dtype)
+    layer = layer.with_sparse_format(sparse_format)
+    assert layer.sparse_format == sparse_format
     x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     uq, vq, sq = (t.to(dtype).float() for t in (u, v, s))  # the same rounded factors, in float32
     expected = x.float() @ (uq @ vq + sq).t() + (b.to(dtype).float() if with_bias else 0)
@@ -84,13 +87,65 @@ def test_from_csr_keeps_explicit_zeros_and_checks_arrays():
         LowRankSparseLinear.from_csr(u, v, torch.tensor([0, 1, 1, 3]), cols, torch.ones(2))
 
 
-def test_input_gradient_through_the_sparse_part_matches_dense():
+@pytest.mark.parametrize("sparse_format", ["csr", "bitmask"])
+def test_input_gradient_through_the_sparse_part_matches_dense(sparse_format):
     g = torch.Generator().manual_seed(4)
     dense_s = torch.randn(9, 7, generator=g) * (torch.rand(9, 7, generator=g) < 0.4)
     layer = LowRankSparseLinear.from_factors(torch.randn(9, 2, generator=g), torch.randn(2, 7, generator=g), dense_s)
+    layer = layer.with_sparse_format(sparse_format)
     x = torch.randn(3, 5, 7, generator=g, requires_grad=True)
     layer(x).square().sum().backward()
     ref = x.detach().clone().requires_grad_(True)
     (ref @ layer.dense_weight().t()).square().sum().backward()
     assert torch.allclose(x.grad, ref.grad, atol=1e-4)
     assert all(p.grad is None for p in layer.parameters())  # the factors stay frozen
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(3, 1), (5, 8), (4, 13), (2, 64)])
+def test_bit_packing_round_trips(rows, cols):
+    mask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(cols)) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, -(-cols // 8))
+    assert torch.equal(unpack_bits(packed, cols), mask)
+    # Column j is bit j % 8 of byte j // 8, least significant bit first.
+    one = torch.zeros(1, 10, dtype=torch.bool)
+    one[0, 9] = True
+    assert pack_bits(one).tolist() == [[0, 2]]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_bitmask_layout_holds_the_same_matrix_in_fewer_bytes_when_dense(density):
+    u, v, s, b = random_factors(out_f=48, in_f=44, rank=3, density=density)
+    csr = LowRankSparseLinear.from_factors(u, v, s, b)
+    bitmask = csr.with_sparse_format("bitmask")
+    assert not hasattr(bitmask, "sparse_col_indices") and bitmask.sparse_bitmask.shape == (48, 6)
+    assert bitmask.csr_problem() is None and bitmask.nnz == csr.nnz
+    assert torch.equal(bitmask.dense_weight(), csr.dense_weight())
+    back = bitmask.with_sparse_format("csr")
+    assert torch.equal(back.sparse_col_indices, csr.sparse_col_indices)
+    assert torch.equal(back.sparse_row_offsets, csr.sparse_row_offsets)
+    index_bytes = {f: layer.nbytes - 4 * (3 * 92 + csr.nnz + 48) for f, layer in (("csr", csr), ("bitmask", bitmask))}
+    assert index_bytes["bitmask"] == 48 * 6
+    assert index_bytes["csr"] == 2 * csr.nnz + csr.sparse_row_offsets.element_size() * 49
+    # int16 columns: the bitmask wins above about one entry in 16 (row pointers aside).
+    if density in (0.0, 0.05):
+        assert index_bytes["csr"] < index_bytes["bitmask"] * (1.2 if density else 1)
+    else:
+        assert index_bytes["bitmask"] < index_bytes["csr"] / 4
+
+
+def test_bitmask_with_a_wrong_bit_count_is_reported():
+    u, v, s, _ = random_factors(out_f=6, in_f=12, density=0.3)
+    layer = LowRankSparseLinear.from_factors(u, v, s).with_sparse_format("bitmask")
+    layer.sparse_bitmask[0, 1] |= 0x80  # a padding bit (column 15 of a 12-column matrix)
+    assert "sets" in layer.csr_problem()
+
+
+def test_csr_columns_must_ascend_within_a_row():
+    u, v = torch.randn(2, 1), torch.randn(1, 4)
+    with pytest.raises(ValueError, match="strictly ascend"):
+        LowRankSparseLinear.from_csr(u, v, torch.tensor([0, 2, 3]), torch.tensor([3, 1, 0]), torch.ones(3))
+    with pytest.raises(ValueError, match="strictly ascend"):  # a repeated position
+        LowRankSparseLinear.from_csr(u, v, torch.tensor([0, 2, 2]), torch.tensor([1, 1]), torch.ones(2))
+    # A new row may start at a smaller column.
+    LowRankSparseLinear.from_csr(u, v, torch.tensor([0, 1, 2]), torch.tensor([3, 0]), torch.ones(2))

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import robust_pca
-from optimum_lrs.rpca import alternating_refit, default_lambda, largest_entries
+from optimum_lrs.rpca import alternating_refit, best_low_rank, default_lambda, largest_entries
 
 
 def planted(m: int, n: int, rank: int, density: float, seed: int = 0):
@@ -16,16 +16,58 @@ def planted(m: int, n: int, rank: int, density: float, seed: int = 0):
     return low, sparse.view(m, n)
 
 
+@pytest.mark.parametrize("solver", ["gram", "svd"])
 @pytest.mark.parametrize(("m", "n"), [(120, 90), (90, 120)])
-def test_recovers_planted_low_rank_plus_sparse(m, n):
+def test_recovers_planted_low_rank_plus_sparse(m, n, solver):
     low, sparse = planted(m, n, rank=4, density=0.05)
-    res = robust_pca(low + sparse, tol=1e-6, max_iter=200)
+    res = robust_pca(low + sparse, tol=1e-6, max_iter=200, solver=solver)
     assert res.converged and res.residual < 1e-6
     assert res.rank == 4
     assert torch.linalg.matrix_norm(res.low_rank - low) / torch.linalg.matrix_norm(low) < 1e-4
     assert torch.linalg.matrix_norm(res.sparse - sparse) / torch.linalg.matrix_norm(sparse) < 1e-4
     support = sparse != 0
     assert torch.equal(res.sparse.abs() > 1e-3, support)
+
+
+def weight_like(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A trained-weight-like matrix: power-law spectrum over four decades plus a few large outliers."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    left, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+    right, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+    w = (left * torch.logspace(0, -4, k)) @ right.t()
+    outliers = torch.randperm(m * n, generator=g)[: m * n // 200]
+    w.view(-1)[outliers] += 0.05 * torch.randn(outliers.numel(), generator=g)
+    return w
+
+
+@pytest.mark.parametrize(("m", "n"), [(192, 64), (64, 192), (96, 96)])
+def test_gram_solver_follows_the_svd_solver(m, n):
+    """The fast path (eigendecomposition of the Gram matrix) must give the exact solver's split."""
+    w = weight_like(m, n)
+    exact = robust_pca(w, solver="svd")
+    fast = robust_pca(w, solver="gram")
+    assert exact.converged and fast.converged
+    # Squaring in the Gram matrix blurs singular values below ~sqrt(eps) sigma_max: with four decades of
+    # spectrum a few tiny triplets near the threshold come and go, nothing else moves.
+    assert abs(fast.iterations - exact.iterations) <= 1
+    def significant(res):
+        return int((res.s > 1e-3 * exact.s[0]).sum())
+
+    assert significant(fast) == significant(exact) > 5
+    scale = torch.linalg.matrix_norm(w)
+    assert torch.linalg.matrix_norm(fast.low_rank - exact.low_rank) / scale < 5e-4
+    assert torch.linalg.matrix_norm(fast.sparse - exact.sparse) / scale < 5e-4
+    top = significant(exact)
+    assert torch.allclose(fast.s[:top], exact.s[:top], rtol=1e-2, atol=1e-4 * exact.s[0].item())
+    # The significant triplets are orthonormal singular vectors, not only a product that reconstructs L.
+    u, vh, eye = fast.u[:, :top], fast.vh[:top], torch.eye(top)
+    assert torch.allclose(u.t() @ u, eye, atol=1e-3) and torch.allclose(vh @ vh.t(), eye, atol=1e-3)
+
+
+def test_unknown_solver_is_refused():
+    with pytest.raises(ValueError, match="solver must be one of"):
+        robust_pca(torch.ones(3, 3), solver="qr")
 
 
 def test_residual_below_tol_and_factorisation_consistent():
@@ -83,6 +125,21 @@ def test_alternating_refit_never_increases_the_error():
         return torch.linalg.matrix_norm(target - u @ v - s.view(40, 30)).item()
 
     for per_row in (False, True):
-        errors = [error(*alternating_refit(target, u0, v0, 120, it, per_row)) for it in range(4)]
-        assert all(b <= a + 1e-4 for a, b in zip(errors, errors[1:])), errors
-        assert errors[-1] < 0.8 * errors[0]
+        for solver in ("svd", "gram"):
+            errors = [error(*alternating_refit(target, u0, v0, 120, it, per_row, solver)) for it in range(4)]
+            assert all(b <= a + 1e-4 for a, b in zip(errors, errors[1:])), errors
+            assert errors[-1] < 0.8 * errors[0]
+
+
+@pytest.mark.parametrize(("m", "n", "rank"), [(200, 120, 5), (120, 200, 20), (96, 96, 40), (64, 64, 0)])
+def test_fast_best_low_rank_is_as_good_as_the_svd(m, n, rank):
+    """The subspace-iteration path (small ranks) and the Gram path (large ones) against a full SVD."""
+    w = weight_like(m, n, seed=rank)
+    exact_u, exact_v = best_low_rank(w, rank, solver="svd")
+    best = torch.linalg.matrix_norm(w - exact_u @ exact_v)
+    # Cold start and warm start from a perturbed optimum.
+    warm = exact_v + 0.1 * torch.randn(exact_v.shape, generator=torch.Generator().manual_seed(1))
+    for start in (None, warm):
+        u, v = best_low_rank(w, rank, warm=start, solver="gram")
+        assert u.shape == (m, rank) and v.shape == (rank, n)
+        assert torch.linalg.matrix_norm(w - u @ v) <= best * (1 + 1e-3) + 1e-6

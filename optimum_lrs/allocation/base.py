@@ -30,6 +30,7 @@ class LayerCandidates:
     in_features: int
     rpca: RPCAResult
     column_scale: torch.Tensor | None = None
+    _sparse_count: int = field(default=-1, init=False, repr=False)  # set by drop_sparse_values
 
     @property
     def rank_cost(self) -> int:
@@ -45,7 +46,18 @@ class LayerCandidates:
 
     @property
     def sparse_pool(self) -> int:
+        if self.rpca.sparse is None:
+            return self._sparse_count
         return int((self.rpca.sparse != 0).sum().item())
+
+    def compact(self, max_rank: int) -> None:
+        """Free what a pool-sizing allocator (uniform) with re-picked sparse entries never reads: S's dense
+        storage (its non-zero count is kept) and the triplets beyond the first `max_rank`."""
+        self._sparse_count = self.sparse_pool
+        self.rpca.sparse = None
+        if max_rank < self.rpca.rank:
+            r = self.rpca
+            r.u, r.s, r.vh = r.u[:, :max_rank].clone(), r.s[:max_rank].clone(), r.vh[:max_rank].clone()
 
     def energy_scores(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared error each candidate removes per parameter, relative to the layer's energy ||W||_F^2.

@@ -26,6 +26,12 @@ def _fill(c: LayerCandidates, share: int, lowrank_fraction: float) -> LayerAlloc
     return LayerAllocation(rank, nnz)
 
 
+def max_rank(c: LayerCandidates, ratio: float) -> int:
+    """The most triplets `allocate_uniform` can give this layer at `ratio`: its share (plus the one-parameter
+    rounding remainder) spent on rank alone. Triplets beyond it can be freed after Stage 1."""
+    return -(-(int(ratio * c.dense_params) + 1) // c.rank_cost)
+
+
 @register_allocator("uniform")
 def allocate_uniform(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     ratio = problem.budget / problem.dense_params
