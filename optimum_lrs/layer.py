@@ -20,6 +20,11 @@ def factor_names(sparse_format: str) -> tuple[str, ...]:
     return ("lowrank_u", "lowrank_v", "sparse_values", *_INDEX_NAMES[sparse_format])
 
 
+# From this many input rows (tokens) on, a CSR layer multiplies by a transiently rebuilt dense weight
+# instead of running torch's CSR kernel: at ~40% density the kernel costs 3-4x a dense matmul for 512
+# tokens but the rebuild ~1.6-2x, while for 64 tokens the kernel is ahead (docs/performance.md).
+DENSE_REBUILD_TOKENS = 256
+
 # Every name a compressed layer's tensor can have, whatever its format.
 FACTOR_NAMES = tuple(dict.fromkeys(n for f in SPARSE_FORMATS for n in factor_names(f)))
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -70,11 +75,13 @@ class _FrozenSparseMatmul(torch.autograd.Function):
 
 
 class LowRankSparseLinear(nn.Module):
-    """y = x (U V + S)^T + b, with U (out x r), V (r x in) dense and S (out x in) sparse.
+    """y = x (U V + S)^T + b, with U (out x r), V (r x in) dense and S (out x in) sparse; the dense weight
+    is never stored, only rebuilt transiently inside a forward over many tokens.
 
     S's non-zeros are `sparse_values` in row-major order. Their positions are, for `sparse_format="csr"`,
     `sparse_col_indices` (narrowest integer dtype that indexes `in_features`) and `sparse_row_offsets`
-    (narrowest dtype that holds nnz), multiplied with torch's CSR kernels; for `"bitmask"`, one bit per
+    (narrowest dtype that holds nnz), multiplied with torch's CSR kernels below `DENSE_REBUILD_TOKENS`
+    input rows and through a rebuilt dense weight from there on; for `"bitmask"`, one bit per
     position in `sparse_bitmask`, the smallest layout when S is denser than ~1/16 (float32) but
     multiplied by rebuilding the dense weight in each forward (fast for long inputs, slow for decoding).
     There is deliberately no `.weight`: transformers, PEFT and accelerate treat a `.weight` as a dense
@@ -263,7 +270,7 @@ class LowRankSparseLinear(nn.Module):
             raise ValueError(f"LowRankSparseLinear expected last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(self.lowrank_u.dtype)
-        if self.sparse_format == "bitmask":
+        if self.sparse_format == "bitmask" or flat.shape[0] >= DENSE_REBUILD_TOKENS:
             return torch.nn.functional.linear(flat, self._rebuilt_weight(), self.bias).reshape(*lead, self.out_features)
         out = (flat @ self.lowrank_v.t()) @ self.lowrank_u.t()
         if self.nnz:
@@ -280,10 +287,14 @@ class LowRankSparseLinear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
     def _rebuilt_weight(self) -> torch.Tensor:
-        """U V + S as a transient dense matrix, S scattered from the bitmask (values are in row-major order)."""
-        mask = unpack_bits(self.sparse_bitmask, self.in_features)
-        weight = torch.zeros(mask.shape, dtype=self.lowrank_u.dtype, device=mask.device)
-        weight.masked_scatter_(mask, self.sparse_values)
+        """U V + S as a transient dense matrix (values are in row-major order in both layouts)."""
+        weight = torch.zeros(self.out_features, self.in_features, dtype=self.lowrank_u.dtype, device=self.lowrank_u.device)
+        if self.sparse_format == "bitmask":
+            weight.masked_scatter_(unpack_bits(self.sparse_bitmask, self.in_features), self.sparse_values)
+        elif self.nnz:
+            rows = torch.repeat_interleave(torch.arange(self.out_features, device=weight.device),
+                                           self.sparse_row_offsets.long().diff())
+            weight[rows, self.sparse_col_indices.long()] = self.sparse_values
         return weight.addmm_(self.lowrank_u, self.lowrank_v) if self.rank else weight
 
     def _transposed(self, sparse: torch.Tensor) -> torch.Tensor:

@@ -359,3 +359,35 @@ def test_cli_report_on_a_damaged_checkpoint_exits_1_naming_the_file(copy):
     assert code == 1
     assert f"optimum-lrs report: failed: {shard}" in err
     assert not (copy / "plot.png").exists()
+
+
+@pytest.mark.parametrize("damage", ["both layouts", "bitmask shape", "bitmask dtype"])
+def test_inconsistent_bitmask_tensors_are_refused_from_the_headers(copy, damage):
+    """A layer holds either CSR arrays or a bitmask of (out, ceil(in / 8)) uint8; anything else is refused."""
+    key = f"{LAYER}.sparse_bitmask"
+    shard_name = weight_map(copy)[f"{LAYER}.sparse_col_indices"]
+    tensors = load_file(copy / shard_name)
+    if damage != "both layouts":  # turn the layer into a bitmask layer with a malformed bitmask
+        del tensors[f"{LAYER}.sparse_col_indices"]
+        rows_shard = weight_map(copy)[f"{LAYER}.sparse_row_offsets"]
+        if rows_shard == shard_name:
+            del tensors[f"{LAYER}.sparse_row_offsets"]
+        else:
+            other = load_file(copy / rows_shard)
+            del other[f"{LAYER}.sparse_row_offsets"]
+            save_file(other, copy / rows_shard, metadata={"format": "pt"})
+    shape, dtype = {"both layouts": ((160, 8), torch.uint8), "bitmask shape": ((160, 9), torch.uint8),
+                    "bitmask dtype": ((160, 8), torch.int16)}[damage]
+    tensors[key] = torch.zeros(shape, dtype=dtype)
+    save_file(tensors, copy / shard_name, metadata={"format": "pt"})
+
+    def relist(data):
+        data["weight_map"][key] = shard_name
+        if damage != "both layouts":
+            del data["weight_map"][f"{LAYER}.sparse_col_indices"], data["weight_map"][f"{LAYER}.sparse_row_offsets"]
+
+    edit_json(copy / INDEX, relist)
+    message = {"both layouts": "has both a bitmask and CSR arrays", "bitmask shape": "sparse_bitmask is",
+               "bitmask dtype": "sparse_bitmask is"}[damage]
+    with pytest.raises(CheckpointError, match=names(LAYER, message)):
+        AutoModelForCausalLM.from_pretrained(copy)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from optimum_lrs import LowRankSparseLinear
-from optimum_lrs.layer import index_dtype_for, pack_bits, unpack_bits
+from optimum_lrs.layer import DENSE_REBUILD_TOKENS, index_dtype_for, pack_bits, unpack_bits
 
 
 def random_factors(out_f=48, in_f=40, rank=5, density=0.1, seed=0):
@@ -14,7 +14,7 @@ def random_factors(out_f=48, in_f=40, rank=5, density=0.1, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("x_shape", [(7, 40), (3, 5, 40)])
+@pytest.mark.parametrize("x_shape", [(7, 40), (3, 5, 40), (2, DENSE_REBUILD_TOKENS, 40)])
 @pytest.mark.parametrize("sparse_format", ["csr", "bitmask"])
 def test_forward_matches_dense_formula(dtype, with_bias, x_shape, sparse_format):
     u, v, s, b = random_factors()
@@ -30,12 +30,13 @@ def test_forward_matches_dense_formula(dtype, with_bias, x_shape, sparse_format)
     assert torch.allclose(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
-def test_forward_does_not_touch_dense_weight(monkeypatch):
+def test_short_inputs_use_the_sparse_kernel_not_a_dense_weight(monkeypatch):
     u, v, s, _ = random_factors()
     layer = LowRankSparseLinear.from_factors(u, v, s)
     monkeypatch.setattr(LowRankSparseLinear, "dense_weight", lambda self: pytest.fail("forward densified W"))
     monkeypatch.setattr(torch.Tensor, "to_dense", lambda self, *a, **k: pytest.fail("forward densified S"))
-    layer(torch.randn(2, 40))
+    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight", lambda self: pytest.fail("forward rebuilt W"))
+    layer(torch.randn(DENSE_REBUILD_TOKENS - 1, 40))
 
 
 def test_counts_dtypes_and_no_weight_attribute():

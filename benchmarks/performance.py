@@ -1,0 +1,375 @@
+"""Issue 5's measurements: RPCA cost, whole-pipeline time and memory, bytes, inference latency, scaling.
+
+Every figure is printed next to its comparison point measured in the same run (a full SVD, llm-compressor
+SparseGPT, the dense model), because absolute times on shared machines drift while ratios hold.
+Name one or more parts (or `all`); results are merged into OUT/performance.json (default docs/performance/).
+
+    python benchmarks/performance.py rpca --threads 2
+    python benchmarks/performance.py pipeline --threads 2 --peer-python /tmp/peervenv/bin/python
+    python benchmarks/performance.py bytes kernels inference --threads 2
+    python benchmarks/performance.py scaling --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import c4_texts, header, load_smollm2
+from safetensors.torch import save_file
+
+from optimum_lrs import LowRankSparseConfig, compress_, robust_pca
+from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
+from optimum_lrs.calibration import calibration_windows
+from optimum_lrs.checkpoint import read_headers
+from optimum_lrs.layer import LowRankSparseLinear
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(fn, repeats: int = 3) -> tuple[float, object]:
+    """Median wall seconds of `repeats` calls after one warm-up call, and the last result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM, bytes)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rpca_part(args) -> dict:
+    """Default RPCA (gram solver) and the exact one (SVD per iteration) vs one full SVD, per distinct shape."""
+    model, _ = load_smollm2()
+    layers = [model.model.layers[i] for i in (0, 15, 29)]
+    shapes = {}
+    for layer in layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
+            shapes.setdefault(tuple(module.weight.shape), []).append(module.weight.detach().float())
+    rows = []
+    print("| shape | full SVD ms | RPCA gram ms | ratio | RPCA svd ms | ratio | iterations | residual | rank | dL gram vs svd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape, mats in shapes.items():
+        for w in mats:
+            svd_s, _ = timed(lambda w=w: torch.linalg.svd(w, full_matrices=False))
+            gram_s, fast = timed(lambda w=w: robust_pca(w, solver="gram"), repeats=1)
+            exact_s, exact = timed(lambda w=w: robust_pca(w, solver="svd"), repeats=1)
+            diff = (torch.linalg.matrix_norm(fast.low_rank - exact.low_rank) / torch.linalg.matrix_norm(w)).item()
+            row = {"shape": list(shape), "svd_ms": 1e3 * svd_s, "gram_ms": 1e3 * gram_s, "exact_ms": 1e3 * exact_s,
+                   "gram_ratio": gram_s / svd_s, "exact_ratio": exact_s / svd_s, "iterations": fast.iterations,
+                   "residual": fast.residual, "rank": fast.rank, "lowrank_diff": diff}
+            rows.append(row)
+            print(f"| {shape[0]}x{shape[1]} | {row['svd_ms']:.1f} | {row['gram_ms']:.0f} | {row['gram_ratio']:.1f}x | "
+                  f"{row['exact_ms']:.0f} | {row['exact_ratio']:.1f}x | {fast.iterations} | {fast.residual:.1e} | "
+                  f"{fast.rank} | {diff:.1e} |", flush=True)
+    return {"rows": rows}
+
+
+def calibration_ids(tokenizer, num: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    return calibration_windows(c4_texts(), tokenizer, seq_len, num, seed, vocab_size=tokenizer.vocab_size + 1000)
+
+
+def _compress_child(args) -> None:
+    """Runs in a fresh process: load, compress with the default config, save; print wall and peak RSS."""
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_smollm2()
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    load_rss = peak_rss()
+    config = LowRankSparseConfig(param_ratio=args.ratio, allocation=args.allocation, calibration_data=c4_texts(),
+                                 tokenizer=tokenizer)
+    start = time.perf_counter()
+    compress_(model, config)  # drops the GGUF loader's quantizer, so that the result saves as optimum_lrs
+    seconds = time.perf_counter() - start
+    if args.save:
+        model.save_pretrained(args.save)
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss(), "rss_after_load_bytes": load_rss,
+                      "dense_bytes": dense_bytes}))
+
+
+def _child_json(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pipeline_part(args) -> dict:
+    """Whole compression at `--ratio` in a fresh process per method (peak RSS is per process), vs SparseGPT."""
+    results = {}
+    out_dir = Path(args.model_dir)
+    for allocation in args.allocations:
+        cmd = [sys.executable, __file__, "_compress", "--threads", str(args.threads), "--ratio", str(args.ratio),
+               "--allocation", allocation]
+        if allocation == args.allocations[0]:
+            cmd += ["--save", str(out_dir)]
+        results[allocation] = _child_json(cmd)
+        print(f"optimum-lrs {allocation}: {json.dumps(results[allocation])}", flush=True)
+    if args.peer_python:
+        _, tokenizer = load_smollm2()
+        ids = calibration_windows(c4_texts(), tokenizer, 512, 32, 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
+            results["sparsegpt"] = _child_json([
+                args.peer_python, str(HERE / "peer_llmcompressor.py"), "--method", "sparsegpt", "--sparsity",
+                str(1 - args.ratio), "--calibration", f"{tmp}/calib.safetensors", "--output", f"{tmp}/w.safetensors",
+                "--threads", str(args.threads)])
+        print(f"llm-compressor sparsegpt: {json.dumps(results['sparsegpt'])}", flush=True)
+    dense = next(iter(results.values()))["dense_bytes"]
+    print("\n| method | wall s | vs SparseGPT | peak RSS GiB | peak RSS / dense bytes |\n|---|---|---|---|---|")
+    peer = results.get("sparsegpt", {}).get("seconds")
+    for name, r in results.items():
+        ratio = f"{r['seconds'] / peer:.2f}x" if peer else "-"
+        print(f"| {name} | {r['seconds']:.0f} | {ratio} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+              f"{r['peak_rss_bytes'] / dense:.2f}x |")
+    return results
+
+
+def _compressed_bytes(model) -> tuple[int, int]:
+    """In-memory bytes of the compressed layers' weight tensors (indices included, bias excluded as the
+    dense weight has none) and the bytes of the dense weights they replace, in the same dtype."""
+    layers = [m for m in model.modules() if isinstance(m, LowRankSparseLinear)]
+    held = sum(m.nbytes - (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0) for m in layers)
+    dense = sum(m.in_features * m.out_features * m.lowrank_u.element_size() for m in layers)
+    return held, dense
+
+
+def _saved_bytes(model, directory: Path) -> int:
+    """Bytes of the compressed layers' tensors in a `save_pretrained` checkpoint (from the headers)."""
+    model.save_pretrained(directory)
+    layers = {n for n, m in model.named_modules() if isinstance(m, LowRankSparseLinear)}
+    headers = read_headers([str(f) for f in directory.glob("*.safetensors")])
+    return sum(math.prod(info.shape) * torch.empty(0, dtype=info.dtype).element_size()
+               for key, info in headers.items() if key.rsplit(".", 1)[0] in layers and not key.endswith(".bias"))
+
+
+def bytes_part(model_dir: Path) -> dict:
+    """Saved and in-memory bytes of the compressed layers in both sparse formats vs the dense layers' bytes."""
+    from optimum_lrs import LRSModelForCausalLM, set_sparse_format
+
+    result = {}
+    print("| sparse_format | in memory MiB | / dense | saved MiB | / dense |\n|---|---|---|---|---|")
+    for fmt in ("csr", "bitmask"):
+        model = set_sparse_format(LRSModelForCausalLM.from_pretrained(model_dir), fmt)
+        held, dense = _compressed_bytes(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = _saved_bytes(model, Path(tmp))
+        result[fmt] = {"in_memory_bytes": held, "saved_bytes": saved, "dense_bytes": dense,
+                       "in_memory_ratio": held / dense, "saved_ratio": saved / dense}
+        print(f"| {fmt} | {held / 2**20:.1f} | {held / dense:.3f} | {saved / 2**20:.1f} | {saved / dense:.3f} |", flush=True)
+    print(f"(dense layers: {dense / 2**20:.1f} MiB)")
+    return result
+
+
+def inference_part(args, model_dir: Path) -> dict:
+    """Prefill of 512 tokens and greedy decoding of 64 tokens with `generate`, batch 1 and 8, dense vs compressed.
+
+    The two models alternate within each repeat so that drift on a shared machine hits both alike.
+    """
+    from optimum_lrs import LRSModelForCausalLM, set_sparse_format
+
+    dense, tokenizer = load_smollm2()
+    models = {"dense": dense.eval(), "csr": LRSModelForCausalLM.from_pretrained(model_dir).eval(),
+              "bitmask": set_sparse_format(LRSModelForCausalLM.from_pretrained(model_dir), "bitmask").eval()}
+    ids = calibration_ids(tokenizer, 8, 512, seed=1)
+    cases = [("prefill 512", b) for b in (1, 8)] + [("decode 64", b) for b in (1, 8)]
+    results = []
+    print("\n| case | batch | dense s | csr s | ratio | bitmask s | ratio |\n|---|---|---|---|---|---|---|")
+    for case, batch in cases:
+        times = {name: [] for name in models}
+        for _ in range(args.repeats + 1):  # the first round warms up and is dropped
+            for name, model in models.items():
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    if case.startswith("prefill"):
+                        model(ids[:batch])
+                    else:
+                        model.generate(ids[:batch, :16], max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                       pad_token_id=tokenizer.eos_token_id)
+                    times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t[1:]) for name, t in times.items()}
+        results.append({"case": case, "batch": batch, **med, "csr_ratio": med["csr"] / med["dense"],
+                        "bitmask_ratio": med["bitmask"] / med["dense"]})
+        print(f"| {case} | {batch} | {med['dense']:.3f} | {med['csr']:.3f} | {med['csr'] / med['dense']:.2f}x | "
+              f"{med['bitmask']:.3f} | {med['bitmask'] / med['dense']:.2f}x |", flush=True)
+    return {"rows": results}
+
+
+def kernels_part(args) -> dict:
+    """One layer of each SmolLM2 shape at the 50% default split (rank share 0.2, S ~40% dense, random
+    positions): dense `F.linear` vs the CSR and bitmask layers, and the CSR forward's parts, by token count."""
+    rows = []
+    print("| shape | tokens | dense us | csr | bitmask | csr parts: S x (spmm) | low-rank | building the CSR tensor |")
+    print("|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for m, n in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
+        weight = torch.randn(m, n, generator=g)
+        share = m * n // 2
+        rank = int(0.2 * share) // (m + n)
+        nnz = share - rank * (m + n)
+        keep = torch.zeros(m * n, dtype=torch.bool)
+        keep[torch.randperm(m * n, generator=g)[:nnz]] = True
+        csr = LowRankSparseLinear.from_factors(torch.randn(m, rank, generator=g), torch.randn(rank, n, generator=g),
+                                               weight * keep.view(m, n))
+        bitmask = csr.with_sparse_format("bitmask")
+        sparse = csr.sparse_matrix()
+        for tokens in (1, 8, 64, 512, 4096):
+            x = torch.randn(tokens, n, generator=g)
+            with torch.inference_mode():
+                t = {name: timed(fn, repeats=10)[0] * 1e6 for name, fn in {
+                    "dense": lambda x=x, w=weight: torch.nn.functional.linear(x, w),
+                    "csr": lambda x=x, layer=csr: layer(x),
+                    "bitmask": lambda x=x, layer=bitmask: layer(x),
+                    "spmm": lambda x=x, s=sparse: torch.sparse.mm(s, x.t()),
+                    "lowrank": lambda x=x, layer=csr: (x @ layer.lowrank_v.t()) @ layer.lowrank_u.t(),
+                    "build": lambda layer=csr: layer.sparse_matrix(),
+                }.items()}
+            rows.append({"shape": [m, n], "tokens": tokens, **t})
+            d = t["dense"]
+            print(f"| {m}x{n} | {tokens} | {d:.0f} | {t['csr'] / d:.2f}x | {t['bitmask'] / d:.2f}x | {t['spmm'] / d:.2f}x | "
+                  f"{t['lowrank'] / d:.2f}x | {t['build'] / d:.2f}x |", flush=True)
+    return {"rows": rows}
+
+
+def _weight_like(n: int, seed: int) -> torch.Tensor:
+    """A square matrix with a trained weight's shape of spectrum (power law) plus sparse outliers."""
+    g = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    right, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    w = (left * torch.arange(1, n + 1).float().pow(-0.5)) @ right.t()
+    idx = torch.randperm(n * n, generator=g)[: n * n // 100]
+    w.view(-1)[idx] += 3 * w.std() * torch.randn(idx.numel(), generator=g)
+    return w
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares power law y = a x^b in log space; returns (a, b)."""
+    lx, ly = torch.tensor(xs).log(), torch.tensor(ys).log()
+    b = ((lx - lx.mean()) * (ly - ly.mean())).sum() / (lx - lx.mean()).square().sum()
+    return math.exp(ly.mean() - b * lx.mean()), b.item()
+
+
+def scaling_part(args) -> dict:
+    """RPCA time vs width (n x n, 512..4096) and allocation time vs layer count; a 7B projection.
+
+    Full RPCA runs up to 2048 give the iteration counts and the cost of a whole iteration relative to its
+    singular value thresholding step; at every size that step and the final re-orthonormalisation are
+    timed on their own, so that 4096 is projected from measured parts without a long run.
+    """
+    from optimum_lrs.rpca import _orthonormal_triplets, _svt
+
+    rows = []
+    print("\n| n | full SVD s | one iteration s | final step s | iterations | RPCA s | RPCA / SVD |\n|---|---|---|---|---|---|---|")
+    for n in (512, 1024, 2048, 4096):
+        w = _weight_like(n, 0)
+        svd_s, _ = timed(lambda w=w: torch.linalg.svd(w, full_matrices=False), repeats=1 if n >= 2048 else 3)
+        tau = 1e-3 * torch.linalg.matrix_norm(w, ord=2).item()
+        step_s, triplets = timed(lambda w=w, tau=tau: _svt(w, tau, "gram"), repeats=1 if n >= 2048 else 3)
+        final_s, _ = timed(lambda t=triplets: _orthonormal_triplets(*t), repeats=1)
+        if n <= 2048:
+            start = time.perf_counter()
+            iters = robust_pca(w).iterations
+            total = time.perf_counter() - start
+        else:  # whole iterations cost more than their thresholding step: scale by the largest measured size's ratio
+            last = rows[-1]
+            overhead = (last["rpca_s"] - last["final_s"]) / (last["iterations"] * last["iteration_s"])
+            iters = max(r["iterations"] for r in rows)
+            total = iters * step_s * overhead + final_s
+        rows.append({"n": n, "svd_s": svd_s, "iteration_s": step_s, "final_s": final_s, "iterations": iters,
+                     "rpca_s": total, "measured": n <= 2048})
+        print(f"| {n} | {svd_s:.2f} | {step_s:.3f} | {final_s:.3f} | {iters} | {total:.1f}{'' if n <= 2048 else ' (projected)'} | "
+              f"{total / svd_s:.1f}x |", flush=True)
+    a, b = _fit([r["n"] for r in rows], [r["iteration_s"] for r in rows])
+    alloc_rows = []
+    for layers in (16, 32, 64, 128):
+        cands = []
+        for i in range(layers):
+            w = _weight_like(256, i)
+            cands.append(LayerCandidates(f"l{i}", 256, 256, robust_pca(w, max_iter=8, tol=1e-2)))
+        budget = round(0.5 * sum(c.dense_params for c in cands))
+        row = {"layers": layers, "candidates": sum(c.rank_pool + c.sparse_pool for c in cands)}
+        for method in ("uniform", "global_greedy"):
+            start = time.perf_counter()
+            allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=0.5, allocation=method)))
+            row[method + "_s"] = time.perf_counter() - start
+        alloc_rows.append(row)
+        print(f"allocation, {layers} layers of 256x256 ({row['candidates']} candidates): uniform "
+              f"{row['uniform_s']:.3f} s, global_greedy {row['global_greedy_s']:.3f} s", flush=True)
+    ga, gb = _fit([r["candidates"] for r in alloc_rows], [r["global_greedy_s"] for r in alloc_rows])
+    # LLaMA-7B: 32 blocks x (4 of 4096x4096 + 3 of 4096x11008). An m x n (m <= n) iteration costs about
+    # what an n_eq x n_eq one does with n_eq^3 = m^2 n (Gram product and eigendecomposition of m x m).
+    iters = max(r["iterations"] for r in rows)
+    last = next(r for r in reversed(rows) if r["measured"])
+    overhead = (last["rpca_s"] - last["final_s"]) / (last["iterations"] * last["iteration_s"])
+    per_block = 4 * a * 4096 ** b + 3 * a * (4096 ** 2 * 11008) ** (b / 3)
+    rpca_7b = 32 * per_block * iters * overhead
+    candidates_7b = 32 * (4 * (4096 + 4096 ** 2) + 3 * (4096 + 4096 * 11008))  # every triplet + a dense-size S
+    greedy_7b = ga * candidates_7b ** gb
+    print(f"\nthresholding step ~ {a:.2e} * n^{b:.2f} s (a whole iteration {overhead:.2f}x that at n={last['n']}); "
+          f"global_greedy ~ {ga:.2e} * candidates^{gb:.2f} s")
+    print(f"7B projection ({args.threads} threads, this CPU): RPCA {rpca_7b / 3600:.1f} h "
+          f"({iters} iterations per matrix), global_greedy {greedy_7b / 60:.1f} min over {candidates_7b:.2e} candidates")
+    return {"rpca": rows, "rpca_fit": [a, b], "allocation": alloc_rows, "greedy_fit": [ga, gb],
+            "projection_7b": {"rpca_s": rpca_7b, "global_greedy_s": greedy_7b, "iterations": iters}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("parts", nargs="+", choices=["rpca", "pipeline", "bytes", "kernels", "inference", "scaling", "all",
+                                                     "_compress"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--allocation", default="uniform", help="for _compress")
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "cap"], help="for pipeline")
+    parser.add_argument("--save", default=None, help="for _compress")
+    parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "optimum-lrs-perf" / "smollm2-compressed"),
+                        help="where pipeline saves its first method's model, which bytes and inference then read")
+    parser.add_argument("--peer-python", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(HERE.parent / "docs" / "performance"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.parts == ["_compress"]:
+        return _compress_child(args)
+    print(header(argparse.Namespace(threads=args.threads, windows="-", seq_len="-")))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir)
+    results_file = Path(args.out) / "performance.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    parts = ["rpca", "pipeline", "bytes", "kernels", "inference", "scaling"] if "all" in args.parts else args.parts
+    for part in parts:
+        print(f"\n## {part}\n")
+        if part == "rpca":
+            results[part] = rpca_part(args)
+        elif part == "pipeline":  # per method, so that a rerun of one method keeps the others' entries
+            results[part] = {**results.get(part, {}), **{k: {**v, "date": time.strftime("%Y-%m-%d %H:%M")}
+                                                         for k, v in pipeline_part(args).items()}}
+        elif part == "bytes":
+            results[part] = bytes_part(model_dir)
+        elif part == "kernels":
+            results[part] = kernels_part(args)
+        elif part == "inference":
+            results[part] = inference_part(args, model_dir)
+        else:
+            results[part] = scaling_part(args)
+        results[part]["date"] = time.strftime("%Y-%m-%d %H:%M")
+        results_file.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
