@@ -22,7 +22,8 @@ def factor_names(sparse_format: str) -> tuple[str, ...]:
 
 # From this many input rows (tokens) on, a CSR layer multiplies by a transiently rebuilt dense weight
 # instead of running torch's CSR kernel: at ~40% density the kernel costs 3-4x a dense matmul for 512
-# tokens but the rebuild ~1.6-2x, while for 64 tokens the kernel is ahead (docs/performance.md).
+# tokens but the rebuild ~1.3-1.7x, while for 64 tokens the kernel is ahead (docs/performance.md).
+# Not when the input needs a gradient (see forward).
 DENSE_REBUILD_TOKENS = 256
 
 # Every name a compressed layer's tensor can have, whatever its format.
@@ -270,7 +271,10 @@ class LowRankSparseLinear(nn.Module):
             raise ValueError(f"LowRankSparseLinear expected last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(self.lowrank_u.dtype)
-        if self.sparse_format == "bitmask" or flat.shape[0] >= DENSE_REBUILD_TOKENS:
+        # Autograd would keep each rebuilt weight alive until backward (a dense copy of every layer during
+        # training), so inputs that need a gradient stay on the sparse kernel.
+        needs_grad = torch.is_grad_enabled() and flat.requires_grad
+        if self.sparse_format == "bitmask" or (flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad):
             return torch.nn.functional.linear(flat, self._rebuilt_weight(), self.bias).reshape(*lead, self.out_features)
         out = (flat @ self.lowrank_v.t()) @ self.lowrank_u.t()
         if self.nnz:

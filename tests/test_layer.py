@@ -39,6 +39,22 @@ def test_short_inputs_use_the_sparse_kernel_not_a_dense_weight(monkeypatch):
     layer(torch.randn(DENSE_REBUILD_TOKENS - 1, 40))
 
 
+def test_training_inputs_stay_on_the_sparse_kernel_however_long(monkeypatch):
+    """A rebuilt dense weight would be saved for backward in every layer: inputs needing a gradient never
+    take that path, even above DENSE_REBUILD_TOKENS; without a gradient they do."""
+    u, v, s, _ = random_factors()
+    layer = LowRankSparseLinear.from_factors(u, v, s)
+    x = torch.randn(DENSE_REBUILD_TOKENS, 40)
+    expected = x @ layer.dense_weight().t()
+    calls = []
+    original = LowRankSparseLinear._rebuilt_weight
+    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight", lambda self: calls.append(1) or original(self))
+    out = layer(x.clone().requires_grad_(True))
+    assert not calls and torch.allclose(out, expected, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expected, atol=1e-4) and calls == [1]
+
+
 def test_counts_dtypes_and_no_weight_attribute():
     u, v, s, b = random_factors(out_f=48, in_f=40, rank=5)
     layer = LowRankSparseLinear.from_factors(u, v, s, b)
