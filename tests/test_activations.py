@@ -16,14 +16,14 @@ def test_rms_matches_a_direct_computation_and_skips_the_lm_head():
         targets = find_target_modules(model, LowRankSparseConfig())
         windows = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
         inputs = {name: [] for name in targets}
-        handles = [m.register_forward_pre_hook(lambda _m, a, n=name: inputs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+        handles = [m.register_forward_pre_hook(lambda _m, a, n=name, store=inputs: store[n].append(a[0].reshape(-1, a[0].shape[-1])))
                    for name, m in targets.items()]
         with torch.no_grad():
             model(windows)
         for h in handles:
             h.remove()
         head_calls = []
-        model.lm_head.register_forward_pre_hook(lambda *_: head_calls.append(1))
+        model.lm_head.register_forward_pre_hook(lambda *_, calls=head_calls: calls.append(1))
         scales = input_rms(model, targets, windows, batch_size=4)
         assert not head_calls
         for name in targets:
