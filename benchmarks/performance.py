@@ -13,6 +13,7 @@ Name one or more parts (or `all`); results are merged into OUT/performance.json 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -79,6 +80,32 @@ def rpca_part(args) -> dict:
                   f"{row['exact_ms']:.0f} | {row['exact_ratio']:.1f}x | {fast.iterations} | {fast.residual:.1e} | "
                   f"{fast.rank} | {diff:.1e} |", flush=True)
     return {"rows": rows}
+
+
+def quality_part(args) -> dict:
+    """Whole default compression with the fast solver and with the exact one, in the same run: wall time
+    and WikiText-2 perplexity (the issue allows at most 1% perplexity loss for the fast path)."""
+    from common import wikitext
+
+    from optimum_lrs.evaluation import perplexity
+
+    dense, tokenizer = load_smollm2()
+    text = wikitext()
+    result = {"windows": args.windows}
+    for solver in ("gram", "svd"):
+        model = copy.deepcopy(dense)
+        config = LowRankSparseConfig(param_ratio=args.ratio, rpca_solver=solver, calibration_data=c4_texts(),
+                                     tokenizer=tokenizer)
+        start = time.perf_counter()
+        compress_(model, config)
+        seconds = time.perf_counter() - start
+        result[solver] = {"seconds": seconds, "perplexity": perplexity(model, tokenizer, text, 512, args.windows)}
+        print(f"rpca_solver={solver}: compression {seconds:.0f} s, perplexity {result[solver]['perplexity']:.2f}", flush=True)
+        del model
+    fast, exact = result["gram"], result["svd"]
+    print(f"\ngram / svd: time {fast['seconds'] / exact['seconds']:.2f}x, perplexity "
+          f"{fast['perplexity'] / exact['perplexity']:.4f}x")
+    return result
 
 
 def calibration_ids(tokenizer, num: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -330,8 +357,8 @@ def scaling_part(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("parts", nargs="+", choices=["rpca", "pipeline", "bytes", "kernels", "inference", "scaling", "all",
-                                                     "_compress"])
+    parser.add_argument("parts", nargs="+", choices=["rpca", "quality", "pipeline", "bytes", "kernels", "inference",
+                                                     "scaling", "all", "_compress"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--allocation", default="uniform", help="for _compress")
@@ -341,6 +368,7 @@ def main() -> None:
                         help="where pipeline saves its first method's model, which bytes and inference then read")
     parser.add_argument("--peer-python", default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 tokens for quality")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "performance"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -351,11 +379,14 @@ def main() -> None:
     model_dir = Path(args.model_dir)
     results_file = Path(args.out) / "performance.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    parts = ["rpca", "pipeline", "bytes", "kernels", "inference", "scaling"] if "all" in args.parts else args.parts
+    parts = (["rpca", "quality", "pipeline", "bytes", "kernels", "inference", "scaling"] if "all" in args.parts
+             else args.parts)
     for part in parts:
         print(f"\n## {part}\n")
         if part == "rpca":
             results[part] = rpca_part(args)
+        elif part == "quality":
+            results[part] = quality_part(args)
         elif part == "pipeline":  # per method, so that a rerun of one method keeps the others' entries
             results[part] = {**results.get(part, {}), **{k: {**v, "date": time.strftime("%Y-%m-%d %H:%M")}
                                                          for k, v in pipeline_part(args).items()}}
