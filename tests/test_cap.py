@@ -93,3 +93,24 @@ def test_uniform_init_starts_every_layer_at_its_share():
     dense = {n: m.weight.numel() for n, m in tiny_llama().named_modules() if isinstance(m, torch.nn.Linear)}
     for name, kept in compressed_params(model).items():
         assert abs(kept / dense[name] - 0.5) < 0.1, (name, kept / dense[name])
+
+
+def _counts(model):
+    return {n: (e["rank"], e["nnz"]) for n, e in model.config.quantization_config.compressed_modules.items()}
+
+
+def test_uniform_init_with_no_steps_is_the_uniform_allocation():
+    """With the default extraction (expected counts), CAP's starting point is exactly the uniform allocation,
+    rank/sparse split included: whatever CAP changes is the policy gradient's doing."""
+    uniform = compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.5, calibration_data=CALIB))
+    cap = compress_(tiny_llama(), cap_config(cap_steps=0))
+    assert _counts(cap) == _counts(uniform)
+    with torch.no_grad():
+        assert torch.allclose(cap(CALIB[:2]).logits, uniform(CALIB[:2]).logits, atol=1e-5)
+
+
+def test_global_ranking_extraction_still_meets_the_budget():
+    model = compress_(tiny_llama(), cap_config(cap_rank_by="probability", cap_steps=2))
+    kept = compressed_params(model)
+    dense = sum(m.weight.numel() for n, m in tiny_llama().named_modules() if n in kept)
+    assert abs(sum(kept.values()) - 0.5 * dense) <= 1e-3 * 0.5 * dense

@@ -26,7 +26,7 @@ BAD_VALUES = [
     ("calibration_data", torch.zeros(3)), ("calibration_data", torch.zeros(2, 3)),
     ("calibration_seq_len", 1), ("calibration_num_samples", 0),
     ("tokenizer", "gpt2"),
-    ("cap_steps", -1), ("cap_samples", 0), ("cap_batch_size", 0), ("cap_lr", -0.1), ("cap_lr", float("inf")),
+    ("cap_steps", -1), ("cap_samples", 0), ("cap_samples", 1), ("cap_baseline", "mean"), ("cap_batch_size", 0), ("cap_lr", -0.1), ("cap_lr", float("inf")),
     ("cap_baseline_beta", 1.0), ("cap_baseline_beta", -0.5), ("cap_init", "random"), ("cap_init_temperature", 0.0),
     ("cap_rank_by", "cost"), ("cap_gradient", "adam"), ("cap_normalize_advantage", 1),
     ("seed", -1), ("seed", 1.0),

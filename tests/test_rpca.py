@@ -113,6 +113,23 @@ def test_largest_entries_counts_exactly(rows, cols, frac, seed):
         assert flat[chosen].min() >= flat[rest].max()
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_largest_entries_with_ties_counts_exactly(per_row):
+    """Zero columns (dead input features) and repeated values tie at the threshold; counts stay exact."""
+    m = torch.randint(-2, 3, (30, 17), generator=torch.Generator().manual_seed(0)).float()
+    m[:, 3] = 0
+    for count in (0, 1, 29, 30, 31, 250, 30 * 17):
+        pos = largest_entries(m, count, per_row)
+        assert pos.numel() == pos.unique().numel() == count
+        rest = torch.ones(m.numel(), dtype=torch.bool)
+        rest[pos] = False
+        if per_row:
+            per = torch.bincount(pos // 17, minlength=30)
+            assert per.max() - per.min() <= 1
+        elif 0 < count < m.numel():
+            assert m.abs().flatten()[pos].min() >= m.abs().flatten()[rest].max()
+
+
 def test_alternating_refit_never_increases_the_error():
     g = torch.Generator().manual_seed(3)
     target = torch.randn(40, 30, generator=g) @ torch.randn(30, 30, generator=g) / 5

@@ -3,7 +3,7 @@
 Every candidate k of every layer (a singular triplet, cost m + n, or a sparse entry, cost 1) gets a
 keep-probability s_k. Each step draws `cap_samples` masks m ~ Bernoulli(s), scores each masked model
 by its causal-LM loss on calibration tokens (forward passes only), and moves s by REINFORCE with a
-moving-average baseline:  s <- s - lr (L - b) (m - s) / (s (1 - s) + eps),  then projects s back
+moving-average (or leave-one-out) baseline:  s <- s - lr (L - b) (m - s) / (s (1 - s) + eps),  then projects s back
 onto the budget (c^T s = K, 0 <= s <= 1). Finally the candidates are ranked by s (or s / cost) and
 kept until the budget is met exactly.
 
@@ -27,6 +27,7 @@ from .base import (
     register_allocator,
 )
 from .select import keep_best
+from .uniform import allocate_uniform, settle
 
 logger = logging.getLogger(__name__)
 
@@ -52,36 +53,35 @@ class _CandidateMasks:
         self.m_sparse: torch.Tensor | None = None
 
 
-def _initial_probabilities(pools: list[_CandidateMasks], init: str, temperature: float, budget: int) -> None:
+def _initial_probabilities(pools: list[_CandidateMasks], problem: AllocationProblem) -> None:
     """Set s from the magnitude scores so that the expected kept cost is the budget.
 
     "layer_max": s = score (in [0, 1]), left for the projection to fit. "energy": s = clip((log score -
     log tau) / temperature + 1/2, 0, 1), a hard sigmoid, with tau such that the expected cost is the
     budget: a soft version of global_greedy's cut (scores within a factor e^temperature of tau are
-    uncertain, the rest kept or dropped). "uniform": the same hard sigmoid with one tau per layer, set
-    so that every layer's expected cost is its uniform share of the budget.
+    uncertain, the rest kept or dropped). "uniform": the same hard sigmoid with one tau per layer and
+    candidate type, set so that every layer's expected rank and sparse count are those of the uniform
+    allocation (same shares, same `lowrank_fraction` split).
     """
+    init, temperature = problem.config.cap_init, problem.config.cap_init_temperature
     if init == "layer_max":
         for p in pools:
             p.s_rank.copy_(p.rank_score)
             p.s_sparse.copy_(p.sparse_score.to(torch.float16))
         return
-    z = [t for p in pools for t in (
-        p.rank_score.clamp_min(1e-30).log() / temperature + 0.5,
-        p.sparse_score.clamp_min(1e-30).log() / temperature + 0.5,
-    )]
-    costs = [float(cost) for p in pools for cost in (p.c.rank_cost, 1)]
-    if init == "uniform":  # one threshold per layer: each layer's expected cost is its uniform share
-        ratio = budget / sum(p.c.dense_params for p in pools)
-        shifts = []
-        for p, rank_z, sparse_z in zip(pools, z[0::2], z[1::2]):
-            pool = p.c.rank_pool * p.c.rank_cost + p.c.sparse_pool
-            shifts.append(_solve_shift([rank_z, sparse_z], [p.c.rank_cost, 1.0], [1.0, 1.0], min(pool, ratio * p.c.dense_params)))
+    z = [(p.rank_score.clamp_min(1e-30).log() / temperature + 0.5, p.sparse_score.clamp_min(1e-30).log() / temperature + 0.5)
+         for p in pools]
+    if init == "uniform":
+        targets = allocate_uniform(problem)
+        shifts = [(_solve_shift([rank_z], [1.0], [1.0], targets[p.c.name].rank),
+                   _solve_shift([sparse_z], [1.0], [1.0], targets[p.c.name].nnz)) for p, (rank_z, sparse_z) in zip(pools, z)]
     else:
-        shifts = [_solve_shift(z, costs, [1.0] * len(z), budget)] * len(pools)
-    for p, rank_z, sparse_z, shift in zip(pools, z[0::2], z[1::2], shifts):
-        p.s_rank.copy_((rank_z - shift).clamp_(0, 1))
-        p.s_sparse.copy_((sparse_z - shift).clamp_(0, 1).to(torch.float16))
+        costs = [float(cost) for p in pools for cost in (p.c.rank_cost, 1)]
+        shift = _solve_shift([t for pair in z for t in pair], costs, [1.0] * len(costs), problem.budget)
+        shifts = [(shift, shift)] * len(pools)
+    for p, (rank_z, sparse_z), (rank_shift, sparse_shift) in zip(pools, z, shifts):
+        p.s_rank.copy_((rank_z - rank_shift).clamp_(0, 1))
+        p.s_sparse.copy_((sparse_z - sparse_shift).clamp_(0, 1).to(torch.float16))
 
 
 class _MaskedLinear(nn.Module):
@@ -167,7 +167,7 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     pools = [_CandidateMasks(c, cfg.cap_init) for c in problem.candidates]
     tensors = [t for p in pools for t in (p.s_rank, p.s_sparse)]
     costs = [float(cost) for p in pools for cost in (p.c.rank_cost, 1)]
-    _initial_probabilities(pools, cfg.cap_init, cfg.cap_init_temperature, problem.budget)
+    _initial_probabilities(pools, problem)
     project_to_budget(tensors, costs, problem.budget)
 
     targets = {c.name: model.get_submodule(c.name) for c in problem.candidates}
@@ -187,9 +187,12 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
                     p.m_sparse = torch.rand(p.s_sparse.shape, generator=generator) < p.s_sparse.float()
                 samples.append(([(p.m_rank, p.m_sparse) for p in pools], _loss(model, batch)))
             losses = torch.tensor([loss for _, loss in samples])
-            if baseline is None:
-                baseline = losses.mean().item()
-            advantages = losses - baseline
+            if cfg.cap_baseline == "leave_one_out":
+                advantages = (losses - losses.mean()) * len(samples) / (len(samples) - 1)
+            else:
+                if baseline is None:
+                    baseline = losses.mean().item()
+                advantages = losses - baseline
             if cfg.cap_normalize_advantage:
                 advantages = advantages / losses.std(unbiased=False).clamp_min(1e-8)
             for p_idx, p in enumerate(pools):
@@ -204,17 +207,20 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
                         logit = torch.logit(prob.clamp(EPS, 1 - EPS))
                         updated = torch.sigmoid(logit - cfg.cap_lr * grad / len(samples))
                     s_vec.copy_(updated.clamp_(-1, 2))
-            for loss in losses.tolist():
-                baseline = cfg.cap_baseline_beta * baseline + (1 - cfg.cap_baseline_beta) * loss
+            if baseline is not None:
+                for loss in losses.tolist():
+                    baseline = cfg.cap_baseline_beta * baseline + (1 - cfg.cap_baseline_beta) * loss
             project_to_budget(tensors, costs, problem.budget)
             history.append(losses.mean().item())
-            logger.info("CAP step %d: mean sampled loss %.4f, baseline %.4f", step, history[-1], baseline)
+            logger.info("CAP step %d: mean sampled loss %.4f, spread %.4f", step, history[-1], losses.std(unbiased=False).item())
     finally:
         for name, dense in targets.items():
             model.set_submodule(name, dense)
         for p in pools:
             p.m_rank = p.m_sparse = None
     problem.extras["cap_loss_history"] = history
+    if cfg.cap_rank_by == "expected_count":
+        return _extract_expected_counts(problem, pools)
     per_cost = cfg.cap_rank_by == "probability_per_cost"
     # Many probabilities sit at exactly 0 or 1 after projection: break ties by the magnitude score, in
     # float64 so that the tie-break cannot reorder distinct probabilities.
@@ -222,3 +228,24 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     rank_scores = [p.s_rank.double() / (p.c.rank_cost if per_cost else 1) + 1e-9 * p.rank_score.double() / top for p in pools]
     sparse_scores = [p.s_sparse.double() + 1e-9 * p.sparse_score.double() / top for p in pools]
     return keep_best(problem.candidates, rank_scores, sparse_scores, [p.positions for p in pools], problem.budget)
+
+
+def _most_probable(s: torch.Tensor, score: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest s, ties (many s sit at exactly 0 or 1) broken by the larger score."""
+    order = score.argsort(descending=True, stable=True)
+    return order[s[order].float().argsort(descending=True, stable=True)[:count]]
+
+
+def _extract_expected_counts(problem: AllocationProblem, pools: list[_CandidateMasks]) -> dict[str, LayerAllocation]:
+    """Each layer keeps its expected number of triplets and of sparse entries (sum of s, rounded), the most
+    probable ones; the rounding is settled in sparse entries so that the budget is met exactly."""
+    counts = {p.c.name: LayerAllocation(min(p.c.rank_pool, round(p.s_rank.sum().item())),
+                                        min(p.c.sparse_pool, round(p.s_sparse.float().sum().item()))) for p in pools}
+    counts = settle(problem, counts)
+    allocation = {}
+    for p in pools:
+        a = counts[p.c.name]
+        rank_ids = _most_probable(p.s_rank, p.rank_score, a.rank)
+        sparse_ids = p.positions[_most_probable(p.s_sparse, p.sparse_score, a.nnz)]
+        allocation[p.c.name] = LayerAllocation(a.rank, a.nnz, rank_ids, sparse_ids)
+    return allocation

@@ -40,7 +40,12 @@ def allocate_uniform(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     for c in problem.candidates[: problem.budget - sum(shares.values())]:
         shares[c.name] += 1
     allocation = {c.name: _fill(c, shares[c.name], problem.config.lowrank_fraction) for c in problem.candidates}
-    # Whatever a layer could not hold (or overshot) is settled in sparse entries of layers with room.
+    return settle(problem, allocation)
+
+
+def settle(problem: AllocationProblem, allocation: dict[str, LayerAllocation]) -> dict[str, LayerAllocation]:
+    """Meet the budget exactly: what the layers miss (or overshoot) is settled in sparse entries of layers
+    with room, in layer order. Explicit `sparse_ids` are dropped where a count changes."""
     missing = problem.budget - kept_parameters(problem, allocation)
     for c in problem.candidates:
         if missing == 0:
@@ -48,5 +53,6 @@ def allocate_uniform(problem: AllocationProblem) -> dict[str, LayerAllocation]:
         a = allocation[c.name]
         nnz = min(c.sparse_pool, max(0, a.nnz + missing))
         missing -= nnz - a.nnz
-        allocation[c.name] = LayerAllocation(a.rank, nnz)
+        if nnz != a.nnz:
+            allocation[c.name] = LayerAllocation(a.rank, nnz, a.rank_ids)
     return allocation
