@@ -237,7 +237,9 @@ def test_bitmask_layout_saves_smaller_and_reloads_identically(dense_checkpoint, 
 
 def test_fast_solver_compresses_like_the_exact_one(dense_checkpoint, input_ids):
     """The default rpca_solver="gram" (Gram eigendecomposition in RPCA, subspace iteration in the refits)
-    against "svd" end to end: same allocation, nearly the same layers and logits."""
+    against "svd" end to end: same allocation, layers as close to the dense ones, same logit error.
+    (Over the default 20 alternating refits the two paths may settle on different sparse supports, so the
+    layers themselves are compared by their error, not with each other.)"""
     models = {
         solver: AutoModelForCausalLM.from_pretrained(
             dense_checkpoint, quantization_config=LowRankSparseConfig(param_ratio=0.5, rpca_solver=solver))
@@ -245,10 +247,11 @@ def test_fast_solver_compresses_like_the_exact_one(dense_checkpoint, input_ids):
     }
     fast, exact = (compressed_layers(models[s]) for s in ("gram", "svd"))
     assert {n: (m.rank, m.nnz) for n, m in fast.items()} == {n: (m.rank, m.nnz) for n, m in exact.items()}
-    for name in fast:
-        w_fast, w_exact = fast[name].dense_weight(), exact[name].dense_weight()
-        assert torch.linalg.norm(w_fast - w_exact) < 0.05 * torch.linalg.norm(w_exact), name
     dense = AutoModelForCausalLM.from_pretrained(dense_checkpoint)
+    for name in fast:
+        w = dense.get_submodule(name).weight.detach()
+        e_fast, e_exact = (torch.linalg.norm(w - layers[name].dense_weight()).item() for layers in (fast, exact))
+        assert abs(e_fast - e_exact) <= 0.05 * e_exact + 1e-6, (name, e_fast, e_exact)
     ref = logits(dense, input_ids)
     err = {s: torch.linalg.norm(logits(m, input_ids) - ref).item() for s, m in models.items()}
     assert err["gram"] < 1.05 * err["svd"] + 1e-6, err
