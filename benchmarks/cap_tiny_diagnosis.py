@@ -1,10 +1,10 @@
 """Does CAP's policy-gradient step improve on its own initialisation? A small, fast, loss-sensitive test bed.
 
 A random 2-layer llama (the tests' tiny_llama) is first trained for 300 AdamW steps on WikiText-2 bytes,
-so that its loss depends on its weights; then it is compressed to 50% by every allocation method and
-scored on held-out windows. `cap` with `cap_steps=0` is CAP's initialisation alone.
+so that its loss depends on its weights; then it is compressed by every allocation method and scored on
+held-out windows. `cap` with `cap_steps=0` is CAP's initialisation alone (the uniform allocation).
 
-    python benchmarks/cap_tiny_diagnosis.py --threads 2
+    python benchmarks/cap_tiny_diagnosis.py --threads 2 --ratios 0.5 0.3
 """
 
 import argparse
@@ -24,15 +24,20 @@ VARIANTS = [
     dict(allocation="uniform"),
     dict(allocation="global_greedy"),
     dict(allocation="cap", cap_steps=0),
+    dict(allocation="cap", cap_policy="candidate", cap_steps=30, cap_samples=6),
+    dict(allocation="cap", cap_policy="candidate", cap_steps=30, cap_samples=6, cap_normalize_advantage=True),
+    dict(allocation="cap", cap_policy="candidate", cap_steps=30, cap_samples=6, cap_gradient="logit",
+         cap_normalize_advantage=True, cap_lr=1.0),
+    dict(allocation="cap", cap_policy="layer_type", cap_steps=30, cap_samples=6),
+    dict(allocation="cap", cap_steps=8, cap_samples=4),
     dict(allocation="cap", cap_steps=30, cap_samples=6),
-    dict(allocation="cap", cap_steps=30, cap_samples=6, cap_normalize_advantage=True),
-    dict(allocation="cap", cap_steps=30, cap_samples=6, cap_gradient="logit", cap_normalize_advantage=True, cap_lr=1.0),
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -56,10 +61,12 @@ def main() -> None:
         with torch.no_grad():
             return m(held_out, labels=held_out).loss.item()
 
-    print(f"| variant (param_ratio 0.5) | held-out loss |\n|---|---|\n| dense | {loss(model):.4f} |")
+    print(f"dense held-out loss {loss(model):.4f}\n")
+    print("| variant | " + " | ".join(f"param_ratio {r}" for r in args.ratios) + " |\n|---|" + "---|" * len(args.ratios))
     for kw in VARIANTS:
-        variant = compress_(copy.deepcopy(model), LowRankSparseConfig(calibration_data=calibration, cap_batch_size=4, **kw))
-        print(f"| {', '.join(f'{k}={v}' for k, v in kw.items())} | {loss(variant):.4f} |")
+        losses = [loss(compress_(copy.deepcopy(model), LowRankSparseConfig(
+            param_ratio=r, calibration_data=calibration, cap_batch_size=4, **kw))) for r in args.ratios]
+        print(f"| {', '.join(f'{k}={v}' for k, v in kw.items())} | " + " | ".join(f"{x:.4f}" for x in losses) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
+from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.compress import build_layer, decompose, find_target_modules
 from optimum_lrs.evaluation import perplexity
 
@@ -37,6 +38,11 @@ def wikitext() -> str:
 
 def c4_texts() -> list[str]:
     return [json.loads(line)["text"] for line in (SHARED_DATA / "c4_calibration.jsonl").read_text().splitlines()]
+
+
+def c4_calibration(tokenizer, config: LowRankSparseConfig) -> torch.Tensor:
+    """The calibration windows the package would draw from the C4 sample with `config`'s settings."""
+    return calibration_windows(c4_texts(), tokenizer, config.calibration_seq_len, config.calibration_num_samples, config.seed)
 
 
 def add_eval_args(parser) -> None:
@@ -93,4 +99,4 @@ def magnitude_pruned(model, names, ratio):
     return pruned
 
 
-__all__ = ["add_eval_args", "c4_texts", "compressed_variant", "header", "magnitude_pruned", "prepare", "stage1", "wikitext"]
+__all__ = ["add_eval_args", "c4_calibration", "c4_texts", "compressed_variant", "header", "magnitude_pruned", "prepare", "stage1", "wikitext"]

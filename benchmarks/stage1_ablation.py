@@ -8,11 +8,10 @@ refit iterations and the low-rank share, for the cheap allocators. Stage 1 resul
 import argparse
 import time
 
-from common import add_eval_args, c4_texts, compressed_variant, header, prepare, stage1
+from common import add_eval_args, c4_calibration, compressed_variant, header, prepare, stage1
 
 from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.activations import input_rms
-from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.compress import find_target_modules
 
 
@@ -25,9 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer, ppl = prepare(args)
     defaults = LowRankSparseConfig(cache_dir=args.cache_dir)
-    calibration = calibration_windows(
-        c4_texts(), tokenizer, defaults.calibration_seq_len, defaults.calibration_num_samples, defaults.seed
-    )
+    calibration = c4_calibration(tokenizer, defaults)
     print(header(args) + f"# calibration: {tuple(calibration.shape)} C4 windows; param_ratio {args.ratio}\n", flush=True)
     start = time.perf_counter()
     scales = input_rms(model, find_target_modules(model, defaults), calibration)

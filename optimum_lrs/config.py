@@ -25,6 +25,8 @@ LOSS_DRIVEN_METHODS = ("cap",)  # methods that need the model's loss on calibrat
 CAP_INITS = ("energy", "uniform", "layer_max")
 CAP_RANK_BY = ("expected_count", "probability", "probability_per_cost")
 CAP_GRADIENTS = ("probability", "logit")
+CAP_POLICIES = ("layer", "layer_type", "candidate")
+CAP_CANDIDATES = ("refit", "rpca")
 CAP_BASELINES = ("moving_average", "leave_one_out")
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSE_VALUES = ("residual", "rpca")
@@ -173,26 +175,44 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             Never serialised.
         calibration_data, calibration_seq_len, calibration_num_samples, tokenizer: calibration inputs
             (texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`). Never serialised.
-        cap_steps, cap_samples, cap_batch_size, cap_lr, cap_baseline_beta: CAP's policy-gradient loop:
-            steps, masks sampled per step, calibration windows per loss evaluation, learning rate (the
-            paper's 0.05) and the moving-average factor of the baseline (0.8, a window of about 5).
-        cap_baseline: what each sampled loss is compared with. `"leave_one_out"` (default): the mean loss
-            of the step's other samples on the same batch, so that only the masks' differences remain
-            (needs `cap_samples >= 2`); `"moving_average"` (the paper): a running mean over steps, which
-            also carries the difference in difficulty between the steps' batches (on SmolLM2 larger than
-            any mask's effect) into every candidate's update.
-        cap_init, cap_init_temperature: initial keep-probabilities, a hard sigmoid of (log score - log
-            tau) / temperature with score = squared error removed per parameter relative to the layer's
-            energy. `"uniform"` (default) sets one tau per layer and candidate type so that every layer
-            starts at the uniform allocation's rank and sparse count; `"energy"` one tau for all layers
+        cap_steps, cap_samples, cap_batch_size: CAP's policy-gradient loop: steps, masks sampled per step (all
+            scored on the step's batch) and calibration windows per loss evaluation.
+        cap_policy: what CAP's distribution is over. `"layer"` (default): each layer's kept share, log-normal
+            around a mean that starts at the uniform allocation (`cap_sigma` its spread in log-count units;
+            uniform's rank/sparse split kept); a sample keeps each layer's best candidates, samples come in
+            antithetic pairs, and each step moves the means by `cap_lr` (RMS) along the REINFORCE estimate.
+            `"layer_type"`: the same with the rank and the sparse count of a layer free apart. `"candidate"`:
+            the paper's one Bernoulli probability per candidate, s <- s - cap_lr (L - b) (m - s) / (s (1 - s)),
+            projected onto the budget; on SmolLM2 it moved 0.01% of the budget (docs/results.md).
+        cap_lr, cap_sigma: step size (None: the paper's 0.05 for `"candidate"`; 0.02 in log-count units, RMS
+            over the variables, for the count policies: on SmolLM2 at 50% 0.05 drifted to 69.1 perplexity
+            against uniform's 67.4, 0.02 gave 64.3 and 67.2 for two seeds, docs/results.md) and, for the
+            count policies, the spread of the sampled counts (0.1: about +-10% per layer).
+        cap_candidates (count policies, when the final layers are refit): what a sampled count keeps.
+            `"refit"` (default): each layer is first refit at the uniform counts, as the final layer would
+            be, and samples keep prefixes of that refit's triplets and re-picked entries, so the loss CAP
+            optimises is that of the model it will build. `"rpca"`: Stage 1's RPCA candidates, which the
+            refits then change (on SmolLM2 at 50% CAP lowered their loss while the final model got worse).
+        cap_baseline, cap_baseline_beta (`"candidate"` only): what each sampled loss is compared with.
+            `"leave_one_out"` (default): the mean loss of the step's other samples on the same batch, so that
+            only the masks' differences remain (needs `cap_samples >= 2`); `"moving_average"` (the paper): a
+            running mean over steps, `b <- beta b + (1 - beta) L` (beta 0.8, a window of about 5), which also
+            carries the difference in difficulty between the steps' batches into every candidate's update.
+        cap_init, cap_init_temperature (`"candidate"` only): initial keep-probabilities, a hard sigmoid of
+            (log score - log tau) / temperature with score = squared error removed per parameter relative to
+            the layer's energy. `"uniform"` (default) sets one tau per layer and candidate type so that every
+            layer starts at the uniform allocation's rank and sparse count; `"energy"` one tau for all layers
             (a soft version of global_greedy's ranking, which measured far worse than uniform on SmolLM2,
             docs/benchmarks.md). `"layer_max"` uses sigma_i / max sigma and |S_ij| / max |S| within each
             layer and leaves the fit to the budget projection.
-        cap_rank_by: final extraction. `"expected_count"` (default): each layer keeps its expected number
-            of triplets and sparse entries (the sum of their probabilities), its most probable ones, so
-            that zero steps reproduce the initial allocation exactly. `"probability"` /
-            `"probability_per_cost"`: one global ranking of all candidates by s (or s / cost), kept until
-            the budget (METHOD.md's literal reading; ties between layers decide the per-layer counts).
+        cap_rank_by: final extraction. `"expected_count"` (default, and the only one for `"layer"`): each layer
+            keeps its expected number of triplets and sparse entries, its most probable ones, so that zero
+            steps reproduce the initial allocation exactly. `"probability"` / `"probability_per_cost"`: one
+            global ranking of all candidates by s (or s / cost), kept until the budget (METHOD.md's literal
+            reading; ties between layers decide the per-layer counts).
+        cap_gradient, cap_normalize_advantage (`"candidate"` only): the update on s (`"probability"`, the
+            paper's) or on logit(s) (`"logit"`, bounded score m - s); advantages divided by the step's loss
+            std or not.
         seed: seed of every random choice, so that a run repeats exactly.
         factor_dtype: dtype of the stored factors; `"auto"` keeps the dtype of the dense weight.
         base_model: Hub id of the dense model, for the model card; filled from the loaded model's id when
@@ -227,8 +247,11 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         tokenizer: Any = None,
         cap_steps: int = 8,
         cap_samples: int = 4,
-        cap_batch_size: int = 4,
-        cap_lr: float = 0.05,
+        cap_batch_size: int = 1,
+        cap_policy: str = "layer",
+        cap_lr: float | None = None,
+        cap_sigma: float = 0.1,
+        cap_candidates: str = "refit",
         cap_baseline_beta: float = 0.8,
         cap_baseline: str = "leave_one_out",
         cap_init: str = "uniform",
@@ -279,7 +302,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if sparse_selection not in SPARSE_SELECTIONS:
             _fail("sparse_selection", f"one of {SPARSE_SELECTIONS}", sparse_selection)
         self.sparse_selection = sparse_selection
-        if refine_iterations is None:  # 3 alternating refits, where the selection allows any
+        if refine_iterations is None:  # 20 alternating refits, where the selection allows any
             refine_iterations = 0 if sparse_selection == "allocation" else 20
         self.refine_iterations = _check_int("refine_iterations", refine_iterations, 0)
         if self.refine_iterations and sparse_selection == "allocation":
@@ -296,7 +319,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         self.cap_steps = _check_int("cap_steps", cap_steps, 0)
         self.cap_samples = _check_int("cap_samples", cap_samples, 1)
         self.cap_batch_size = _check_int("cap_batch_size", cap_batch_size, 1)
+        if cap_policy not in CAP_POLICIES:
+            _fail("cap_policy", f"one of {CAP_POLICIES}", cap_policy)
+        self.cap_policy = cap_policy
+        if cap_lr is None:  # the paper's 0.05 on probabilities; 0.02 log-count units for the count policies
+            cap_lr = 0.05 if cap_policy == "candidate" else 0.02
         self.cap_lr = _check_real("cap_lr", cap_lr, 0.0, math.inf, False, True)
+        self.cap_sigma = _check_real("cap_sigma", cap_sigma, 0.0, math.inf, True, True)
         self.cap_baseline_beta = _check_real("cap_baseline_beta", cap_baseline_beta, 0.0, 1.0, False, True)
         if cap_baseline not in CAP_BASELINES:
             _fail("cap_baseline", f"one of {CAP_BASELINES}", cap_baseline)
@@ -316,6 +345,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if not isinstance(cap_normalize_advantage, bool):
             _fail("cap_normalize_advantage", "True or False", cap_normalize_advantage)
         self.cap_normalize_advantage = cap_normalize_advantage
+        if cap_policy != "candidate" and self.cap_samples % 2:
+            _fail("cap_samples", f"even with cap_policy={cap_policy!r} (its samples come in antithetic pairs)", self.cap_samples)
+        if cap_candidates not in CAP_CANDIDATES:
+            _fail("cap_candidates", f"one of {CAP_CANDIDATES}", cap_candidates)
+        self.cap_candidates = cap_candidates
+        if cap_policy != "candidate" and cap_rank_by != "expected_count":
+            _fail("cap_rank_by", f'"expected_count" with cap_policy={cap_policy!r} (it allocates counts)', cap_rank_by)
         self.seed = _check_int("seed", seed, 0)
         if factor_dtype not in FACTOR_DTYPES:
             _fail("factor_dtype", f"one of {FACTOR_DTYPES}", factor_dtype)
