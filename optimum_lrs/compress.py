@@ -124,20 +124,25 @@ def build_layer(
 
     With `sparse_values="residual"` (or any `sparse_selection` but "allocation") the kept entries hold
     `W - U'V'` instead of RPCA's (shrunk) S values. `sparse_selection` "matrix"/"row" re-picks the
-    positions from the residual, after `refine_iterations` alternating refits at the same rank and nnz.
+    positions from the residual, after `refine_iterations` alternating refits at the same rank and nnz, or
+    `cap_refine_iterations` from the factors in `keep.start` (an allocator that refit the layer already).
     """
     rpca, scale = candidates.rpca, candidates.column_scale
-    rank_ids = torch.arange(keep.rank) if keep.rank_ids is None else keep.rank_ids
-    root = rpca.s[rank_ids].sqrt()
-    u = rpca.u[:, rank_ids] * root
-    v = root[:, None] * rpca.vh[rank_ids]
+    if keep.start is not None and config.sparse_selection != "allocation":
+        (u, v), iterations = keep.start, config.cap_refine_iterations
+    else:
+        rank_ids = torch.arange(keep.rank) if keep.rank_ids is None else keep.rank_ids
+        root = rpca.s[rank_ids].sqrt()
+        u = rpca.u[:, rank_ids] * root
+        v = root[:, None] * rpca.vh[rank_ids]
+        iterations = config.refine_iterations
     weight = source.weight.detach().float()
     if config.sparse_selection == "allocation":
         flat = rpca.sparse.flatten()
         kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.sparse_ids is None else keep.sparse_ids
     else:
         target = weight if scale is None else weight * scale
-        u, v, kept = alternating_refit(target, u, v, keep.nnz, config.refine_iterations, config.sparse_selection == "row",
+        u, v, kept = alternating_refit(target, u, v, keep.nnz, iterations, config.sparse_selection == "row",
                                        config.rpca_solver)
     if scale is not None:
         v = v / scale
@@ -201,9 +206,9 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
         )
     calibration = _calibration(model, config)
     scales = input_rms(model, targets, calibration) if config.activation_aware else {}
-    # Uniform allocation with re-picked sparse entries reads only S's size and the leading triplets, so
-    # the rest of each layer's pools (together about twice the weights) is freed as soon as it exists.
-    compact = config.allocation == "uniform" and config.sparse_selection != "allocation"
+    # Uniform allocation with re-picked sparse entries, and CAP refitting at its counts, read only S's size and
+    # the leading triplets: the rest of each layer's pools (together about twice the weights) is freed at once.
+    compact = (config.allocation == "uniform" and config.sparse_selection != "allocation") or config.cap_refits_candidates
     candidates = []
     for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer"):
         candidates.append(decompose(name, module, config, scales.get(name)))

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
-from optimum_lrs.allocation.cap import project_to_budget
+from optimum_lrs.allocation.cap import _CandidateMasks, _MaskedLinear, project_to_budget
+from optimum_lrs.compress import decompose
 
 from .conftest import tiny_llama
 
@@ -18,8 +19,12 @@ def cap_config(**kw):
     return LowRankSparseConfig(**{**base, **kw})
 
 
+def compressed_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankSparseLinear)}
+
+
 def compressed_params(model):
-    return {n: m.num_parameters for n, m in model.named_modules() if isinstance(m, LowRankSparseLinear)}
+    return {n: m.num_parameters for n, m in compressed_layers(model).items()}
 
 
 @pytest.mark.parametrize("policy", ["layer", "candidate"])
@@ -128,15 +133,26 @@ def _counts(model):
     return {n: (e["rank"], e["nnz"]) for n, e in model.config.quantization_config.compressed_modules.items()}
 
 
-@pytest.mark.parametrize("policy", ["layer", "candidate"])
+@pytest.mark.parametrize("policy", ["candidate", "layer"])
 def test_uniform_init_with_no_steps_is_the_uniform_allocation(policy):
     """With the default extraction (expected counts), CAP's starting point is exactly the uniform allocation,
-    rank/sparse split included: whatever CAP changes is the policy gradient's doing."""
-    uniform = compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.5, calibration_data=CALIB))
-    cap = compress_(tiny_llama(), cap_config(cap_policy=policy, cap_steps=0))
+    rank/sparse split included: whatever CAP changes is the policy gradient's doing. The per-candidate policy
+    then builds the uniform model itself; the layer policy splits the same number of refits between its
+    candidates and the final layers, so each layer's error is uniform's (one exact SVD fit in between can only
+    lower it); started over from Stage 1 instead of from the candidates, its last 5 refits would be far worse."""
+    kw = dict(param_ratio=0.5, calibration_data=CALIB, activation_aware=False)  # the refits then fit W itself
+    uniform = compress_(tiny_llama(), LowRankSparseConfig(**kw))
+    cap = compress_(tiny_llama(), cap_config(**kw, cap_policy=policy, cap_steps=0))
     assert _counts(cap) == _counts(uniform)
-    with torch.no_grad():
-        assert torch.allclose(cap(CALIB[:2]).logits, uniform(CALIB[:2]).logits, atol=1e-5)
+    if policy == "candidate":
+        with torch.no_grad():
+            assert torch.allclose(cap(CALIB[:2]).logits, uniform(CALIB[:2]).logits, atol=1e-5)
+        return
+    dense = tiny_llama()
+    for name, u in compressed_layers(uniform).items():
+        w, c = dense.get_submodule(name).weight, cap.get_submodule(name)
+        error_uniform, error_cap = (torch.linalg.matrix_norm(w - m.dense_weight()).item() for m in (u, c))
+        assert error_cap <= error_uniform * (1 + 1e-3) + 1e-7, name
 
 
 def test_global_ranking_extraction_still_meets_the_budget():
@@ -144,3 +160,20 @@ def test_global_ranking_extraction_still_meets_the_budget():
     kept = compressed_params(model)
     dense = sum(m.weight.numel() for n, m in tiny_llama().named_modules() if n in kept)
     assert abs(sum(kept.values()) - 0.5 * dense) <= 1e-3 * 0.5 * dense
+
+
+@pytest.mark.parametrize("residual_values", [True, False])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_prefix_masks_build_the_same_weight_as_indexed_masks(residual_values, scaled):
+    """The count policies' fast path (a comparison with a dense order map) against the indexed one."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 16, bias=False)
+    c = decompose("layer", linear, LowRankSparseConfig(), torch.rand(24) + 0.5 if scaled else None)
+    indexed, prefix = _CandidateMasks(c), _CandidateMasks(c)
+    rank, nnz = 3, indexed.positions.numel() // 2
+    assert nnz > 10
+    indexed.keep_rank, indexed.keep_pos = torch.arange(rank), indexed.positions[:nnz]
+    prefix.use_prefixes()
+    prefix.prefix = (rank, nnz)
+    expected = _MaskedLinear(linear, indexed, residual_values).indexed_weight()
+    assert torch.allclose(_MaskedLinear(linear, prefix, residual_values).prefix_weight(), expected, atol=1e-6)

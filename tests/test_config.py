@@ -30,6 +30,7 @@ BAD_VALUES = [
     ("cap_baseline_beta", 1.0), ("cap_baseline_beta", -0.5), ("cap_init", "random"), ("cap_init_temperature", 0.0),
     ("cap_rank_by", "cost"), ("cap_gradient", "adam"), ("cap_normalize_advantage", 1),
     ("cap_policy", "per_layer"), ("cap_candidates", "svd"), ("cap_sigma", 0.0), ("cap_sigma", -1.0), ("cap_samples", 3), ("cap_rank_by", "probability"),
+    ("cap_refine_iterations", -1), ("cap_refine_iterations", 2.0), ("cap_refine_iterations", 21),
     ("seed", -1), ("seed", 1.0),
     ("factor_dtype", "int8"), ("factor_dtype", torch.float32),
     ("compressed_modules", []), ("compressed_modules", {"a": {"rank": -1, "nnz": 0}}),

@@ -80,12 +80,15 @@ class LayerAllocation:
 
     `rank_ids` (indices into the RPCA spectrum) and `sparse_ids` (flat positions in S) name them
     explicitly; when None, the `rank` largest singular triplets and the `nnz` largest |S| entries.
+    `start`: rank-`rank` factors (u, v) of the (scaled) weight for the final refits to start from instead
+    of Stage 1's leading triplets, from an allocator that has already refit the layer near these counts.
     """
 
     rank: int
     nnz: int
     rank_ids: torch.Tensor | None = None
     sparse_ids: torch.Tensor | None = None
+    start: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

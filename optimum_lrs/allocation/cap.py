@@ -18,6 +18,7 @@ builds one layer's dense weight at a time, inside that layer's forward, and free
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,24 @@ class _CandidateMasks:
         self.positions = c.sparse_positions() if positions is None else positions
         self.keep_rank: torch.Tensor | None = None  # indices into the spectrum
         self.keep_pos: torch.Tensor | None = None  # flat positions in S
+        self.prefix: tuple[int, int] | None = None  # or: keep the leading (rank, nnz) candidates (`use_prefixes`)
+
+    def use_prefixes(self) -> None:
+        """For samples that keep leading candidates (the count policies): each position's place in the sparse
+        order as a dense int32 map, so that a sample's kept entries are one comparison instead of a gather and
+        a scatter (on SmolLM2 these took as long as the forward itself), in place of the int64 position list;
+        and the triplets as factors of the unscaled weight."""
+        shape = (self.c.out_features, self.c.in_features)
+        order = torch.full((shape[0] * shape[1],), torch.iinfo(torch.int32).max, dtype=torch.int32)
+        order[self.positions] = torch.arange(self.positions.numel(), dtype=torch.int32)
+        self.order, self.positions = order.view(shape), None
+        scale = self.c.column_scale
+        self.us, self.vh_w = self.u * self.s, self.vh if scale is None else self.vh / scale
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u sqrt(s), sqrt(s) vh) of the `rank` leading triplets."""
+        root = self.s[:rank].sqrt()
+        return self.u[:, :rank] * root, root[:, None] * self.vh[:rank]
 
 
 def _scores(p: _CandidateMasks, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +236,8 @@ class _LayerPolicy:
                                  dtype=torch.float64)
         self.pool = torch.tensor([n for p in pools for n in (min(p.c.rank_pool, p.s.numel()), min(p.c.sparse_pool, p.positions.numel()))],
                                  dtype=torch.float64)
+        for p in pools:
+            p.use_prefixes()
         self.cost = torch.tensor([n for c in problem.candidates for n in (c.rank_cost, 1)], dtype=torch.float64)
         groups = torch.arange(self.base.numel())
         self.tie = groups // 2 if problem.config.cap_policy == "layer" else groups
@@ -248,7 +269,7 @@ class _LayerPolicy:
         eps = self.pending.pop(0)
         counts = self._counts(self.mu + eps).round().long().tolist()
         for i, p in enumerate(self.pools):
-            p.keep_rank, p.keep_pos = torch.arange(counts[2 * i]), p.positions[: counts[2 * i + 1]]
+            p.prefix = (counts[2 * i], counts[2 * i + 1])
         return eps
 
     def update(self, samples: list[torch.Tensor], losses: torch.Tensor) -> None:
@@ -269,7 +290,8 @@ def _refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.
     and refits the low-rank part, which changes what a count is worth (on SmolLM2 at 50%, CAP on RPCA's own
     candidates lowered their loss 5.50 -> 5.13 while the final model's went 4.40 -> 4.45).
 
-    The layer is refit at the uniform allocation's counts (as `build_layer` would); the triplets are the SVD
+    The layer is refit at the uniform allocation's counts (as `build_layer` would, but stopping
+    `cap_refine_iterations` short of `refine_iterations`: the final layer does those); the triplets are the SVD
     of the weight minus that sparse part, the sparse candidates the entries of the weight minus the rank-r
     part, ordered so that every prefix is what the selection keeps (per row: each row's k-th largest entries
     before any row's (k+1)-th). At the uniform counts the masked layer is the final uniform layer. The pools
@@ -281,7 +303,8 @@ def _refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.
     root = c.rpca.s[: uniform.rank].sqrt()
     u, v = c.rpca.u[:, : uniform.rank] * root, root[:, None] * c.rpca.vh[: uniform.rank]
     per_row = cfg.sparse_selection == "row"
-    u, v, kept = alternating_refit(target, u, v, uniform.nnz, cfg.refine_iterations, per_row, cfg.rpca_solver)
+    iterations = cfg.refine_iterations - cfg.cap_refine_iterations  # the rest run at the allocated counts
+    u, v, kept = alternating_refit(target, u, v, uniform.nnz, iterations, per_row, cfg.rpca_solver)
     resid = target - u @ v
     sparse = torch.zeros_like(target).flatten()
     sparse[kept] = resid.flatten()[kept]
@@ -308,6 +331,11 @@ class _MaskedLinear(nn.Module):
         self.dense, self.pool, self.residual_values = dense, pool, residual_values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.indexed_weight() if self.pool.prefix is None else self.prefix_weight()
+        return F.linear(x, weight.to(x.dtype), self.dense.bias)
+
+    def indexed_weight(self) -> torch.Tensor:
+        """W~ from the kept candidates named by index (`keep_rank`, `keep_pos`)."""
         p, scale = self.pool, self.pool.c.column_scale
         keep = p.keep_rank
         low = (p.u[:, keep] * p.s[keep]) @ p.vh[keep]
@@ -320,8 +348,18 @@ class _MaskedLinear(nn.Module):
         else:
             values = p.c.rpca.sparse.flatten()[pos]
             weight[pos] += values if scale is None else values / scale[pos % low.shape[1]]
-        weight = weight.view_as(low).to(x.dtype)
-        return F.linear(x, weight, self.dense.bias)
+        return weight.view_as(low)
+
+    def prefix_weight(self) -> torch.Tensor:
+        """The same W~ for a sample that keeps the leading `prefix` candidates (after `use_prefixes`)."""
+        p, scale = self.pool, self.pool.c.column_scale
+        rank, nnz = p.prefix
+        low = p.us[:, :rank] @ p.vh_w[:rank]
+        kept = p.order < nnz
+        if self.residual_values:
+            return torch.where(kept, self.dense.weight.detach().float(), low)
+        sparse = p.c.rpca.sparse if scale is None else p.c.rpca.sparse / scale
+        return torch.where(kept, low + sparse, low)
 
 
 def _loss(model: nn.Module, batch: torch.Tensor) -> float:
@@ -336,8 +374,7 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     if model is None or calib is None:
         raise ValueError("allocation='cap' needs the model and calibration tokens")
     targets = {c.name: model.get_submodule(c.name) for c in problem.candidates}
-    # Refit candidates only where the final layers are refit, and for the count policies (the paper's keeps RPCA's).
-    refit = cfg.cap_candidates == "refit" and cfg.cap_policy != "candidate" and cfg.sparse_selection != "allocation"
+    refit = cfg.cap_refits_candidates
     if refit:
         uniform = allocate_uniform(problem)
         pools = [_refit_candidates(problem, c, targets[c.name], uniform[c.name])
@@ -367,9 +404,12 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
         for name, dense in targets.items():
             model.set_submodule(name, dense)
         for p in pools:
-            p.keep_rank = p.keep_pos = None
+            p.keep_rank = p.keep_pos = p.prefix = None
     problem.extras["cap_loss_history"] = history
-    return policy.extract()
+    allocation = policy.extract()
+    if refit:  # the final layers continue the candidates' refits at the allocated counts
+        allocation = {p.c.name: replace(allocation[p.c.name], start=p.factors(allocation[p.c.name].rank)) for p in pools}
+    return allocation
 
 
 def _most_probable(s: torch.Tensor, score: torch.Tensor, count: int) -> torch.Tensor:

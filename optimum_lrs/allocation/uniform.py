@@ -7,6 +7,8 @@ runs dry the other takes up the slack, and what a layer cannot hold goes to laye
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .base import (
     AllocationProblem,
     LayerAllocation,
@@ -45,7 +47,7 @@ def allocate_uniform(problem: AllocationProblem) -> dict[str, LayerAllocation]:
 
 def settle(problem: AllocationProblem, allocation: dict[str, LayerAllocation]) -> dict[str, LayerAllocation]:
     """Meet the budget exactly: what the layers miss (or overshoot) is settled in sparse entries of layers
-    with room, in layer order. Explicit `sparse_ids` are dropped where a count changes."""
+    with room, in layer order. Explicit `sparse_ids` are dropped where the count changes."""
     missing = problem.budget - kept_parameters(problem, allocation)
     for c in problem.candidates:
         if missing == 0:
@@ -54,5 +56,5 @@ def settle(problem: AllocationProblem, allocation: dict[str, LayerAllocation]) -
         nnz = min(c.sparse_pool, max(0, a.nnz + missing))
         missing -= nnz - a.nnz
         if nnz != a.nnz:
-            allocation[c.name] = LayerAllocation(a.rank, nnz, a.rank_ids)
+            allocation[c.name] = replace(a, nnz=nnz, sparse_ids=None)
     return allocation
