@@ -15,7 +15,7 @@ from . import stage1_cache
 from .activations import input_rms
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import kept_parameters
-from .allocation.uniform import max_rank as uniform_max_rank
+from .allocation.uniform import uniform_rank
 from .calibration import calibration_windows
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
@@ -207,13 +207,13 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     calibration = _calibration(model, config)
     scales = input_rms(model, targets, calibration) if config.activation_aware else {}
     # Uniform allocation with re-picked sparse entries, and CAP refitting at its counts, read only S's size and
-    # the leading triplets: the rest of each layer's pools (together about twice the weights) is freed at once.
+    # the uniform rank's leading triplets: the rest of each layer's pools (about 2.5x the weights) is freed at once.
     compact = (config.allocation == "uniform" and config.sparse_selection != "allocation") or config.cap_refits_candidates
     candidates = []
     for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer"):
         candidates.append(decompose(name, module, config, scales.get(name)))
         if compact:
-            candidates[-1].compact(uniform_max_rank(candidates[-1], budget / dense))
+            candidates[-1].compact(uniform_rank(candidates[-1], budget / dense, config.lowrank_fraction))
     problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration)
     allocation = allocate(problem)
     kept = kept_parameters(problem, allocation)

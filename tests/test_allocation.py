@@ -4,7 +4,7 @@ import torch
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, robust_pca
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
 from optimum_lrs.allocation.base import kept_parameters
-from optimum_lrs.allocation.uniform import max_rank
+from optimum_lrs.allocation.uniform import uniform_rank
 
 
 def candidates(shapes, seed=0):
@@ -54,7 +54,7 @@ def test_uniform_moves_slack_when_a_sparse_pool_runs_dry():
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("fraction", [0.0, 0.2, 1.0])
 def test_uniform_never_exceeds_the_rank_compaction_keeps(ratio, fraction, dry):
-    """compress_model frees triplets beyond `max_rank` before uniform allocation: it must never want them,
+    """compress_model frees triplets beyond `uniform_rank` before uniform allocation: it must never want them,
     even when a sparse pool runs dry and the layer's share goes to rank instead."""
     cands = candidates(SHAPES)
     if dry:
@@ -63,8 +63,9 @@ def test_uniform_never_exceeds_the_rank_compaction_keeps(ratio, fraction, dry):
     budget = round(ratio * sum(m * n for m, n in SHAPES))
     full = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, lowrank_fraction=fraction)))
     for c in cands:
-        assert full[c.name].rank <= max_rank(c, budget / sum(m * n for m, n in SHAPES))
-        c.compact(max_rank(c, budget / sum(m * n for m, n in SHAPES)))
+        keep = uniform_rank(c, budget / sum(m * n for m, n in SHAPES), fraction)
+        assert full[c.name].rank <= keep
+        c.compact(keep)
     compacted = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, lowrank_fraction=fraction)))
     assert {k: (a.rank, a.nnz) for k, a in compacted.items()} == {k: (a.rank, a.nnz) for k, a in full.items()}
 

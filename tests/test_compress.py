@@ -52,8 +52,10 @@ def test_compacting_the_pools_changes_nothing_when_entries_are_re_picked(linear,
     pool = cands.sparse_pool
     keep = LayerAllocation(3, 700)
     before = build_layer(cands, keep, linear, cfg)
-    cands.compact(max_rank=5)
-    assert cands.rpca.sparse is None and cands.sparse_pool == pool > 700 and cands.rank_pool == 5
+    rank_pool = cands.rank_pool
+    cands.compact(keep_rank=3)
+    assert cands.rpca.sparse is None and cands.sparse_pool == pool > 700 and cands.rank_pool == rank_pool > 3
+    assert cands.rpca.rank == 3
     after = build_layer(cands, keep, linear, cfg)
     for name, tensor in before.state_dict().items():
         assert torch.equal(tensor, after.state_dict()[name]), name

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import robust_pca
-from optimum_lrs.rpca import alternating_refit, best_low_rank, default_lambda, largest_entries
+from optimum_lrs.rpca import alternating_refit, best_low_rank, default_lambda, largest_entries, top_triplets
 
 
 def planted(m: int, n: int, rank: int, density: float, seed: int = 0):
@@ -160,3 +160,20 @@ def test_fast_best_low_rank_is_as_good_as_the_svd(m, n, rank):
         u, v = best_low_rank(w, rank, warm=start, solver="gram")
         assert u.shape == (m, rank) and v.shape == (rank, n)
         assert torch.linalg.matrix_norm(w - u @ v) <= best * (1 + 1e-3) + 1e-6
+
+
+@pytest.mark.parametrize(("m", "n", "rank", "warm_rows"), [(200, 120, 12, 12), (120, 200, 20, 8), (96, 96, 20, 0)])
+def test_top_triplets_match_the_svd(m, n, rank, warm_rows):
+    """Subspace iteration with a Rayleigh-Ritz step from the float64 Gram (CAP's candidate triplets, warm from a
+    lower-rank factor): orthonormal vectors, the SVD's singular values, and every prefix as good as the SVD's."""
+    w = weight_like(m, n, seed=rank)
+    eu, es, evh = torch.linalg.svd(w, full_matrices=False)
+    warm = evh[:warm_rows] + 0.05 * torch.randn(warm_rows, n, generator=torch.Generator().manual_seed(2))
+    u, s, vh = top_triplets(w, rank, warm=warm if warm_rows else None, power_steps=4)
+    eye = torch.eye(rank)
+    assert torch.allclose(u.t() @ u, eye, atol=1e-4) and torch.allclose(vh @ vh.t(), eye, atol=1e-4)
+    assert torch.allclose(s, es[:rank], rtol=1e-3)
+    assert torch.all(s[:-1] >= s[1:])
+    for k in range(1, rank + 1):
+        exact = torch.linalg.matrix_norm(w - (eu[:, :k] * es[:k]) @ evh[:k])
+        assert torch.linalg.matrix_norm(w - (u[:, :k] * s[:k]) @ vh[:k]) <= exact * (1 + 1e-3) + 1e-6, k

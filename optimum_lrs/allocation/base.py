@@ -30,7 +30,8 @@ class LayerCandidates:
     in_features: int
     rpca: RPCAResult
     column_scale: torch.Tensor | None = None
-    _sparse_count: int = field(default=-1, init=False, repr=False)  # set by drop_sparse_values
+    _sparse_count: int = field(default=-1, init=False, repr=False)  # set by compact
+    _rank_count: int = field(default=-1, init=False, repr=False)  # set by compact
 
     @property
     def rank_cost(self) -> int:
@@ -42,7 +43,7 @@ class LayerCandidates:
 
     @property
     def rank_pool(self) -> int:
-        return self.rpca.rank
+        return self.rpca.rank if self._rank_count < 0 else self._rank_count
 
     @property
     def sparse_pool(self) -> int:
@@ -50,14 +51,15 @@ class LayerCandidates:
             return self._sparse_count
         return int((self.rpca.sparse != 0).sum().item())
 
-    def compact(self, max_rank: int) -> None:
-        """Free what a pool-sizing allocator (uniform) with re-picked sparse entries never reads: S's dense
-        storage (its non-zero count is kept) and the triplets beyond the first `max_rank`."""
-        self._sparse_count = self.sparse_pool
+    def compact(self, keep_rank: int) -> None:
+        """Free what an allocator that reads only a layer's leading triplets and S's size (uniform, CAP on refit
+        candidates, both with re-picked sparse entries) never reads: S's dense storage and the triplets beyond
+        the first `keep_rank`. The pool sizes stay those Stage 1 found."""
+        self._sparse_count, self._rank_count = self.sparse_pool, self.rank_pool
         self.rpca.sparse = None
-        if max_rank < self.rpca.rank:
+        if keep_rank < self.rpca.rank:
             r = self.rpca
-            r.u, r.s, r.vh = r.u[:, :max_rank].clone(), r.s[:max_rank].clone(), r.vh[:max_rank].clone()
+            r.u, r.s, r.vh = r.u[:, :keep_rank].clone(), r.s[:keep_rank].clone(), r.vh[:keep_rank].clone()
 
     def energy_scores(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared error each candidate removes per parameter, relative to the layer's energy ||W||_F^2.

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..progress import progress
-from ..rpca import alternating_refit
+from ..rpca import alternating_refit, top_triplets
 from .base import (
     AllocationProblem,
     LayerAllocation,
@@ -308,8 +308,9 @@ def _refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.
     resid = target - u @ v
     sparse = torch.zeros_like(target).flatten()
     sparse[kept] = resid.flatten()[kept]
-    su, ss, svh = torch.linalg.svd(target - sparse.view_as(target), full_matrices=False)
-    rank_pool = min(ss.numel(), 2 * uniform.rank + 8)
+    rank_pool = min(min(target.shape), 2 * uniform.rank + 8)
+    # Four power steps: prefixes up to 1.25x the uniform rank within 2e-4 of the SVD's error (two: 1e-3), 4x faster.
+    su, ss, svh = top_triplets(target - sparse.view_as(target), rank_pool, warm=v, solver=cfg.rpca_solver, power_steps=4)
     sparse_pool = min(target.numel(), 2 * uniform.nnz + target.shape[0])
     magnitude = resid.abs()
     if per_row:
@@ -320,7 +321,7 @@ def _refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.
         positions = flat.t().gather(1, order).flatten()[:sparse_pool]
     else:
         positions = magnitude.flatten().argsort(descending=True, stable=True)[:sparse_pool]
-    return _CandidateMasks(c, (su[:, :rank_pool].contiguous(), ss[:rank_pool], svh[:rank_pool].contiguous()), positions)
+    return _CandidateMasks(c, (su.contiguous(), ss, svh.contiguous()), positions)
 
 
 class _MaskedLinear(nn.Module):

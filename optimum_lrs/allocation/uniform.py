@@ -28,10 +28,11 @@ def _fill(c: LayerCandidates, share: int, lowrank_fraction: float) -> LayerAlloc
     return LayerAllocation(rank, nnz)
 
 
-def max_rank(c: LayerCandidates, ratio: float) -> int:
-    """The most triplets `allocate_uniform` can give this layer at `ratio`: its share (plus the one-parameter
-    rounding remainder) spent on rank alone. Triplets beyond it can be freed after Stage 1."""
-    return -(-(int(ratio * c.dense_params) + 1) // c.rank_cost)
+def uniform_rank(c: LayerCandidates, ratio: float, lowrank_fraction: float) -> int:
+    """The rank `allocate_uniform` gives this layer at `ratio` (with or without the one-parameter rounding
+    remainder; settling the budget changes only sparse counts): triplets beyond it can be freed after Stage 1."""
+    share = int(ratio * c.dense_params)
+    return max(_fill(c, share, lowrank_fraction).rank, _fill(c, share + 1, lowrank_fraction).rank)
 
 
 @register_allocator("uniform")
