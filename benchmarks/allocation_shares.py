@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_smollm2()
-    _, cands, _ = stage1(model, LowRankSparseConfig())
+    _, cands, _ = stage1(model, LowRankSparseConfig(rpca_max_rank=None))
     budget = round(args.ratio * sum(c.dense_params for c in cands))
     for method in args.methods:
         alloc = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(allocation=method)))

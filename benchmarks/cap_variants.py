@@ -25,7 +25,10 @@ def main() -> None:
     add_eval_args(parser)
     args = parser.parse_args()
     model, tokenizer, ppl = prepare(args)
-    defaults = LowRankSparseConfig(cache_dir=args.cache_dir)
+    # Stage 1 as compression runs it for the default uniform allocation at this ratio (capped): variants of
+    # other allocations or lowrank_fraction get uncapped or other caps from compress_, so pass rpca_max_rank=None
+    # here to compare those
+    defaults = LowRankSparseConfig(param_ratio=args.ratio, cache_dir=args.cache_dir)
     calibration = c4_calibration(tokenizer, defaults)
     held_out = calibration_windows(c4_texts()[::-1], tokenizer, 512, 8, 7)  # other documents than the calibration
     scales = input_rms(model, find_target_modules(model, defaults), calibration)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
 from optimum_lrs.calibration import calibration_windows
-from optimum_lrs.compress import build_layer, decompose, find_target_modules
+from optimum_lrs.compress import build_layer, decompose, find_target_modules, rpca_rank_cap
 from optimum_lrs.evaluation import perplexity
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -67,12 +67,19 @@ def header(args) -> str:
 
 def stage1(model, config: LowRankSparseConfig, scales: dict | None = None) -> tuple[dict, list[LayerCandidates], float]:
     """RPCA of every targeted layer (activation-aware when `scales` are given), once: the candidates every
-    variant is built from."""
+    variant is built from. Capped as compression caps it for `config` (`rpca_max_rank` at its `param_ratio`),
+    so candidates serve the variants whose `stage1_caps` are the same."""
     targets = find_target_modules(model, config)
     start = time.perf_counter()
     scales = scales or {}
-    candidates = [decompose(name, module, config, scales.get(name)) for name, module in targets.items()]
+    caps = stage1_caps(targets, config)
+    candidates = [decompose(name, module, config, scales.get(name), caps[name]) for name, module in targets.items()]
     return targets, candidates, time.perf_counter() - start
+
+
+def stage1_caps(targets: dict, config: LowRankSparseConfig) -> dict[str, int | None]:
+    """Each target's RPCA rank cap under `config` (None: uncapped), as `compress_` sets it."""
+    return {name: rpca_rank_cap(config, tuple(m.weight.shape), config.param_ratio) for name, m in targets.items()}
 
 
 def compressed_variant(model, targets, candidates, config, budget, calibration=None):

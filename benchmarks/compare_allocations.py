@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer, ppl = prepare(args)
 
-    defaults = LowRankSparseConfig()
+    defaults = LowRankSparseConfig(rpca_max_rank=None)  # one Stage 1 for every method and ratio: full pools
     calibration = calibration_windows(
         c4_texts(), tokenizer, defaults.calibration_seq_len, defaults.calibration_num_samples, defaults.seed
     )

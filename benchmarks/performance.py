@@ -56,10 +56,14 @@ def peak_rss() -> int:
 
 
 def rpca_part(args) -> dict:
-    """Default RPCA (gram solver) and the exact one (SVD per iteration) vs one full SVD, per distinct shape, at
-    the default config's tolerance (what compression runs)."""
-    tol = LowRankSparseConfig().rpca_tol
-    print(f"rpca_tol {tol:g}\n")
+    """The default RPCA (gram solver, rank cap of `rpca_max_rank="auto"` at `--ratio`), the uncapped one and
+    the exact one (uncapped, an SVD per iteration) vs one full SVD, per distinct shape, at the default
+    config's tolerance (what compression runs)."""
+    from optimum_lrs.compress import rpca_rank_cap
+
+    config = LowRankSparseConfig(param_ratio=args.ratio)
+    tol = config.rpca_tol
+    print(f"rpca_tol {tol:g}, rank cap at param_ratio {args.ratio}\n")
     model, _ = load_smollm2()
     layers = [model.model.layers[i] for i in (0, 15, 29)]
     shapes = {}
@@ -67,27 +71,34 @@ def rpca_part(args) -> dict:
         for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
             shapes.setdefault(tuple(module.weight.shape), []).append(module.weight.detach().float())
     rows = []
-    print("| shape | full SVD ms | RPCA gram ms | ratio | RPCA svd ms | ratio | iterations | residual | rank | dL gram vs svd |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | full SVD ms | cap | default RPCA ms | ratio | iterations | residual | uncapped gram ms | ratio | "
+          "iterations | rank | exact (svd solver) ms | ratio | dL uncapped gram vs exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, mats in shapes.items():
+        cap = rpca_rank_cap(config, shape, args.ratio)
         for w in mats:
             svd_s, _ = timed(lambda w=w: torch.linalg.svd(w, full_matrices=False))
+            default_s, default = timed(lambda w=w: robust_pca(w, tol=tol, max_rank=cap), repeats=3)
             gram_s, fast = timed(lambda w=w: robust_pca(w, tol=tol, solver="gram"), repeats=1)
             exact_s, exact = timed(lambda w=w: robust_pca(w, tol=tol, solver="svd"), repeats=1)
             diff = (torch.linalg.matrix_norm(fast.low_rank - exact.low_rank) / torch.linalg.matrix_norm(w)).item()
-            row = {"shape": list(shape), "svd_ms": 1e3 * svd_s, "gram_ms": 1e3 * gram_s, "exact_ms": 1e3 * exact_s,
-                   "gram_ratio": gram_s / svd_s, "exact_ratio": exact_s / svd_s, "iterations": fast.iterations,
-                   "residual": fast.residual, "rank": fast.rank, "lowrank_diff": diff}
+            row = {"shape": list(shape), "cap": cap, "svd_ms": 1e3 * svd_s, "default_ms": 1e3 * default_s,
+                   "default_ratio": default_s / svd_s, "default_iterations": default.iterations,
+                   "default_residual": default.residual, "default_rank": default.rank, "gram_ms": 1e3 * gram_s,
+                   "exact_ms": 1e3 * exact_s, "gram_ratio": gram_s / svd_s, "exact_ratio": exact_s / svd_s,
+                   "iterations": fast.iterations, "residual": fast.residual, "rank": fast.rank, "lowrank_diff": diff}
             rows.append(row)
-            print(f"| {shape[0]}x{shape[1]} | {row['svd_ms']:.1f} | {row['gram_ms']:.0f} | {row['gram_ratio']:.1f}x | "
-                  f"{row['exact_ms']:.0f} | {row['exact_ratio']:.1f}x | {fast.iterations} | {fast.residual:.1e} | "
-                  f"{fast.rank} | {diff:.1e} |", flush=True)
-    return {"rpca_tol": tol, "rows": rows}
+            print(f"| {shape[0]}x{shape[1]} | {row['svd_ms']:.1f} | {cap} | {row['default_ms']:.0f} | "
+                  f"{row['default_ratio']:.1f}x | {default.iterations} | {default.residual:.1e} | {row['gram_ms']:.0f} | "
+                  f"{row['gram_ratio']:.1f}x | {fast.iterations} | {fast.rank} | {row['exact_ms']:.0f} | "
+                  f"{row['exact_ratio']:.1f}x | {diff:.1e} |", flush=True)
+    return {"rpca_tol": tol, "param_ratio": args.ratio, "rows": rows}
 
 
 def quality_part(args) -> dict:
-    """Whole default compression with the fast solver and with the exact one, in the same run: wall time
-    and WikiText-2 perplexity (the issue allows at most 1% perplexity loss for the fast path)."""
+    """Whole default compression, the same with an uncapped Stage 1 and with the exact solver (uncapped, an SVD
+    per iteration), in the same run: wall time and WikiText-2 perplexity (the issue allows at most 1%
+    perplexity loss for the fast path)."""
     from common import wikitext
 
     from optimum_lrs.evaluation import perplexity
@@ -95,19 +106,22 @@ def quality_part(args) -> dict:
     dense, tokenizer = load_smollm2()
     text = wikitext()
     result = {"windows": args.windows}
-    for solver in ("gram", "svd"):
+    variants = {"default": {}, "uncapped": {"rpca_max_rank": None},
+                "exact": {"rpca_max_rank": None, "rpca_solver": "svd"}}
+    for name, settings in variants.items():
         model = copy.deepcopy(dense)
-        config = LowRankSparseConfig(param_ratio=args.ratio, rpca_solver=solver, calibration_data=c4_texts(),
-                                     tokenizer=tokenizer)
+        config = LowRankSparseConfig(param_ratio=args.ratio, calibration_data=c4_texts(), tokenizer=tokenizer, **settings)
         start = time.perf_counter()
         compress_(model, config)
         seconds = time.perf_counter() - start
-        result[solver] = {"seconds": seconds, "perplexity": perplexity(model, tokenizer, text, 512, args.windows)}
-        print(f"rpca_solver={solver}: compression {seconds:.0f} s, perplexity {result[solver]['perplexity']:.2f}", flush=True)
+        result[name] = {"settings": settings, "seconds": seconds,
+                        "perplexity": perplexity(model, tokenizer, text, 512, args.windows)}
+        print(f"{name} {settings}: compression {seconds:.0f} s, perplexity {result[name]['perplexity']:.2f}", flush=True)
         del model
-    fast, exact = result["gram"], result["svd"]
-    print(f"\ngram / svd: time {fast['seconds'] / exact['seconds']:.2f}x, perplexity "
-          f"{fast['perplexity'] / exact['perplexity']:.4f}x")
+    exact = result["exact"]
+    for name in ("default", "uncapped"):
+        print(f"{name} / exact: time {result[name]['seconds'] / exact['seconds']:.2f}x, perplexity "
+              f"{result[name]['perplexity'] / exact['perplexity']:.4f}x")
     return result
 
 
@@ -299,17 +313,21 @@ def scaling_part(args) -> dict:
 
     Full RPCA runs up to 2048 give the iteration counts and the cost of a whole iteration relative to its
     singular value thresholding step; at every size that step and the final re-orthonormalisation are
-    timed on their own, so that 4096 is projected from measured parts without a long run.
+    timed on their own, so that 4096 is projected from measured parts without a long run. The default
+    Stage 1 (`rpca_max_rank="auto"` at 50%, `rpca_tol` 1e-2) is measured at every size.
     """
-    from optimum_lrs.rpca import _orthonormal_triplets, _svt
+    from optimum_lrs.allocation.uniform import stage1_rank_cap
+    from optimum_lrs.rpca import _orthonormal_triplets, _triplets_above
 
+    config = LowRankSparseConfig(param_ratio=0.5)
     rows = []
-    print("\n| n | full SVD s | one iteration s | final step s | iterations | RPCA s | RPCA / SVD |\n|---|---|---|---|---|---|---|")
+    print("\n| n | full SVD s | one iteration s | final step s | iterations | RPCA s | RPCA / SVD | default cap | "
+          "default RPCA s | iterations | default / SVD |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for n in (512, 1024, 2048, 4096):
         w = _weight_like(n, 0)
         svd_s, _ = timed(lambda w=w: torch.linalg.svd(w, full_matrices=False), repeats=1 if n >= 2048 else 3)
         tau = 1e-3 * torch.linalg.matrix_norm(w, ord=2).item()
-        step_s, triplets = timed(lambda w=w, tau=tau: _svt(w, tau, "gram"), repeats=1 if n >= 2048 else 3)
+        step_s, triplets = timed(lambda w=w, tau=tau: _triplets_above(w, tau, "gram"), repeats=1 if n >= 2048 else 3)
         final_s, _ = timed(lambda t=triplets: _orthonormal_triplets(*t), repeats=1)
         if n <= 2048:
             start = time.perf_counter()
@@ -320,10 +338,13 @@ def scaling_part(args) -> dict:
             overhead = (last["rpca_s"] - last["final_s"]) / (last["iterations"] * last["iteration_s"])
             iters = max(r["iterations"] for r in rows)
             total = iters * step_s * overhead + final_s
+        cap = stage1_rank_cap((n, n), 0.5, config.lowrank_fraction)
+        default_s, default = timed(lambda w=w: robust_pca(w, tol=config.rpca_tol, max_rank=cap), repeats=1)
         rows.append({"n": n, "svd_s": svd_s, "iteration_s": step_s, "final_s": final_s, "iterations": iters,
-                     "rpca_s": total, "measured": n <= 2048})
+                     "rpca_s": total, "measured": n <= 2048, "cap": cap, "default_s": default_s,
+                     "default_iterations": default.iterations})
         print(f"| {n} | {svd_s:.2f} | {step_s:.3f} | {final_s:.3f} | {iters} | {total:.1f}{'' if n <= 2048 else ' (projected)'} | "
-              f"{total / svd_s:.1f}x |", flush=True)
+              f"{total / svd_s:.1f}x | {cap} | {default_s:.2f} | {default.iterations} | {default_s / svd_s:.2f}x |", flush=True)
     a, b = _fit([r["n"] for r in rows], [r["iteration_s"] for r in rows])
     alloc_rows = []
     for layers in (16, 32, 64, 128):
@@ -348,14 +369,22 @@ def scaling_part(args) -> dict:
     overhead = (last["rpca_s"] - last["final_s"]) / (last["iterations"] * last["iteration_s"])
     per_block = 4 * a * 4096 ** b + 3 * a * (4096 ** 2 * 11008) ** (b / 3)
     rpca_7b = 32 * per_block * iters * overhead
+    # The default (capped) Stage 1 costs ~ m n k per product with k = the cap ~ 0.1 m n / (m + n): an m x n
+    # matrix costs what an n_eq x n_eq one does with n_eq^3 = 20 m n k (k = n / 20 when square).
+    da, db = _fit([r["n"] for r in rows], [r["default_s"] for r in rows])
+    n_eq = (20 * 4096 * 11008 * stage1_rank_cap((4096, 11008), 0.5, config.lowrank_fraction)) ** (1 / 3)
+    default_7b = 32 * (4 * da * 4096 ** db + 3 * da * n_eq ** db)
     candidates_7b = 32 * (4 * (4096 + 4096 ** 2) + 3 * (4096 + 4096 * 11008))  # every triplet + a dense-size S
     greedy_7b = ga * candidates_7b ** gb
     print(f"\nthresholding step ~ {a:.2e} * n^{b:.2f} s (a whole iteration {overhead:.2f}x that at n={last['n']}); "
           f"global_greedy ~ {ga:.2e} * candidates^{gb:.2f} s")
-    print(f"7B projection ({args.threads} threads, this CPU): RPCA {rpca_7b / 3600:.1f} h "
-          f"({iters} iterations per matrix), global_greedy {greedy_7b / 60:.1f} min over {candidates_7b:.2e} candidates")
-    return {"rpca": rows, "rpca_fit": [a, b], "allocation": alloc_rows, "greedy_fit": [ga, gb],
-            "projection_7b": {"rpca_s": rpca_7b, "global_greedy_s": greedy_7b, "iterations": iters}}
+    print(f"default Stage 1 ~ {da:.2e} * n^{db:.2f} s per n x n matrix")
+    print(f"7B projection ({args.threads} threads, this CPU): uncapped RPCA at tol 1e-4 {rpca_7b / 3600:.1f} h "
+          f"({iters} iterations per matrix), default Stage 1 {default_7b / 3600:.2f} h, global_greedy "
+          f"{greedy_7b / 60:.1f} min over {candidates_7b:.2e} candidates")
+    return {"rpca": rows, "rpca_fit": [a, b], "default_fit": [da, db], "allocation": alloc_rows, "greedy_fit": [ga, gb],
+            "projection_7b": {"rpca_s": rpca_7b, "default_stage1_s": default_7b, "global_greedy_s": greedy_7b,
+                              "iterations": iters}}
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ def main() -> None:
     add_eval_args(parser)
     args = parser.parse_args()
     model, tokenizer, ppl = prepare(args)
-    defaults = LowRankSparseConfig(cache_dir=args.cache_dir)
+    defaults = LowRankSparseConfig(cache_dir=args.cache_dir, rpca_max_rank=None)  # full pools for every method
     calibration = c4_calibration(tokenizer, defaults)
     print(header(args) + f"# calibration: {tuple(calibration.shape)} C4 windows; param_ratio {args.ratio}\n", flush=True)
     start = time.perf_counter()

@@ -30,7 +30,7 @@ def main() -> None:
 
     print(header(args) + f"# param_ratio {args.ratio}\n")
     rows = [("dense", "-", "-", ppl(model))]
-    targets, candidates, rpca_seconds = stage1(model, LowRankSparseConfig(param_ratio=args.ratio))
+    targets, candidates, rpca_seconds = stage1(model, LowRankSparseConfig(param_ratio=args.ratio, rpca_max_rank=None))
     budget = round(args.ratio * sum(c.dense_params for c in candidates))
     rows.append(("magnitude pruning, per matrix", "-", "-", ppl(magnitude_pruned(model, targets, args.ratio))))
     for fraction in args.fractions:

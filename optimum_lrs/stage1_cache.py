@@ -22,7 +22,7 @@ from .rpca import RPCAResult
 logger = logging.getLogger(__name__)
 
 # Bump when the RPCA algorithm changes in a way that changes its results.
-_RPCA_VERSION = 1
+_RPCA_VERSION = 2
 
 
 def cache_key(matrix: torch.Tensor, settings: list) -> str:

@@ -2,9 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_lrs import LowRankSparseConfig
+from safetensors.torch import load_file
+
+from optimum_lrs import LowRankSparseConfig, compress_
 from optimum_lrs.allocation import LayerAllocation
-from optimum_lrs.compress import build_layer, decompose
+from optimum_lrs.compress import build_layer, decompose, rpca_rank_cap
+
+from .conftest import tiny_llama
 
 
 @pytest.fixture
@@ -59,3 +63,27 @@ def test_compacting_the_pools_changes_nothing_when_entries_are_re_picked(linear,
     after = build_layer(cands, keep, linear, cfg)
     for name, tensor in before.state_dict().items():
         assert torch.equal(tensor, after.state_dict()[name]), name
+
+
+def test_default_capped_stage1_builds_the_same_allocation_as_the_uncapped_one(tmp_path):
+    """`rpca_max_rank="auto"` caps uniform's Stage 1 at the rank it keeps: the same counts in every layer,
+    and after the refits each layer within a few percent of the error an uncapped Stage 1 leads to."""
+    dense = tiny_llama()
+    kw = dict(param_ratio=0.5, activation_aware=False)
+    capped = compress_(tiny_llama(), LowRankSparseConfig(cache_dir=str(tmp_path / "capped"), **kw))
+    full = compress_(tiny_llama(), LowRankSparseConfig(cache_dir=str(tmp_path / "full"), rpca_max_rank=None, **kw))
+    # Stage 1 itself ran capped: every cached RPCA has at most 4 triplets (the caps of 64 x 64 and 64 x 160
+    # at 50% are 3 and 4), where the uncapped ones keep dozens.
+    ranks = {d: [load_file(f)["s"].numel() for f in (tmp_path / d).iterdir()] for d in ("capped", "full")}
+    assert len(ranks["capped"]) == len(ranks["full"]) > 0
+    assert max(ranks["capped"]) <= 4 < min(ranks["full"])
+    entries, full_entries = capped.config.quantization_config.compressed_modules, full.config.quantization_config.compressed_modules
+    assert entries.keys() == full_entries.keys() and entries
+    for name, entry in entries.items():
+        assert (entry["rank"], entry["nnz"]) == (full_entries[name]["rank"], full_entries[name]["nnz"])
+        weight = dense.get_submodule(name).weight
+        cap = rpca_rank_cap(LowRankSparseConfig(**kw), tuple(weight.shape), 0.5)
+        assert cap is not None and entry["rank"] <= cap < min(weight.shape) // 4
+        errors = [torch.linalg.matrix_norm(m.get_submodule(name).dense_weight() - weight) / torch.linalg.matrix_norm(weight)
+                  for m in (capped, full)]
+        assert errors[0] < 1.05 * errors[1], name

@@ -17,6 +17,7 @@ BAD_VALUES = [
     ("rpca_max_iter", 0), ("rpca_max_iter", 2.5), ("rpca_max_iter", True),
     ("rpca_tol", 0.0), ("rpca_tol", 1.0),
     ("rpca_rho", 1.0), ("rpca_rho", 0.5), ("rpca_solver", "qr"), ("rpca_solver", None),
+    ("rpca_max_rank", 0), ("rpca_max_rank", 2.5), ("rpca_max_rank", True), ("rpca_max_rank", "full"),
     ("sparse_format", "coo"), ("sparse_format", None),
     ("activation_aware", 1), ("activation_aware", "yes"), ("refine_iterations", -1), ("refine_iterations", 1.5),
     ("refine_iterations", "3"), ("sparse_selection", "column"),
@@ -60,6 +61,21 @@ def test_defaults_and_accepted_forms():
     ids = torch.ones(2, 8, dtype=torch.long)
     assert LowRankSparseConfig(calibration_data=ids).calibration_data is ids
     assert LowRankSparseConfig().quant_method == "optimum_lrs"
+
+
+def test_rpca_rank_cap_auto_follows_what_the_allocation_reads():
+    """"auto" caps Stage 1 at the uniform rank only for uniform allocation, which reads no more than that."""
+    from optimum_lrs.compress import rpca_rank_cap
+
+    # 576 x 576 at 50%: 0.2 * (165888 + 1) // (576 + 576) = 28 triplets, what `allocate_uniform` keeps.
+    assert rpca_rank_cap(LowRankSparseConfig(), (576, 576), 0.5) == 28
+    assert rpca_rank_cap(LowRankSparseConfig(allocation="cap"), (576, 576), 0.5) is None
+    assert rpca_rank_cap(LowRankSparseConfig(lowrank_fraction=0.01), (8, 8), 0.1) == 1  # never 0
+    assert rpca_rank_cap(LowRankSparseConfig(allocation="global_greedy"), (576, 576), 0.5) is None
+    assert rpca_rank_cap(LowRankSparseConfig(allocation="cap", cap_candidates="rpca"), (576, 576), 0.5) is None
+    assert rpca_rank_cap(LowRankSparseConfig(sparse_selection="allocation"), (576, 576), 0.5) is None
+    assert rpca_rank_cap(LowRankSparseConfig(rpca_max_rank=None), (576, 576), 0.5) is None
+    assert rpca_rank_cap(LowRankSparseConfig(rpca_max_rank=7, allocation="global_greedy"), (576, 576), 0.5) == 7
 
 
 def test_round_trip_is_exact_and_strips_runtime_fields():

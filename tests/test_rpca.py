@@ -65,6 +65,37 @@ def test_gram_solver_follows_the_svd_solver(m, n):
     assert torch.allclose(u.t() @ u, eye, atol=1e-3) and torch.allclose(vh @ vh.t(), eye, atol=1e-3)
 
 
+@pytest.mark.parametrize("solver", ["gram", "svd"])
+@pytest.mark.parametrize("max_rank", [4, 9])
+def test_capped_rpca_recovers_planted_low_rank_plus_sparse(max_rank, solver):
+    """The truncated SVT (top triplets by warm subspace iteration, far below min(m, n) / 4) must find the exact
+    solver's split wherever the true rank fits under the cap."""
+    low, sparse = planted(240, 180, rank=4, density=0.05)
+    exact = robust_pca(low + sparse, tol=1e-6, max_iter=200, solver=solver)
+    capped = robust_pca(low + sparse, tol=1e-6, max_iter=200, solver=solver, max_rank=max_rank)
+    assert capped.converged and capped.residual < 1e-6 and capped.rank == 4
+    assert abs(capped.iterations - exact.iterations) <= 1
+    for res in (capped, exact):
+        assert torch.linalg.matrix_norm(res.low_rank - low) / torch.linalg.matrix_norm(low) < 1e-4
+        assert torch.linalg.matrix_norm(res.sparse - sparse) / torch.linalg.matrix_norm(sparse) < 1e-4
+    assert torch.allclose(capped.s, exact.s, rtol=1e-4)
+    eye = torch.eye(4)
+    assert torch.allclose(capped.u.t() @ capped.u, eye, atol=1e-4) and torch.allclose(capped.vh @ capped.vh.t(), eye, atol=1e-4)
+
+
+def test_cap_below_the_rank_keeps_the_split_exact():
+    """A cap under W's rank is a different decomposition, not a lossy one: L has at most `max_rank` triplets,
+    the top ones of L's own SVD, and S takes the rest so that W = L + S to the tolerance."""
+    w = weight_like(200, 160, seed=3)
+    res = robust_pca(w, tol=1e-3, max_rank=6)
+    assert res.converged and res.residual < 1e-3 and 1 <= res.rank <= 6
+    recon = res.low_rank + res.sparse
+    assert (torch.linalg.matrix_norm(w - recon) / torch.linalg.matrix_norm(w)).item() == pytest.approx(res.residual, rel=1e-3)
+    assert torch.allclose(torch.linalg.svdvals(res.low_rank)[: res.rank], res.s, rtol=1e-3)
+    with pytest.raises(ValueError, match="max_rank must be None or >= 1"):
+        robust_pca(w, max_rank=0)
+
+
 def test_unknown_solver_is_refused():
     with pytest.raises(ValueError, match="solver must be one of"):
         robust_pca(torch.ones(3, 3), solver="qr")

@@ -35,6 +35,13 @@ def uniform_rank(c: LayerCandidates, ratio: float, lowrank_fraction: float) -> i
     return max(_fill(c, share, lowrank_fraction).rank, _fill(c, share + 1, lowrank_fraction).rank)
 
 
+def stage1_rank_cap(shape: tuple[int, int], ratio: float, lowrank_fraction: float) -> int:
+    """The rank `uniform_rank` gives a matrix of this shape when its pools are large enough, known before
+    Stage 1: the cap of `rpca_max_rank="auto"`. At least 1, because the first RPCA iteration reads ||W||_2."""
+    rows, cols = shape
+    return max(1, int(lowrank_fraction * (int(ratio * rows * cols) + 1)) // (rows + cols))
+
+
 @register_allocator("uniform")
 def allocate_uniform(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     ratio = problem.budget / problem.dense_params
