@@ -232,7 +232,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     kept = kept_parameters(problem, allocation)
     entries = {}
     for c in progress(candidates, desc="extract factors", unit="layer"):
-        source = targets[c.name]
+        source = targets.pop(c.name)  # held no longer than the model holds it: freed as its layer is replaced
         keep = allocation[c.name]
         model.set_submodule(c.name, build_layer(c, keep, source, config))
         entries[c.name] = {

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
-from optimum_lrs.allocation.cap import _CandidateMasks, _MaskedLinear, project_to_budget
+from optimum_lrs.allocation.cap import _CandidateMasks, _MaskedLinear, _NextTokenLoss, _RowLevels, project_to_budget
 from optimum_lrs.compress import decompose
 
 from .conftest import tiny_llama
@@ -178,3 +179,42 @@ def test_prefix_masks_build_the_same_weight_as_indexed_masks(residual_values, sc
     prefix.prefix = (rank, nnz)
     expected = _MaskedLinear(linear, indexed, residual_values).indexed_weight()
     assert torch.allclose(_MaskedLinear(linear, prefix, residual_values).prefix_weight(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_row_levels_keep_every_prefix_of_the_per_row_order(scaled):
+    """The 2-byte level map against the order written out: level j = every row's (j+1)-th largest |R|, levels in
+    turn, within a level the rows by that value (ties by row), for every prefix length."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 12, 20
+    weight, u, v = torch.randn(rows, cols, generator=g), torch.randn(rows, 3, generator=g), torch.randn(3, cols, generator=g)
+    scale = torch.rand(cols, generator=g) + 0.5 if scaled else None
+    magnitude = ((weight if scale is None else weight * scale) - u @ v).abs()
+    values, idx = magnitude.sort(dim=1, descending=True)
+    by_level = values.t().argsort(dim=1, descending=True, stable=True)  # level j: rows by their (j+1)-th value
+    order = (idx + torch.arange(rows)[:, None] * cols).t().gather(1, by_level).flatten()
+    levels = _RowLevels(magnitude, rows * cols, weight, scale, u, v)
+    assert levels.level.dtype == torch.int16
+    for nnz in range(rows * cols + 1):
+        expected = torch.zeros(rows * cols, dtype=torch.bool)
+        expected[order[:nnz]] = True
+        assert torch.equal(levels.kept(nnz).flatten(), expected), nnz
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_chunked_loss_is_the_mean_next_token_cross_entropy(architecture):
+    """Llama's head is a plain linear map of the last hidden state: chunked through the head. Gemma 2 soft-caps
+    its logits: the check must see that and fall back to the model's own logits."""
+    if architecture == "llama":
+        model = tiny_llama()
+    else:
+        config = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5)
+        model = Gemma2ForCausalLM(config).eval()
+    batch = CALIB[:2]
+    with torch.no_grad():
+        logits = model(batch).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = _NextTokenLoss(model, batch[:1, :8], chunk_floats=5 * model.config.vocab_size)
+        assert loss.chunk == 5 and (loss.split is not None) == (architecture == "llama")
+        assert loss(batch) == pytest.approx(expected.item(), rel=1e-5)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layer import index_dtype_for
 from ..progress import progress
 from ..rpca import alternating_refit, top_triplets
 from .base import (
@@ -85,35 +86,79 @@ def project_to_budget(z: list[torch.Tensor], costs: list[float], budget: float) 
     return nu
 
 
+class _PlaceMap:
+    """Which sparse candidates a prefix of `nnz` keeps, for any order: each position's place in it as a dense
+    int32 map (4 bytes per weight), so that a sample's kept entries are one comparison instead of a gather and
+    a scatter (on SmolLM2 these took as long as the forward itself)."""
+
+    def __init__(self, positions: torch.Tensor, shape: tuple[int, int]):
+        place = torch.full((shape[0] * shape[1],), torch.iinfo(torch.int32).max, dtype=torch.int32)
+        place[positions] = torch.arange(positions.numel(), dtype=torch.int32)
+        self.place, self.count = place.view(shape), positions.numel()
+
+    def kept(self, nnz: int) -> torch.Tensor:
+        return self.place < nnz
+
+
+class _RowLevels:
+    """The same for the per-row order of refit candidates (`sparse_selection="row"`), in 2 bytes per weight.
+
+    That order is by levels: level j holds every row's (j+1)-th largest |R| (R = target - u v, the refit's
+    residual), levels in turn, within a level the rows by that value. A prefix is whole levels plus the best
+    rows of one more. Kept: each entry's level (its place in its row), and u, v and the weight, from which
+    the partly kept level's m values are recomputed when a sample needs them.
+    """
+
+    def __init__(self, magnitude: torch.Tensor, count: int, weight: torch.Tensor, scale: torch.Tensor | None,
+                 u: torch.Tensor, v: torch.Tensor):
+        rows, cols = magnitude.shape
+        by_size = magnitude.sort(dim=1, descending=True).indices
+        dtype = index_dtype_for(cols - 1)
+        self.level = torch.empty(rows, cols, dtype=dtype).scatter_(1, by_size, torch.arange(cols, dtype=dtype).expand(rows, cols))
+        self.count, self.weight, self.scale, self.u, self.v = count, weight, scale, u, v
+
+    def kept(self, nnz: int) -> torch.Tensor:
+        rows = self.level.shape[0]
+        whole, extra = divmod(nnz, rows)
+        mask = self.level < whole
+        if extra:
+            cols = (self.level == whole).to(torch.uint8).argmax(1)  # each row's entry at level `whole`
+            target = self.weight[torch.arange(rows), cols].float()
+            if self.scale is not None:
+                target = target * self.scale[cols]
+            value = (target - (self.u * self.v[:, cols].t()).sum(1)).abs()
+            best = value.argsort(descending=True, stable=True)[:extra]
+            mask[best, cols[best]] = True
+        return mask
+
+
 class _CandidateMasks:
     """One layer's candidates -- triplets (u, s, vh), sparse positions best first -- and the current sample's
-    kept ones. By default Stage 1's: RPCA's triplets and S's non-zeros, largest |S| first."""
+    kept ones. By default Stage 1's: RPCA's triplets and S's non-zeros, largest |S| first. Refit candidates
+    come with their sparse order as a `_PlaceMap` / `_RowLevels` (`order`) instead of a position list."""
 
     def __init__(self, c: LayerCandidates, triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 positions: torch.Tensor | None = None):
+                 order: _PlaceMap | _RowLevels | None = None):
         self.c = c
         self.u, self.s, self.vh = triplets if triplets is not None else (c.rpca.u, c.rpca.s, c.rpca.vh)
-        self.positions = c.sparse_positions() if positions is None else positions
+        self.order = order
+        self.positions = c.sparse_positions() if order is None else None
+        self.sparse_count = self.positions.numel() if order is None else order.count
         self.keep_rank: torch.Tensor | None = None  # indices into the spectrum
         self.keep_pos: torch.Tensor | None = None  # flat positions in S
         self.prefix: tuple[int, int] | None = None  # or: keep the leading (rank, nnz) candidates (`use_prefixes`)
 
     def use_prefixes(self) -> None:
-        """For samples that keep leading candidates (the count policies): each position's place in the sparse
-        order as a dense int32 map, so that a sample's kept entries are one comparison instead of a gather and
-        a scatter (on SmolLM2 these took as long as the forward itself), in place of the int64 position list;
-        and the triplets as factors of the unscaled weight."""
-        shape = (self.c.out_features, self.c.in_features)
-        order = torch.full((shape[0] * shape[1],), torch.iinfo(torch.int32).max, dtype=torch.int32)
-        order[self.positions] = torch.arange(self.positions.numel(), dtype=torch.int32)
-        self.order, self.positions = order.view(shape), None
-        scale = self.c.column_scale
-        self.us, self.vh_w = self.u * self.s, self.vh if scale is None else self.vh / scale
+        """For samples that keep leading candidates (the count policies): the sparse order as a `_PlaceMap`
+        in place of the int64 position list, and the triplets as factors u sqrt(s), sqrt(s) vh."""
+        if self.order is None:
+            self.order, self.positions = _PlaceMap(self.positions, (self.c.out_features, self.c.in_features)), None
+        root = self.s.sqrt()
+        self.u, self.vh = self.u * root, root[:, None] * self.vh
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u sqrt(s), sqrt(s) vh) of the `rank` leading triplets."""
-        root = self.s[:rank].sqrt()
-        return self.u[:, :rank] * root, root[:, None] * self.vh[:rank]
+        """(u sqrt(s), sqrt(s) vh) of the `rank` leading triplets (after `use_prefixes`)."""
+        return self.u[:, :rank], self.vh[:rank]
 
 
 def _scores(p: _CandidateMasks, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +279,7 @@ class _LayerPolicy:
         uniform = allocate_uniform(problem)
         self.base = torch.tensor([n + 1 for c in problem.candidates for n in (uniform[c.name].rank, uniform[c.name].nnz)],
                                  dtype=torch.float64)
-        self.pool = torch.tensor([n for p in pools for n in (min(p.c.rank_pool, p.s.numel()), min(p.c.sparse_pool, p.positions.numel()))],
+        self.pool = torch.tensor([n for p in pools for n in (min(p.c.rank_pool, p.s.numel()), min(p.c.sparse_pool, p.sparse_count))],
                                  dtype=torch.float64)
         for p in pools:
             p.use_prefixes()
@@ -294,7 +339,7 @@ def _refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.
     `cap_refine_iterations` short of `refine_iterations`: the final layer does those); the triplets are the SVD
     of the weight minus that sparse part, the sparse candidates the entries of the weight minus the rank-r
     part, ordered so that every prefix is what the selection keeps (per row: each row's k-th largest entries
-    before any row's (k+1)-th). At the uniform counts the masked layer is the final uniform layer. The pools
+    before any row's (k+1)-th; `_RowLevels`). At the uniform counts the masked layer is the final uniform layer. The pools
     reach twice the uniform counts: the policy's samples move counts by a few percent.
     """
     cfg = problem.config
@@ -302,6 +347,7 @@ def _refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.
     target = weight if c.column_scale is None else weight * c.column_scale
     root = c.rpca.s[: uniform.rank].sqrt()
     u, v = c.rpca.u[:, : uniform.rank] * root, root[:, None] * c.rpca.vh[: uniform.rank]
+    c.compact(0)  # Stage 1's triplets were needed only as this start (the pool sizes stay)
     per_row = cfg.sparse_selection == "row"
     iterations = cfg.refine_iterations - cfg.cap_refine_iterations  # the rest run at the allocated counts
     u, v, kept = alternating_refit(target, u, v, uniform.nnz, iterations, per_row, cfg.rpca_solver)
@@ -314,22 +360,23 @@ def _refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.
     sparse_pool = min(target.numel(), 2 * uniform.nnz + target.shape[0])
     magnitude = resid.abs()
     if per_row:
-        values, idx = magnitude.sort(dim=1, descending=True)  # column j: every row's (j+1)-th largest
-        take = -(-sparse_pool // target.shape[0])
-        flat = idx[:, :take] + torch.arange(target.shape[0])[:, None] * target.shape[1]
-        order = values[:, :take].t().argsort(dim=1, descending=True, stable=True)
-        positions = flat.t().gather(1, order).flatten()[:sparse_pool]
+        order = _RowLevels(magnitude, sparse_pool, dense.weight.detach(), c.column_scale, u, v)
     else:
-        positions = magnitude.flatten().argsort(descending=True, stable=True)[:sparse_pool]
-    return _CandidateMasks(c, (su.contiguous(), ss, svh.contiguous()), positions)
+        order = _PlaceMap(magnitude.flatten().argsort(descending=True, stable=True)[:sparse_pool], target.shape)
+    return _CandidateMasks(c, (su.contiguous(), ss, svh.contiguous()), order)
 
 
 class _MaskedLinear(nn.Module):
-    """Stands in for a target Linear during Stage 2: W~ from the current sample, built only inside forward."""
+    """Stands in for a target Linear during Stage 2: W~ from the current sample, built only inside forward.
 
-    def __init__(self, dense: nn.Linear, pool: _CandidateMasks, residual_values: bool):
+    The count policies' W~ is written into a `workspace` buffer that every layer of the same shape reuses:
+    a fresh one per layer and forward left the allocator's heap 100+ MiB larger after a few forwards."""
+
+    def __init__(self, dense: nn.Linear, pool: _CandidateMasks, residual_values: bool,
+                 workspace: dict[tuple[int, int], torch.Tensor] | None = None):
         super().__init__()
         self.dense, self.pool, self.residual_values = dense, pool, residual_values
+        self.workspace = {} if workspace is None else workspace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.indexed_weight() if self.pool.prefix is None else self.prefix_weight()
@@ -355,17 +402,50 @@ class _MaskedLinear(nn.Module):
         """The same W~ for a sample that keeps the leading `prefix` candidates (after `use_prefixes`)."""
         p, scale = self.pool, self.pool.c.column_scale
         rank, nnz = p.prefix
-        low = p.us[:, :rank] @ p.vh_w[:rank]
-        kept = p.order < nnz
+        shape = (p.c.out_features, p.c.in_features)
+        if shape not in self.workspace:
+            self.workspace[shape] = torch.empty(shape, dtype=p.u.dtype, device=p.u.device)
+        low = torch.matmul(p.u[:, :rank], p.vh[:rank], out=self.workspace[shape])
+        if scale is not None:
+            low /= scale
+        kept = p.order.kept(nnz)
         if self.residual_values:
-            return torch.where(kept, self.dense.weight.detach().float(), low)
+            return torch.where(kept, self.dense.weight.detach().float(), low, out=low)
         sparse = p.c.rpca.sparse if scale is None else p.c.rpca.sparse / scale
         return torch.where(kept, low + sparse, low)
 
 
-def _loss(model: nn.Module, batch: torch.Tensor) -> float:
-    logits = model(batch).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
+class _NextTokenLoss:
+    """The model's mean next-token cross-entropy on a batch, with at most `chunk` positions' logits at a time
+    where the model allows: all of them are batch x seq x vocab floats (96 MiB for SmolLM2 at 1 x 512, plus
+    as much again for their log-softmax), CAP's largest transient.
+
+    Chunked when the model's logits are its output embedding applied to its body's last hidden state,
+    checked once on `probe` tokens (not so for heads that soft-cap or scale logits, e.g. Gemma 2: those
+    get their full logits, then a chunked log-softmax)."""
+
+    def __init__(self, model: nn.Module, probe: torch.Tensor, chunk_floats: int = 1 << 20):
+        # Chunks of ~4 MB: larger ones came from the heap and left it 100+ MiB larger after a few forwards.
+        self.model, self.chunk = model, max(1, chunk_floats // model.config.vocab_size)
+        body, head = getattr(model, "base_model", model), model.get_output_embeddings()
+        self.split = None
+        if body is not model and head is not None:
+            logits = model(probe, use_cache=False).logits
+            if torch.allclose(head(body(probe, use_cache=False).last_hidden_state), logits, rtol=1e-4, atol=1e-5):
+                self.split = body, head
+
+    def __call__(self, batch: torch.Tensor) -> float:
+        labels = F.pad(batch[:, 1:], (0, 1), value=-100).flatten()  # a row's last position predicts nothing
+        if self.split is None:
+            logits = self.model(batch, use_cache=False).logits.flatten(0, 1)
+            chunk_logits = lambda i: logits[i:i + self.chunk]  # noqa: E731
+        else:
+            body, head = self.split
+            hidden = body(batch, use_cache=False).last_hidden_state.flatten(0, 1)
+            chunk_logits = lambda i: head(hidden[i:i + self.chunk])  # noqa: E731
+        total = sum(F.cross_entropy(chunk_logits(i).float(), labels[i:i + self.chunk], ignore_index=-100, reduction="sum")
+                    for i in range(0, labels.numel(), self.chunk))
+        return (total / (labels != -100).sum()).item()
 
 
 @register_allocator("cap")
@@ -385,8 +465,10 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     policy = _CandidatePolicy(pools, problem) if cfg.cap_policy == "candidate" else _LayerPolicy(pools, problem)
 
     residual_values = cfg.sparse_values == "residual" or refit
+    loss = _NextTokenLoss(model, calib[:1, :16])
+    workspace: dict[tuple[int, int], torch.Tensor] = {}
     for p in pools:
-        model.set_submodule(p.c.name, _MaskedLinear(targets[p.c.name], p, residual_values))
+        model.set_submodule(p.c.name, _MaskedLinear(targets[p.c.name], p, residual_values, workspace))
     generator = torch.Generator().manual_seed(cfg.seed)
     history = []
     try:
@@ -396,7 +478,7 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
             samples, losses = [], []
             for _ in range(cfg.cap_samples):
                 samples.append(policy.sample(generator))
-                losses.append(_loss(model, batch))
+                losses.append(loss(batch))
             losses = torch.tensor(losses)
             policy.update(samples, losses)
             history.append(losses.mean().item())
