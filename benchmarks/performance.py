@@ -221,19 +221,23 @@ def bytes_part(model_dir: Path) -> dict:
 
 
 def inference_part(args, model_dir: Path) -> dict:
-    """Prefill of 512 tokens and greedy decoding of 64 tokens with `generate`, batch 1 and 8, dense vs compressed.
+    """Prefill of 512 tokens and greedy decoding of 64 tokens with `generate`, batch 1 and 8, dense vs compressed
+    (CSR, bitmask, and `dequantize()`d back to dense layers holding U V + S).
 
-    The two models alternate within each repeat so that drift on a shared machine hits both alike.
+    The models alternate within each repeat so that drift on a shared machine hits all alike.
     """
     from optimum_lrs import LRSModelForCausalLM, set_sparse_format
 
     dense, tokenizer = load_smollm2()
     models = {"dense": dense.eval(), "csr": LRSModelForCausalLM.from_pretrained(model_dir).eval(),
-              "bitmask": set_sparse_format(LRSModelForCausalLM.from_pretrained(model_dir), "bitmask").eval()}
+              "bitmask": set_sparse_format(LRSModelForCausalLM.from_pretrained(model_dir), "bitmask").eval(),
+              "dequantized": LRSModelForCausalLM.from_pretrained(model_dir).dequantize().eval()}
     ids = calibration_ids(tokenizer, 8, 512, seed=1)
     cases = [("prefill 512", b) for b in (1, 8)] + [("decode 64", b) for b in (1, 8)]
     results = []
-    print("\n| case | batch | dense s | csr s | ratio | bitmask s | ratio |\n|---|---|---|---|---|---|---|")
+    others = [name for name in models if name != "dense"]
+    print("\n| case | batch | dense s | " + " | ".join(f"{n} s | ratio" for n in others) + " |\n|---|---|---|"
+          + "---|---|" * len(others))
     for case, batch in cases:
         times = {name: [] for name in models}
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped
@@ -247,10 +251,9 @@ def inference_part(args, model_dir: Path) -> dict:
                                        pad_token_id=tokenizer.eos_token_id)
                     times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(t[1:]) for name, t in times.items()}
-        results.append({"case": case, "batch": batch, **med, "csr_ratio": med["csr"] / med["dense"],
-                        "bitmask_ratio": med["bitmask"] / med["dense"]})
-        print(f"| {case} | {batch} | {med['dense']:.3f} | {med['csr']:.3f} | {med['csr'] / med['dense']:.2f}x | "
-              f"{med['bitmask']:.3f} | {med['bitmask'] / med['dense']:.2f}x |", flush=True)
+        results.append({"case": case, "batch": batch, **med, **{f"{n}_ratio": med[n] / med["dense"] for n in others}})
+        print(f"| {case} | {batch} | {med['dense']:.3f} | "
+              + " | ".join(f"{med[n]:.3f} | {med[n] / med['dense']:.2f}x" for n in others) + " |", flush=True)
     return {"rows": results}
 
 

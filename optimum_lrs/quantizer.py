@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import (
     HfQuantizer,
@@ -73,6 +75,22 @@ class LRSHfQuantizer(HfQuantizer):
             if isinstance(module, LowRankSparseLinear) and name in modules:
                 modules[name].update(rank=module.rank, nnz=module.nnz)
         return None, {}
+
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: every compressed layer back to an `nn.Linear` holding U V + S, for dense-speed
+        inference or export to runtimes that only read dense weights (the values are the compressed model's;
+        memory and bytes are the dense model's again)."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LowRankSparseLinear):
+                weight = module.dense_weight()
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  dtype=dtype or weight.dtype, device=weight.device)
+                with torch.no_grad():
+                    dense.weight.copy_(weight)
+                    if module.bias is not None:
+                        dense.bias.copy_(module.bias)
+                model.set_submodule(name, dense)
+        return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True

@@ -255,3 +255,18 @@ def test_fast_solver_compresses_like_the_exact_one(dense_checkpoint, input_ids):
     ref = logits(dense, input_ids)
     err = {s: torch.linalg.norm(logits(m, input_ids) - ref).item() for s, m in models.items()}
     assert err["gram"] < 1.05 * err["svd"] + 1e-6, err
+
+
+def test_dequantize_gives_a_plain_dense_model_with_the_same_outputs(saved, input_ids, tmp_path):
+    """`model.dequantize()` (transformers' API): nn.Linear layers holding U V + S, same logits, saves and
+    reloads as an ordinary checkpoint without the plugin's config."""
+    model = LRSModelForCausalLM.from_pretrained(saved[1])
+    expected = logits(model, input_ids)
+    names = set(compressed_layers(model))
+    model.dequantize()
+    assert not compressed_layers(model)
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in names)
+    assert torch.allclose(logits(model, input_ids), expected, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path), input_ids), expected, atol=1e-5)
