@@ -95,7 +95,7 @@ def main() -> None:
     statistics_s = time.perf_counter() - start
     results["activation_statistics_s"] = statistics_s
     results["stage1"] = []
-    stages = {}  # Stage 1 per set of rank caps: uniform's is capped per ratio, CAP and global_greedy share the uncapped one
+    stages = {}  # Stage 1 per set of rank caps: uniform and CAP share one capped per ratio, global_greedy the uncapped one
 
     def stage1_for(cfg: LowRankSparseConfig) -> tuple[list, dict]:
         key = tuple(stage1_caps(targets, cfg).items())

@@ -94,12 +94,11 @@ def check_weight(name: str, module: nn.Linear) -> None:
 
 def rpca_rank_cap(config: LowRankSparseConfig, shape: tuple[int, int], ratio: float) -> int | None:
     """The `max_rank` of one layer's RPCA at budget `ratio` (`rpca_max_rank`, "auto" resolved: capped at the
-    uniform rank for uniform allocation with re-picked sparse entries, the only case measured to lose nothing;
-    CAP's refit candidates start from the same triplets but came out 4% worse from a capped Stage 1)."""
+    uniform rank where the allocation reads no more of Stage 1 than that rank's triplets and S's size:
+    uniform with re-picked sparse entries, and CAP refitting its candidates from them)."""
     if config.rpca_max_rank != "auto":
         return config.rpca_max_rank
-    uniform = config.allocation == "uniform" and config.stage1_reads_uniform_rank
-    return stage1_rank_cap(shape, ratio, config.lowrank_fraction) if uniform else None
+    return stage1_rank_cap(shape, ratio, config.lowrank_fraction) if config.stage1_reads_uniform_rank else None
 
 
 def decompose(
@@ -227,7 +226,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
         candidates.append(decompose(name, module, config, scales.get(name), cap))
         if compact:
             candidates[-1].compact(uniform_rank(candidates[-1], budget / dense, config.lowrank_fraction))
-    problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration)
+    problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration, consumable=True)
     allocation = allocate(problem)
     kept = kept_parameters(problem, allocation)
     entries = {}

@@ -154,11 +154,12 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             eigendecomposition of the smaller Gram matrix, same iterates as `"svd"` (a full SVD per
             iteration) to ~1e-5 and 2-3x faster on CPU (docs/performance.md).
         rpca_max_rank: at most this many singular triplets per RPCA iteration (a truncated SVT: L has rank
-            <= the cap, S takes the rest). `"auto"` (default): with `allocation="uniform"` and re-picked sparse
-            entries, which read only each layer's leading uniform-rank triplets and S's size, the cap is that
-            rank: Stage 1 3.5x faster, per-layer errors after the refits within 0.3% (SmolLM2 at 50%:
-            perplexity 65.33 vs 66.54 uncapped; docs/performance.md). Uncapped for the other allocations (CAP
-            from a capped Stage 1 measured 64.95 vs 62.45). None: never capped; an int: the same cap everywhere.
+            <= the cap, S takes the rest). `"auto"` (default): where the allocation reads only each layer's
+            leading uniform-rank triplets and S's size (`allocation="uniform"` with re-picked sparse entries,
+            and `"cap"` refitting its candidates), the cap is that rank: Stage 1 3.5x faster, per-layer errors
+            after the refits within 0.3% (SmolLM2 at 50%: uniform 65.33 vs 66.54 uncapped; CAP over three seeds
+            64.33 vs 65.27 mean perplexity, at 0.8x the time; docs/results.md). Uncapped for global_greedy and
+            the other CAP variants, which read all of Stage 1. None: never capped; an int: the same cap everywhere.
         sparse_format: how each compressed layer stores S's positions, in memory and in the checkpoint:
             `"csr"` (default; column indices + row pointer, multiplied with torch's sparse kernels) or
             `"bitmask"` (one bit per weight position: smallest when S is dense enough, e.g. 0.53x the

@@ -141,7 +141,7 @@ def test_uniform_init_with_no_steps_is_the_uniform_allocation(policy):
     then builds the uniform model itself; the layer policy splits the same number of refits between its
     candidates and the final layers, so each layer's error is uniform's (one exact SVD fit in between can only
     lower it); started over from Stage 1 instead of from the candidates, its last 5 refits would be far worse."""
-    # the refits then fit W itself; both from the same (uncapped) Stage 1, which "auto" gives CAP but not uniform
+    # the refits then fit W itself; both from the same (uncapped) Stage 1: "auto" caps each at its own uniform rank
     kw = dict(param_ratio=0.5, calibration_data=CALIB, activation_aware=False, rpca_max_rank=None)
     uniform = compress_(tiny_llama(), LowRankSparseConfig(**kw))
     cap = compress_(tiny_llama(), cap_config(**kw, cap_policy=policy, cap_steps=0))

@@ -64,12 +64,14 @@ def test_defaults_and_accepted_forms():
 
 
 def test_rpca_rank_cap_auto_follows_what_the_allocation_reads():
-    """"auto" caps Stage 1 at the uniform rank only for uniform allocation, which reads no more than that."""
+    """"auto" caps Stage 1 at the uniform rank where the allocation reads no more than that (uniform, CAP on
+    refit candidates)."""
     from optimum_lrs.compress import rpca_rank_cap
 
     # 576 x 576 at 50%: 0.2 * (165888 + 1) // (576 + 576) = 28 triplets, what `allocate_uniform` keeps.
     assert rpca_rank_cap(LowRankSparseConfig(), (576, 576), 0.5) == 28
-    assert rpca_rank_cap(LowRankSparseConfig(allocation="cap"), (576, 576), 0.5) is None
+    assert rpca_rank_cap(LowRankSparseConfig(allocation="cap"), (576, 576), 0.5) == 28
+    assert rpca_rank_cap(LowRankSparseConfig(allocation="cap", cap_policy="candidate"), (576, 576), 0.5) is None
     assert rpca_rank_cap(LowRankSparseConfig(lowrank_fraction=0.01), (8, 8), 0.1) == 1  # never 0
     assert rpca_rank_cap(LowRankSparseConfig(allocation="global_greedy"), (576, 576), 0.5) is None
     assert rpca_rank_cap(LowRankSparseConfig(allocation="cap", cap_candidates="rpca"), (576, 576), 0.5) is None

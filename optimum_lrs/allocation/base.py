@@ -95,13 +95,16 @@ class LayerAllocation:
 
 @dataclass
 class AllocationProblem:
-    """Everything an allocator may use; `model` and `calibration` serve loss-driven methods."""
+    """Everything an allocator may use; `model` and `calibration` serve loss-driven methods. With
+    `consumable`, the caller will not read the candidates' Stage 1 triplets again (`compress_model`), so an
+    allocator may free them once it has used them; benchmarks that share candidates between methods leave it off."""
 
     candidates: list[LayerCandidates]
     budget: int
     config: LowRankSparseConfig
     model: Any = None
     calibration: Any = None
+    consumable: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

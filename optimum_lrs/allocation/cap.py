@@ -347,7 +347,8 @@ def _refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.
     target = weight if c.column_scale is None else weight * c.column_scale
     root = c.rpca.s[: uniform.rank].sqrt()
     u, v = c.rpca.u[:, : uniform.rank] * root, root[:, None] * c.rpca.vh[: uniform.rank]
-    c.compact(0)  # Stage 1's triplets were needed only as this start (the pool sizes stay)
+    if problem.consumable:
+        c.compact(0)  # Stage 1's triplets were needed only as this start (the pool sizes stay)
     per_row = cfg.sparse_selection == "row"
     iterations = cfg.refine_iterations - cfg.cap_refine_iterations  # the rest run at the allocated counts
     u, v, kept = alternating_refit(target, u, v, uniform.nnz, iterations, per_row, cfg.rpca_solver)
