@@ -158,7 +158,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             leading uniform-rank triplets and S's size (`allocation="uniform"` with re-picked sparse entries,
             and `"cap"` refitting its candidates), the cap is that rank: Stage 1 3.5x faster, per-layer errors
             after the refits within 0.3% (SmolLM2 at 50%: uniform 65.33 vs 66.54 uncapped; CAP over three seeds
-            64.33 vs 65.27 mean perplexity, at 0.8x the time; docs/results.md). Uncapped for global_greedy and
+            64.28 vs 65.27 mean perplexity, at 0.8x the time; docs/results.md). Uncapped for global_greedy and
             the other CAP variants, which read all of Stage 1. None: never capped; an int: the same cap everywhere.
         sparse_format: how each compressed layer stores S's positions, in memory and in the checkpoint:
             `"csr"` (default; column indices + row pointer, multiplied with torch's sparse kernels) or
