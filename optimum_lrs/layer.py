@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import kernels
+
 # How S's positions are stored: CSR (column index per entry + row pointer) or a bitmask over all m x n
 # positions. Which is smaller depends on S's density and the value dtype (docs/checkpoint-format.md).
 SPARSE_FORMATS = ("csr", "bitmask")
@@ -73,6 +75,23 @@ class _FrozenSparseMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         with _quiet_sparse():
             return torch.sparse.mm(ctx.sparse_t, grad.t().contiguous()).t(), None, None
+
+
+class _FrozenBitmaskMatmul(torch.autograd.Function):
+    """x S^T (float32) for a frozen bitmask-coded S, by the C kernels: gradients flow to x only."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask, values)
+        ctx.input_shape, ctx.input_dtype = flat.shape, flat.dtype
+        out = torch.zeros(flat.shape[0], mask.shape[0], dtype=torch.float32, device=flat.device)
+        return kernels.bitmask_addmm_(out, flat, mask, values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mask, values = ctx.saved_tensors
+        grad_input = torch.zeros(ctx.input_shape, dtype=torch.float32, device=grad.device)
+        return kernels.bitmask_addmm_t_(grad_input, grad, mask, values).to(ctx.input_dtype), None, None
 
 
 class LowRankSparseLinear(nn.Module):
@@ -274,7 +293,10 @@ class LowRankSparseLinear(nn.Module):
         # Autograd would keep each rebuilt weight alive until backward (a dense copy of every layer during
         # training), so inputs that need a gradient stay on the sparse kernel.
         needs_grad = torch.is_grad_enabled() and flat.requires_grad
-        if self.sparse_format == "bitmask" or (flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad):
+        rebuild = flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad
+        if self.sparse_format == "bitmask" and not rebuild and kernels.can_run(flat):
+            return self._bitmask_kernel_forward(flat, needs_grad).reshape(*lead, self.out_features)
+        if self.sparse_format == "bitmask" or rebuild:
             return torch.nn.functional.linear(flat, self._rebuilt_weight(), self.bias).reshape(*lead, self.out_features)
         out = (flat @ self.lowrank_v.t()) @ self.lowrank_u.t()
         if self.nnz:
@@ -290,12 +312,26 @@ class LowRankSparseLinear(nn.Module):
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
 
+    def _bitmask_kernel_forward(self, flat: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        """x (U V)^T + b by torch, plus x S^T by the C kernels over S's set positions only (no dense weight)."""
+        out = nn.functional.linear(nn.functional.linear(flat, self.lowrank_v), self.lowrank_u, self.bias)
+        if needs_grad:
+            return out + _FrozenBitmaskMatmul.apply(flat, self.sparse_bitmask, self.sparse_values).to(out.dtype)
+        if out.dtype == torch.float32:
+            return kernels.bitmask_addmm_(out, flat, self.sparse_bitmask, self.sparse_values)
+        sparse_out = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        return out + kernels.bitmask_addmm_(sparse_out, flat, self.sparse_bitmask, self.sparse_values).to(out.dtype)
+
     def _rebuilt_weight(self) -> torch.Tensor:
         """U V + S as a transient dense matrix (values are in row-major order in both layouts)."""
-        weight = torch.zeros(self.out_features, self.in_features, dtype=self.lowrank_u.dtype, device=self.lowrank_u.device)
-        if self.sparse_format == "bitmask":
+        factory = {"dtype": self.lowrank_u.dtype, "device": self.lowrank_u.device}
+        if self.sparse_format == "bitmask" and kernels.can_run(self.sparse_bitmask):
+            weight = kernels.bitmask_to_dense(self.sparse_bitmask, self.sparse_values, self.in_features).to(**factory)
+        elif self.sparse_format == "bitmask":
+            weight = torch.zeros(self.out_features, self.in_features, **factory)
             weight.masked_scatter_(unpack_bits(self.sparse_bitmask, self.in_features), self.sparse_values)
-        elif self.nnz:
+        else:
+            weight = torch.zeros(self.out_features, self.in_features, **factory)
             rows = torch.repeat_interleave(torch.arange(self.out_features, device=weight.device),
                                            self.sparse_row_offsets.long().diff())
             weight[rows, self.sparse_col_indices.long()] = self.sparse_values

@@ -1,0 +1,303 @@
+/* Products with a sparse matrix S stored as a row-padded bitmask plus its values in row-major order,
+ * the `sparse_format="bitmask"` layout of LowRankSparseLinear (optimum_lrs/layer.py):
+ *
+ *   mask:   uint8 (m, nb), nb = ceil(n / 8); column j of row i is bit j % 8 (least significant first)
+ *           of byte mask[i * nb + j / 8]; padding bits are 0.
+ *   values: float32 (nnz,), the set positions' values, row by row, columns ascending.
+ *
+ * lrs_bitmask_matmul: y (T, m) += x (T, n) S^T   (the layer's forward)
+ * lrs_bitmask_matmul_t: y (T, n) += x (T, m) S   (the gradient with respect to the layer's input)
+ * lrs_bitmask_to_dense: dense (m, n) = S         (the rebuilt weight for long inputs)
+ *
+ * Every array is dense, row-major and contiguous. Up to FEW_TOKENS tokens (decoding), each mask byte's 8
+ * weights are expanded into a vector once and multiplied with every token. For more tokens only the set
+ * positions are touched: for each one, a tile of up to TILE tokens of the transposed input is scaled and
+ * added, which vectorises over tokens. docs/performance.md has the measurements behind the constants.
+ * Threads: OpenMP where the compiler has it; loaded into a process that has imported torch, the library
+ * binds to torch's own libgomp (same soname), so the two share one thread pool.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "mask words are read as little-endian integers"
+#endif
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+#define TILE 48      /* tokens per tile: 6 vectors of 8 floats stay in registers */
+#define FEW_TOKENS 8  /* up to this many tokens, expand each mask byte (measured against 16..64) */
+#define ROW_BLOCK 32 /* rows per work item (measured against 8 and 16) */
+
+/* Up to 8 bytes of a mask row as a little-endian word (bit b = column 8 * first_byte + b). */
+static inline uint64_t mask_word(const uint8_t *p, int64_t bytes) {
+    uint64_t w = 0;
+    memcpy(&w, p, bytes < 8 ? (size_t)bytes : 8);
+    return w;
+}
+
+/* starts[i] = index in values of row i's first entry; starts[m] = nnz. Returns nnz. */
+static int64_t row_starts(const uint8_t *mask, int64_t m, int64_t nb, int64_t *starts) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < m; i++) {
+        starts[i] = k;
+        const uint8_t *row = mask + i * nb;
+        for (int64_t b = 0; b < nb; b += 8) k += __builtin_popcountll(mask_word(row + b, nb - b));
+    }
+    starts[m] = k;
+    return k;
+}
+
+/* x (T, dim) transposed tile by tile: tile q (tokens q * width ...) is a contiguous (dim, width) block at
+ * xt + q * dim * width, so that a tile's rows stay close in cache; tokens past T are zero. */
+static void transpose_tiles(const float *x, int64_t T, int64_t dim, float *xt, int64_t width, int nthreads) {
+    int64_t tiles = (T + width - 1) / width, blocks = (dim + 15) / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t item = 0; item < tiles * blocks; item++) {
+        int64_t q = item / blocks, j0 = item % blocks * 16, j1 = j0 + 16 < dim ? j0 + 16 : dim;
+        float *tile = xt + q * dim * width;
+        for (int64_t t = 0; t < width; t++) {
+            int64_t token = q * width + t;
+            for (int64_t j = j0; j < j1; j++) tile[j * width + t] = token < T ? x[token * dim + j] : 0.0f;
+        }
+    }
+}
+
+/* Tile width for T tokens: TILE, or T rounded up to whole vectors when T < TILE. */
+static int64_t tile_width(int64_t T) { return T >= TILE ? TILE : (T + 7) / 8 * 8; }
+
+/* Forward over rows [r0, r1) (at most ROW_BLOCK) and the tokens [t0, t0 + tw) whose transposed tile is
+ * xt (n, ld): y[t0 + t, i] += sum_j S[i, j] xt[j, t]. Columns go 64 at a time (one mask word), all rows of
+ * the block per word, so that the 64 tile rows being read stay in L1 while every row uses them. */
+#define FORWARD_TILE(NV)                                                                                        \
+    static void forward_tile_##NV(const float *xt, int64_t ld, int64_t t0, int64_t tw, const uint8_t *mask,    \
+                                  int64_t nb, const float *values, const int64_t *starts, int64_t r0,           \
+                                  int64_t r1, float *y, int64_t m) {                                            \
+        v8 acc[ROW_BLOCK][NV];                                                                                  \
+        const float *val[ROW_BLOCK];                                                                            \
+        for (int64_t r = 0; r < r1 - r0; r++) {                                                                 \
+            val[r] = values + starts[r0 + r];                                                                   \
+            for (int q = 0; q < NV; q++) acc[r][q] = (v8){0};                                                   \
+        }                                                                                                       \
+        for (int64_t b = 0; b < nb; b += 8) {                                                                   \
+            const float *block = xt + b * 8 * ld;                                                               \
+            for (int64_t r = 0; r < r1 - r0; r++) {                                                             \
+                uint64_t w = mask_word(mask + (r0 + r) * nb + b, nb - b);                                       \
+                if (!w) continue;                                                                               \
+                v8 a[NV];                                                                                       \
+                for (int q = 0; q < NV; q++) a[q] = acc[r][q];                                                  \
+                const float *v = val[r];                                                                        \
+                while (w) {                                                                                     \
+                    const float *src = block + __builtin_ctzll(w) * ld;                                         \
+                    for (int q = 0; q < NV; q++) a[q] += *v * *(const v8 *)(src + 8 * q);                       \
+                    v++;                                                                                        \
+                    w &= w - 1;                                                                                 \
+                }                                                                                               \
+                val[r] = v;                                                                                     \
+                for (int q = 0; q < NV; q++) acc[r][q] = a[q];                                                  \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int64_t r = 0; r < r1 - r0; r++) {                                                                 \
+            float out[8 * NV];                                                                                  \
+            memcpy(out, acc[r], sizeof(out));                                                                   \
+            for (int64_t t = 0; t < tw; t++) y[(t0 + t) * m + r0 + r] += out[t];                                \
+        }                                                                                                       \
+    }
+FORWARD_TILE(1)
+FORWARD_TILE(2)
+FORWARD_TILE(3)
+FORWARD_TILE(4)
+FORWARD_TILE(5)
+FORWARD_TILE(6)
+
+typedef void (*forward_tile_fn)(const float *, int64_t, int64_t, int64_t, const uint8_t *, int64_t, const float *,
+                                const int64_t *, int64_t, int64_t, float *, int64_t);
+static const forward_tile_fn forward_tiles[TILE / 8 + 1] = {NULL, forward_tile_1, forward_tile_2, forward_tile_3,
+                                                            forward_tile_4, forward_tile_5, forward_tile_6};
+
+#ifdef __AVX2__
+/* expand_index[byte][l]: where lane l's value sits among the byte's set bits (popcount of the bits below l). */
+static int32_t expand_index[256][8];
+__attribute__((constructor)) static void fill_expand_index(void) {
+    for (unsigned byte = 0; byte < 256; byte++) {
+        int32_t below = 0;
+        for (int l = 0; l < 8; l++) {
+            expand_index[byte][l] = below;
+            below += (byte >> l) & 1u;
+        }
+    }
+}
+
+/* The 8 weights of one mask byte: lane l is the next value if bit l is set, else 0. Loads values[0..8). */
+static inline __m256 expand_byte(const float *values, unsigned byte) {
+    const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), lane_bits), lane_bits);
+    __m256i idx = _mm256_loadu_si256((const __m256i *)expand_index[byte]);
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(values), idx), _mm256_castsi256_ps(lanes));
+}
+#endif
+
+#ifdef __AVX2__
+/* TT (1..8) tokens, rows [r0, r1): each mask byte's 8 weights are expanded once into a vector and used for
+ * every token, a register accumulator per token; for so few tokens this beats one pass per set position. */
+#define FORWARD_FEW(TT)                                                                                         \
+    static void forward_few_##TT(const float *x, const uint8_t *mask, int64_t n, int64_t nb,                   \
+                                 const float *values, const int64_t *starts, int64_t nnz, int64_t r0,           \
+                                 int64_t r1, float *y, int64_t m) {                                             \
+        for (int64_t i = r0; i < r1; i++) {                                                                     \
+            const uint8_t *row = mask + i * nb;                                                                 \
+            int64_t k = starts[i], b = 0;                                                                       \
+            __m256 acc[TT];                                                                                     \
+            for (int t = 0; t < TT; t++) acc[t] = _mm256_setzero_ps();                                          \
+            for (; b < n / 8 && k + 8 <= nnz; b++) {                                                            \
+                __m256 w = expand_byte(values + k, row[b]);                                                     \
+                for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * n + b * 8), acc[t]); \
+                k += __builtin_popcount(row[b]);                                                                \
+            }                                                                                                   \
+            for (int t = 0; t < TT; t++) {                                                                      \
+                float lanes[8], sum = 0.0f;                                                                     \
+                _mm256_storeu_ps(lanes, acc[t]);                                                                \
+                for (int l = 0; l < 8; l++) sum += lanes[l];                                                    \
+                for (int64_t tb = b, tk = k; tb < nb; tb++)                                                     \
+                    for (unsigned byte = row[tb]; byte; byte &= byte - 1)                                       \
+                        sum += values[tk++] * x[t * n + tb * 8 + __builtin_ctz(byte)];                          \
+                y[t * m + i] += sum;                                                                            \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
+FORWARD_FEW(1)
+FORWARD_FEW(2)
+FORWARD_FEW(3)
+FORWARD_FEW(4)
+FORWARD_FEW(5)
+FORWARD_FEW(6)
+FORWARD_FEW(7)
+FORWARD_FEW(8)
+
+typedef void (*forward_few_fn)(const float *, const uint8_t *, int64_t, int64_t, const float *, const int64_t *,
+                               int64_t, int64_t, int64_t, float *, int64_t);
+static const forward_few_fn forward_few[9] = {NULL, forward_few_1, forward_few_2, forward_few_3, forward_few_4,
+                                              forward_few_5, forward_few_6, forward_few_7, forward_few_8};
+#endif
+
+/* dense (m, n) = S. Returns 0, or -2 when the mask sets other than nvalues bits (dense untouched). */
+int lrs_bitmask_to_dense(const uint8_t *mask, int64_t m, int64_t n, int64_t nb, const float *values,
+                         int64_t nvalues, float *dense, int nthreads) {
+    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
+    if (!starts) return -1;
+    if (row_starts(mask, m, nb, starts) != nvalues) {
+        free(starts);
+        return -2;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < m; i++) {
+        const uint8_t *row = mask + i * nb;
+        float *out = dense + i * n;
+        int64_t k = starts[i], b = 0;
+#ifdef __AVX2__
+        for (; b < n / 8 && k + 8 <= nvalues; b++) {
+            _mm256_storeu_ps(out + b * 8, expand_byte(values + k, row[b]));
+            k += __builtin_popcount(row[b]);
+        }
+#endif
+        for (int64_t j = b * 8; j < n; j++) out[j] = (row[j / 8] >> (j % 8)) & 1 ? values[k++] : 0.0f;
+    }
+    free(starts);
+    return 0;
+}
+
+/* The product entry points return 0; -1 when a work buffer could not be allocated, -2 when the mask sets other than
+ * nvalues bits (y untouched in both cases). */
+int lrs_bitmask_matmul(const float *x, int64_t T, int64_t n, const uint8_t *mask, int64_t m, int64_t nb,
+                       const float *values, int64_t nvalues, float *y, int nthreads) {
+    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
+    if (!starts) return -1;
+    int64_t nnz = row_starts(mask, m, nb, starts);
+    if (nnz != nvalues) {
+        free(starts);
+        return -2;
+    }
+    int64_t row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK;
+#ifdef __AVX2__
+    if (T <= FEW_TOKENS) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t rb = 0; rb < row_blocks; rb++) {
+            int64_t r1 = (rb + 1) * ROW_BLOCK < m ? (rb + 1) * ROW_BLOCK : m;
+            forward_few[T](x, mask, n, nb, values, starts, nnz, rb * ROW_BLOCK, r1, y, m);
+        }
+        free(starts);
+        return 0;
+    }
+#endif
+    int64_t width = tile_width(T), tiles = (T + width - 1) / width;
+    float *xt = malloc((size_t)(tiles * n * width) * sizeof(float));
+    if (!xt) {
+        free(starts);
+        return -1;
+    }
+    transpose_tiles(x, T, n, xt, width, nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * row_blocks; item++) {
+        int64_t q = item / row_blocks, rb = item % row_blocks;
+        int64_t t0 = q * width, tw = T - t0 < width ? T - t0 : width;
+        int64_t r0 = rb * ROW_BLOCK, r1 = r0 + ROW_BLOCK < m ? r0 + ROW_BLOCK : m;
+        forward_tiles[(tw + 7) / 8](xt + q * n * width, width, t0, tw, mask, nb, values, starts, r0, r1, y, m);
+    }
+    free(xt);
+    free(starts);
+    return 0;
+}
+
+int lrs_bitmask_matmul_t(const float *x, int64_t T, int64_t m, const uint8_t *mask, int64_t n, int64_t nb,
+                         const float *values, int64_t nvalues, float *y, int nthreads) {
+    /* Token tiles are independent: each thread accumulates its tile of y^T (n, TILE) privately. */
+    int64_t set_bits = 0;
+    for (int64_t b = 0; b < m * nb; b += 8) set_bits += __builtin_popcountll(mask_word(mask + b, m * nb - b));
+    if (set_bits != nvalues) return -2;
+    int64_t width = tile_width(T), tiles = (T + width - 1) / width;
+    if (nthreads > tiles) nthreads = (int)tiles;
+    float *xt = malloc((size_t)(tiles * m * width) * sizeof(float));
+    float *acc = malloc((size_t)(n * width * nthreads) * sizeof(float));
+    if (!xt || !acc) {
+        free(xt);
+        free(acc);
+        return -1;
+    }
+    transpose_tiles(x, T, m, xt, width, nthreads);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *mine = acc + (size_t)(n * width) * (size_t)omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t q = 0; q < tiles; q++) {
+            int64_t t0 = q * width, tw = T - t0 < width ? T - t0 : width;
+            memset(mine, 0, (size_t)(n * width) * sizeof(float));
+            const float *val = values;
+            for (int64_t i = 0; i < m; i++) {
+                const uint8_t *row = mask + i * nb;
+                const v8 *src = (const v8 *)(xt + (q * m + i) * width);
+                for (int64_t b = 0; b < nb; b += 8) {
+                    uint64_t w = mask_word(row + b, nb - b);
+                    while (w) {
+                        v8 *dst = (v8 *)(mine + (b * 8 + __builtin_ctzll(w)) * width);
+                        float v = *val++;
+                        for (int q = 0; q < (tw + 7) / 8; q++) dst[q] += v * src[q];
+                        w &= w - 1;
+                    }
+                }
+            }
+            for (int64_t t = 0; t < tw; t++)
+                for (int64_t j = 0; j < n; j++) y[(t0 + t) * n + j] += mine[j * width + t];
+        }
+    }
+    free(acc);
+    free(xt);
+    return 0;
+}

@@ -1,0 +1,179 @@
+"""CPU kernels for the bitmask sparse layout, compiled from `csrc/` with the system C compiler on first use.
+
+torch has no kernel for a bitmask-coded sparse matrix, and its CSR kernels lose to dense matmul at the
+~40% density of S at 50% (docs/performance.md). The C source is small and builds in about a second; the
+shared library is cached per source, compiler flags and CPU (`-march=native`) under
+`$OPTIMUM_LRS_CACHE` (default `~/.cache/optimum_lrs`). Without a working compiler, or with
+`OPTIMUM_LRS_NO_KERNELS=1`, `bitmask_library()` is None and the layers use their torch path: same results,
+slower decoding. `tests/test_kernels.py` checks every path against the dense product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "bitmask_matmul.c"
+DISABLE_ENV = "OPTIMUM_LRS_NO_KERNELS"
+# Tried in order: the first that compiles is used (no OpenMP means one thread; no -march=native means no AVX2).
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
+)
+_disabled = False
+_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+
+
+def _compiler() -> list[str] | None:
+    configured = os.environ.get("CC") or sysconfig.get_config_var("CC") or ""
+    for candidate in (shlex.split(configured), ["cc"], ["gcc"], ["clang"]):
+        if candidate and shutil.which(candidate[0]):
+            return candidate
+    return None
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` depends on: the CPU's feature flags (Linux) or the processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("OPTIMUM_LRS_CACHE") or Path.home() / ".cache" / "optimum_lrs") / "kernels"
+
+
+def _build(compiler: list[str]) -> Path:
+    """Compile the source into the cache (atomically, so that concurrent processes may race) and return it."""
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, " ".join(compiler + flags).encode(), _cpu_signature().encode()]))
+        target = _cache_dir() / f"bitmask_matmul-{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        proc = subprocess.run([*compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            os.replace(tmp, target)
+            logger.info("optimum_lrs: built %s with %s", target, " ".join(compiler + flags))
+            return target
+        os.unlink(tmp)
+        errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-500:]}")
+    raise OSError("could not compile " + str(SOURCE) + ":\n" + "\n".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def bitmask_library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (logged once) when they are disabled or cannot be built here."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("optimum_lrs: no C compiler found; bitmask layers use the slower torch path")
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except OSError as exc:
+        logger.warning("optimum_lrs: bitmask kernels unavailable, using the slower torch path (%s)", exc)
+        return None
+    for name in ("lrs_bitmask_matmul", "lrs_bitmask_matmul_t"):
+        getattr(library, name).argtypes = _ARGTYPES
+        getattr(library, name).restype = ctypes.c_int
+    library.lrs_bitmask_to_dense.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    library.lrs_bitmask_to_dense.restype = ctypes.c_int
+    return library
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Layers take their torch paths inside this block even where the kernels are built: tests and benchmarks
+    compare the two."""
+    global _disabled
+    before, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = before
+
+
+def can_run(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels apply: CPU tensors, a library built for this machine, not inside `disabled()`."""
+    return not _disabled and all(t.device.type == "cpu" for t in tensors) and bitmask_library() is not None
+
+
+def bitmask_addmm_(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out (T, m) += x (T, n) S^T for S given as `mask` (m, ceil(n / 8)) uint8 and row-major float32 `values`."""
+    return _call("lrs_bitmask_matmul", out, x, mask, values, rows=out.shape[1], cols=x.shape[1])
+
+
+def bitmask_addmm_t_(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out (T, n) += x (T, m) S: the product with S^T, i.e. the gradient of `bitmask_addmm_` for its input."""
+    return _call("lrs_bitmask_matmul_t", out, x, mask, values, rows=x.shape[1], cols=out.shape[1])
+
+
+def bitmask_to_dense(mask: torch.Tensor, values: torch.Tensor, cols: int) -> torch.Tensor:
+    """S as a dense float32 (rows, cols) tensor, from `mask` (rows, ceil(cols / 8)) and row-major `values`."""
+    values = values.to(torch.float32).contiguous()
+    mask = mask.contiguous()
+    if mask.shape[1] != -(-cols // 8):
+        raise ValueError(f"bitmask_to_dense: mask {tuple(mask.shape)} does not cover {cols} columns")
+    dense = torch.empty(mask.shape[0], cols, dtype=torch.float32)
+    status = bitmask_library().lrs_bitmask_to_dense(mask.data_ptr(), mask.shape[0], cols, mask.shape[1],
+                                                    values.data_ptr(), values.numel(), dense.data_ptr(),
+                                                    torch.get_num_threads())
+    _check(status, "bitmask_to_dense", values.numel(), mask.shape[0])
+    return dense
+
+
+def _check(status: int, name: str, nvalues: int, tokens: int) -> None:
+    if status == -2:
+        raise ValueError(f"{name}: the bitmask's set bits do not number the {nvalues} values")
+    if status != 0:
+        raise MemoryError(f"{name}: could not allocate its work buffers ({tokens} rows)")
+
+
+def _call(name: str, out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
+          rows: int, cols: int) -> torch.Tensor:
+    """Checks and calls one entry point: S is (rows, cols), x (T, x.shape[1]), out (T, out.shape[1])."""
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"{name}: out must be a contiguous float32 tensor, got {out.dtype}")
+    x = x.to(torch.float32).contiguous()
+    values = values.to(torch.float32).contiguous()
+    mask = mask.contiguous()
+    if mask.shape != (rows, -(-cols // 8)) or out.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: shapes out {tuple(out.shape)}, x {tuple(x.shape)}, mask {tuple(mask.shape)} disagree")
+    if x.shape[0] == 0:
+        return out
+    status = getattr(bitmask_library(), name)(
+        x.data_ptr(), x.shape[0], x.shape[1], mask.data_ptr(), out.shape[1], mask.shape[1], values.data_ptr(),
+        values.numel(), out.data_ptr(), torch.get_num_threads())
+    _check(status, name, values.numel(), x.shape[0])
+    return out

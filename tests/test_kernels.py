@@ -1,0 +1,145 @@
+"""The C kernels for the bitmask layout against the dense products they replace, and their fallback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optimum_lrs import LowRankSparseLinear, kernels
+from optimum_lrs.layer import DENSE_REBUILD_TOKENS, pack_bits
+
+needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
+
+# Token counts around every path switch: the per-byte path (<= 8), whole and partial 48-token tiles.
+TOKENS = [1, 2, 5, 8, 9, 17, 48, 49, 100]
+
+
+def sparse(rows: int, cols: int, density: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random S (dense), its packed mask and its row-major values."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < density
+    dense = torch.randn(rows, cols, generator=g) * mask
+    return dense, pack_bits(mask), dense[mask]
+
+
+@needs_kernels
+def test_the_kernels_build_where_a_compiler_exists():
+    """CI has a compiler: the fast path must really run there, not silently fall back."""
+    assert kernels.bitmask_library() is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (7, 13), (33, 70), (40, 64), (96, 200)])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.4, 1.0])
+def test_products_match_the_dense_ones(rows, cols, density):
+    s, mask, values = sparse(rows, cols, density, seed=rows * cols)
+    g = torch.Generator().manual_seed(1)
+    for tokens in TOKENS:
+        x, start = torch.randn(tokens, cols, generator=g), torch.randn(tokens, rows, generator=g)
+        got = kernels.bitmask_addmm_(start.clone(), x, mask, values)
+        torch.testing.assert_close(got, start + x @ s.t(), rtol=1e-5, atol=1e-4)
+        grad, start_t = torch.randn(tokens, rows, generator=g), torch.randn(tokens, cols, generator=g)
+        got_t = kernels.bitmask_addmm_t_(start_t.clone(), grad, mask, values)
+        torch.testing.assert_close(got_t, start_t + grad @ s, rtol=1e-5, atol=1e-4)
+    assert torch.equal(kernels.bitmask_to_dense(mask, values, cols), s)
+
+
+@needs_kernels
+def test_a_real_sized_layer_matches_at_every_path():
+    """576 x 576 at the 50% split's density: several row blocks and mask words per row."""
+    s, mask, values = sparse(576, 576, 0.4)
+    for tokens in (1, 8, 64, 300):
+        x = torch.randn(tokens, 576, generator=torch.Generator().manual_seed(tokens))
+        got = kernels.bitmask_addmm_(torch.zeros(tokens, 576), x, mask, values)
+        torch.testing.assert_close(got, x @ s.t(), rtol=1e-4, atol=1e-3)
+
+
+@needs_kernels
+def test_a_mask_that_disagrees_with_the_values_is_refused_and_writes_nothing():
+    _, mask, values = sparse(9, 20, 0.5)
+    out = torch.ones(3, 9)
+    for call in (lambda: kernels.bitmask_addmm_(out, torch.randn(3, 20), mask, values[:-1]),
+                 lambda: kernels.bitmask_addmm_t_(torch.ones(3, 20), torch.randn(3, 9), mask, values[1:]),
+                 lambda: kernels.bitmask_to_dense(mask, values[:-2], 20)):
+        with pytest.raises(ValueError, match="set bits"):
+            call()
+    assert torch.equal(out, torch.ones(3, 9))
+    with pytest.raises(ValueError, match="disagree"):
+        kernels.bitmask_addmm_(out, torch.randn(3, 25), mask, values)
+
+
+def _layer(in_f=70, out_f=45, rank=4, density=0.4, bias=True, dtype=torch.float32) -> LowRankSparseLinear:
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(out_f, in_f, generator=g) * (torch.rand(out_f, in_f, generator=g) < density)
+    b = torch.randn(out_f, generator=g) if bias else None
+    return LowRankSparseLinear.from_factors(torch.randn(out_f, rank, generator=g), torch.randn(rank, in_f, generator=g),
+                                            s, b, dtype=dtype).with_sparse_format("bitmask")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 6, 50, DENSE_REBUILD_TOKENS])
+def test_layer_forward_with_and_without_the_kernels_agree(dtype, tokens):
+    layer = _layer(dtype=dtype)
+    x = torch.randn(2, tokens, 70, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    with torch.no_grad():
+        fast = layer(x)
+        with kernels.disabled():
+            assert not kernels.can_run(x)
+            slow = layer(x)
+    expected = x.float() @ layer.dense_weight().float().t() + layer.bias.float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert fast.dtype == dtype and fast.shape == (2, tokens, 45)
+    torch.testing.assert_close(fast.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@needs_kernels
+def test_short_bitmask_inputs_never_build_a_dense_weight(monkeypatch):
+    layer = _layer()
+    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight", lambda self: pytest.fail("forward rebuilt W"))
+    monkeypatch.setattr(LowRankSparseLinear, "dense_weight", lambda self: pytest.fail("forward densified W"))
+    with torch.no_grad():
+        layer(torch.randn(DENSE_REBUILD_TOKENS - 1, 70))
+    layer(torch.randn(DENSE_REBUILD_TOKENS + 5, 70, requires_grad=True))  # training stays sparse however long
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [3, 130])
+def test_input_gradient_through_the_kernels_matches_dense(tokens):
+    layer = _layer()
+    x = torch.randn(tokens, 70, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    grad_out = torch.randn(tokens, 45, generator=torch.Generator().manual_seed(4))
+    (layer(x) * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, grad_out @ layer.dense_weight(), rtol=1e-4, atol=1e-4)
+    assert all(p.grad is None for p in layer.parameters())
+
+
+def _fallback_run(env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = (
+        "import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
+        "from optimum_lrs import kernels, LowRankSparseLinear\n"
+        "assert kernels.bitmask_library() is None\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "s = torch.randn(12, 20, generator=g) * (torch.rand(12, 20, generator=g) < 0.4)\n"
+        "layer = LowRankSparseLinear.from_factors(torch.randn(12, 2), torch.randn(2, 20), s).with_sparse_format('bitmask')\n"
+        "x = torch.randn(3, 20)\n"
+        "assert torch.allclose(layer(x), x @ layer.dense_weight().t(), atol=1e-5)\n"
+        "print('fallback ok')\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_without_a_working_compiler_layers_fall_back_to_torch(tmp_path):
+    proc = _fallback_run({"CC": "false", "OPTIMUM_LRS_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "fallback ok" in proc.stdout and "bitmask kernels unavailable" in proc.stderr
+
+
+def test_the_kernels_can_be_switched_off(tmp_path):
+    proc = _fallback_run({"OPTIMUM_LRS_NO_KERNELS": "1", "OPTIMUM_LRS_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "fallback ok" in proc.stdout and not list(tmp_path.iterdir())
