@@ -220,17 +220,30 @@ def bytes_part(model_dir: Path) -> dict:
     return result
 
 
+def timed_together(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall seconds of each function over `repeats` rounds that call all of them in turn (after one
+    warm-up round): drift on a shared machine then hits every function alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
 def inference_part(args, model_dir: Path) -> dict:
     """Prefill of 512 tokens and greedy decoding of 64 tokens with `generate`, batch 1 and 8, dense vs compressed
-    (CSR, bitmask, and `dequantize()`d back to dense layers holding U V + S).
-
-    The models alternate within each repeat so that drift on a shared machine hits all alike.
+    (bitmask, the default layout, with the C kernels; CSR; and `dequantize()`d back to dense layers holding U V + S).
     """
-    from optimum_lrs import LRSModelForCausalLM, set_sparse_format
+    from optimum_lrs import LRSModelForCausalLM, kernels, set_sparse_format
 
+    if kernels.bitmask_library() is None:
+        raise RuntimeError("the bitmask kernels did not build here; this part measures them")
     dense, tokenizer = load_smollm2()
-    models = {"dense": dense.eval(), "csr": LRSModelForCausalLM.from_pretrained(model_dir).eval(),
+    models = {"dense": dense.eval(),
               "bitmask": set_sparse_format(LRSModelForCausalLM.from_pretrained(model_dir), "bitmask").eval(),
+              "csr": set_sparse_format(LRSModelForCausalLM.from_pretrained(model_dir), "csr").eval(),
               "dequantized": LRSModelForCausalLM.from_pretrained(model_dir).dequantize().eval()}
     ids = calibration_ids(tokenizer, 8, 512, seed=1)
     cases = [("prefill 512", b) for b in (1, 8)] + [("decode 64", b) for b in (1, 8)]
@@ -238,19 +251,16 @@ def inference_part(args, model_dir: Path) -> dict:
     others = [name for name in models if name != "dense"]
     print("\n| case | batch | dense s | " + " | ".join(f"{n} s | ratio" for n in others) + " |\n|---|---|---|"
           + "---|---|" * len(others))
+
+    def run(model, case, batch):
+        if case.startswith("prefill"):
+            return lambda: model(ids[:batch])
+        return lambda: model.generate(ids[:batch, :16], max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                      pad_token_id=tokenizer.eos_token_id)
+
     for case, batch in cases:
-        times = {name: [] for name in models}
-        for _ in range(args.repeats + 1):  # the first round warms up and is dropped
-            for name, model in models.items():
-                with torch.inference_mode():
-                    start = time.perf_counter()
-                    if case.startswith("prefill"):
-                        model(ids[:batch])
-                    else:
-                        model.generate(ids[:batch, :16], max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                       pad_token_id=tokenizer.eos_token_id)
-                    times[name].append(time.perf_counter() - start)
-        med = {name: statistics.median(t[1:]) for name, t in times.items()}
+        with torch.inference_mode():
+            med = timed_together({name: run(model, case, batch) for name, model in models.items()}, args.repeats)
         results.append({"case": case, "batch": batch, **med, **{f"{n}_ratio": med[n] / med["dense"] for n in others}})
         print(f"| {case} | {batch} | {med['dense']:.3f} | "
               + " | ".join(f"{med[n]:.3f} | {med[n] / med['dense']:.2f}x" for n in others) + " |", flush=True)
@@ -259,11 +269,19 @@ def inference_part(args, model_dir: Path) -> dict:
 
 def kernels_part(args) -> dict:
     """One layer of each SmolLM2 shape at the 50% default split (rank share 0.2, S ~40% dense, random
-    positions): dense `F.linear` vs the CSR and bitmask layers, and the CSR forward's parts, by token count."""
+    positions), by token count: dense `F.linear` vs the bitmask layer (C kernels), the same without them
+    (`kernels.disabled()`: a rebuilt weight per call) and the CSR layer; then the bitmask layer's parts.
+    "layer" columns take the layer's own dispatch (rebuilt dense weight from `DENSE_REBUILD_TOKENS` on); the
+    parts force one path each: S's product alone (tile or per-byte kernel), the rebuild, the low-rank part."""
+    from optimum_lrs import kernels
+    from optimum_lrs.layer import DENSE_REBUILD_TOKENS
+
     rows = []
-    print("| shape | tokens | dense us | csr | bitmask | csr parts: S x (spmm) | low-rank | building the CSR tensor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"(rebuild from {DENSE_REBUILD_TOKENS} tokens on; kernels: {kernels.bitmask_library()})")
+    print("| shape | tokens | dense us | bitmask | bitmask, no kernels | csr | S kernel alone | rebuilt weight | "
+          "low-rank part |\n|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
+    linear = torch.nn.functional.linear
     for m, n in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
         weight = torch.randn(m, n, generator=g)
         share = m * n // 2
@@ -274,22 +292,31 @@ def kernels_part(args) -> dict:
         csr = LowRankSparseLinear.from_factors(torch.randn(m, rank, generator=g), torch.randn(rank, n, generator=g),
                                                weight * keep.view(m, n))
         bitmask = csr.with_sparse_format("bitmask")
-        sparse = csr.sparse_matrix()
+        mask, values = bitmask.sparse_bitmask, bitmask.sparse_values
         for tokens in (1, 8, 64, 512, 4096):
             x = torch.randn(tokens, n, generator=g)
+            out = torch.zeros(tokens, m)
+
+            def without_kernels(layer=bitmask, x=x):
+                with kernels.disabled():
+                    return layer(x)
+
             with torch.inference_mode():
-                t = {name: timed(fn, repeats=10)[0] * 1e6 for name, fn in {
-                    "dense": lambda x=x, w=weight: torch.nn.functional.linear(x, w),
-                    "csr": lambda x=x, layer=csr: layer(x),
-                    "bitmask": lambda x=x, layer=bitmask: layer(x),
-                    "spmm": lambda x=x, s=sparse: torch.sparse.mm(s, x.t()),
-                    "lowrank": lambda x=x, layer=csr: (x @ layer.lowrank_v.t()) @ layer.lowrank_u.t(),
-                    "build": lambda layer=csr: layer.sparse_matrix(),
-                }.items()}
+                t = timed_together({
+                    "dense": lambda x=x, w=weight: linear(x, w),
+                    "bitmask": lambda x=x: bitmask(x),
+                    "bitmask_no_kernels": without_kernels,
+                    "csr": lambda x=x: csr(x),
+                    "s_kernel": lambda x=x, out=out: kernels.bitmask_addmm_(out, x, mask, values),
+                    "rebuild": lambda x=x: linear(x, bitmask._rebuilt_weight()),
+                    "lowrank": lambda x=x: linear(linear(x, bitmask.lowrank_v), bitmask.lowrank_u),
+                }, repeats=max(5, min(50, int(2e9 / (tokens * m * n)))))
+            t = {k: v * 1e6 for k, v in t.items()}
             rows.append({"shape": [m, n], "tokens": tokens, **t})
             d = t["dense"]
-            print(f"| {m}x{n} | {tokens} | {d:.0f} | {t['csr'] / d:.2f}x | {t['bitmask'] / d:.2f}x | {t['spmm'] / d:.2f}x | "
-                  f"{t['lowrank'] / d:.2f}x | {t['build'] / d:.2f}x |", flush=True)
+            print(f"| {m}x{n} | {tokens} | {d:.0f} | " + " | ".join(
+                f"{t[k] / d:.2f}x" for k in ("bitmask", "bitmask_no_kernels", "csr", "s_kernel", "rebuild", "lowrank"))
+                + " |", flush=True)
     return {"rows": rows}
 
 

@@ -161,10 +161,10 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             64.28 vs 65.27 mean perplexity, at 0.8x the time; docs/results.md). Uncapped for global_greedy and
             the other CAP variants, which read all of Stage 1. None: never capped; an int: the same cap everywhere.
         sparse_format: how each compressed layer stores S's positions, in memory and in the checkpoint:
-            `"csr"` (default; column indices + row pointer, multiplied with torch's sparse kernels) or
-            `"bitmask"` (one bit per weight position: smallest when S is dense enough, e.g. 0.53x the
-            dense bytes at 50% in float32, but each forward rebuilds the dense weight, which suits long
-            inputs and not token-by-token decoding). docs/performance.md has the measurements.
+            `"bitmask"` (default; one bit per weight position: 0.53x the dense bytes at 50% in float32,
+            multiplied on CPU by the package's C kernels, compiled on first use) or `"csr"` (column indices
+            + row pointer, 0.70x, multiplied with torch's sparse kernels: the layout for devices and
+            machines without those kernels). docs/performance.md has the measurements.
         activation_aware: run Stage 1 on `W diag(d)`, d_j the RMS of input feature j over the calibration
             tokens, and score candidates in that space (the Wanda / OATS insight: an entry matters as
             much as the activation it multiplies); the factors are unscaled afterwards. On by default:
@@ -250,7 +250,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         rpca_rho: float = 1.5,
         rpca_solver: str = "gram",
         rpca_max_rank: int | str | None = "auto",
-        sparse_format: str = "csr",
+        sparse_format: str = "bitmask",
         activation_aware: bool = True,
         sparse_selection: str = "row",
         refine_iterations: int | None = None,

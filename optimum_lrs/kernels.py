@@ -109,6 +109,10 @@ def bitmask_library() -> ctypes.CDLL | None:
     library.lrs_bitmask_to_dense.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     library.lrs_bitmask_to_dense.restype = ctypes.c_int
+    library.lrs_lowrank_bitmask_few.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_void_p, *_ARGTYPES[3:]]
+    library.lrs_lowrank_bitmask_few.restype = ctypes.c_int
     return library
 
 
@@ -137,6 +141,41 @@ def bitmask_addmm_(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, value
 def bitmask_addmm_t_(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """out (T, n) += x (T, m) S: the product with S^T, i.e. the gradient of `bitmask_addmm_` for its input."""
     return _call("lrs_bitmask_matmul_t", out, x, mask, values, rows=x.shape[1], cols=out.shape[1])
+
+
+def few_tokens() -> int:
+    """Up to how many input rows `lowrank_bitmask_few` runs here (0 without the kernels or without AVX2)."""
+    return 0 if _disabled else _library_few_tokens()
+
+
+@functools.lru_cache(maxsize=None)
+def _library_few_tokens() -> int:
+    library = bitmask_library()
+    return library.lrs_few_tokens() if library is not None else 0
+
+
+def lowrank_bitmask_few(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: torch.Tensor, bias: torch.Tensor | None,
+                        mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x (U V + S)^T + bias for at most `few_tokens()` float32 rows of x, in a single call: decoding runs every
+    layer once per token, where the separate low-rank products and their dispatch cost as much as S's."""
+    m, n = lowrank_u.shape[0], x.shape[1]
+    if mask.shape != (m, -(-n // 8)) or lowrank_v.shape != (lowrank_u.shape[1], n):
+        raise ValueError(f"lowrank_bitmask_few: shapes x {tuple(x.shape)}, U {tuple(lowrank_u.shape)}, "
+                         f"V {tuple(lowrank_v.shape)}, mask {tuple(mask.shape)} disagree")
+    out = torch.empty(x.shape[0], m, dtype=torch.float32)
+    tensors = [t.contiguous() for t in (x, lowrank_u, lowrank_v, mask, values)]
+    if any(t.dtype != torch.float32 for t in (*tensors[:3], tensors[4])):
+        raise ValueError("lowrank_bitmask_few: x, U, V and the values must be float32")
+    x, lowrank_u, lowrank_v, mask, values = tensors
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    bias_ptr = None if bias is None else bias.data_ptr()
+    status = bitmask_library().lrs_lowrank_bitmask_few(
+        x.data_ptr(), x.shape[0], n, lowrank_u.data_ptr(), lowrank_v.data_ptr(), lowrank_u.shape[1], bias_ptr,
+        mask.data_ptr(), m, mask.shape[1], values.data_ptr(), values.numel(), out.data_ptr(), torch.get_num_threads())
+    if status == -3:
+        raise ValueError(f"lowrank_bitmask_few: {x.shape[0]} rows, more than the {few_tokens()} it takes")
+    _check(status, "lowrank_bitmask_few", values.numel(), x.shape[0])
+    return out
 
 
 def bitmask_to_dense(mask: torch.Tensor, values: torch.Tensor, cols: int) -> torch.Tensor:

@@ -22,10 +22,10 @@ def factor_names(sparse_format: str) -> tuple[str, ...]:
     return ("lowrank_u", "lowrank_v", "sparse_values", *_INDEX_NAMES[sparse_format])
 
 
-# From this many input rows (tokens) on, a CSR layer multiplies by a transiently rebuilt dense weight
-# instead of running torch's CSR kernel: at ~40% density the kernel costs 3-4x a dense matmul for 512
-# tokens but the rebuild ~1.3-1.7x, while for 64 tokens the kernel is ahead (docs/performance.md).
-# Not when the input needs a gradient (see forward).
+# From this many input rows (tokens) on, a layer multiplies by a transiently rebuilt dense weight instead of
+# running a sparse kernel: at ~40% density torch's CSR kernel costs 3-4x a dense matmul for 512 tokens and
+# the bitmask kernel ~1.3x, the rebuild ~1.2x, while below ~256 tokens the kernels are ahead
+# (docs/performance.md). Not when the input needs a gradient (see forward).
 DENSE_REBUILD_TOKENS = 256
 
 # Every name a compressed layer's tensor can have, whatever its format.
@@ -100,10 +100,11 @@ class LowRankSparseLinear(nn.Module):
 
     S's non-zeros are `sparse_values` in row-major order. Their positions are, for `sparse_format="csr"`,
     `sparse_col_indices` (narrowest integer dtype that indexes `in_features`) and `sparse_row_offsets`
-    (narrowest dtype that holds nnz), multiplied with torch's CSR kernels below `DENSE_REBUILD_TOKENS`
-    input rows and through a rebuilt dense weight from there on; for `"bitmask"`, one bit per
-    position in `sparse_bitmask`, the smallest layout when S is denser than ~1/16 (float32) but
-    multiplied by rebuilding the dense weight in each forward (fast for long inputs, slow for decoding).
+    (narrowest dtype that holds nnz), multiplied with torch's CSR kernels; for `"bitmask"`, one bit per
+    position in `sparse_bitmask`, the smallest layout when S is denser than ~1/16 (float32), multiplied on
+    CPU by the C kernels of `optimum_lrs.kernels` (without them, by a dense weight rebuilt in each forward).
+    Either way, from `DENSE_REBUILD_TOKENS` input rows on a forward without gradient multiplies by a
+    transiently rebuilt dense weight.
     There is deliberately no `.weight`: transformers, PEFT and accelerate treat a `.weight` as a dense
     matrix to load or cast.
     """
@@ -314,6 +315,9 @@ class LowRankSparseLinear(nn.Module):
 
     def _bitmask_kernel_forward(self, flat: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         """x (U V)^T + b by torch, plus x S^T by the C kernels over S's set positions only (no dense weight)."""
+        if not needs_grad and flat.dtype == torch.float32 and flat.shape[0] <= kernels.few_tokens():
+            return kernels.lowrank_bitmask_few(flat, self.lowrank_u, self.lowrank_v, self.bias, self.sparse_bitmask,
+                                               self.sparse_values)
         out = nn.functional.linear(nn.functional.linear(flat, self.lowrank_v), self.lowrank_u, self.bias)
         if needs_grad:
             return out + _FrozenBitmaskMatmul.apply(flat, self.sparse_bitmask, self.sparse_values).to(out.dtype)

@@ -14,6 +14,7 @@ from optimum_lrs import (
     LowRankSparseLinear,
     LRSModelForCausalLM,
 )
+from optimum_lrs.layer import factor_names
 
 from .conftest import run_python
 
@@ -63,9 +64,11 @@ def test_saved_checkpoint_holds_only_factors_in_shards(saved, capsys):
     keys = set()
     for shard in shards:
         keys |= set(load_file(shard))
-    for name in compressed_layers(model):
+    for name, layer in compressed_layers(model).items():
         assert f"{name}.weight" not in keys
-        assert f"{name}.lowrank_u" in keys and f"{name}.sparse_col_indices" in keys
+        assert layer.sparse_format == "bitmask"  # the default layout
+        assert all(f"{name}.{factor}" in keys for factor in factor_names("bitmask"))
+        assert not any(f"{name}.{factor}" in keys for factor in factor_names("csr") if factor not in factor_names("bitmask"))
     factor_bytes = sum(layer.nbytes for layer in compressed_layers(model).values())
     with capsys.disabled():
         print(f"\n[{model.config.model_type}] {len(shards)} shards, {sum(s.stat().st_size for s in shards)} bytes on "

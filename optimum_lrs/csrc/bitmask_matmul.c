@@ -214,6 +214,66 @@ int lrs_bitmask_to_dense(const uint8_t *mask, int64_t m, int64_t n, int64_t nb, 
     return 0;
 }
 
+static float dot(const float *a, const float *b, int64_t len) {
+    v8 acc = (v8){0};
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) acc += *(const v8 *)(a + j) * *(const v8 *)(b + j);
+    float sum = 0.0f;
+    for (int l = 0; l < 8; l++) sum += acc[l];
+    for (; j < len; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+/* The tokens up to which lrs_lowrank_bitmask_few runs on this build (0: it does not). */
+int lrs_few_tokens(void) {
+#ifdef __AVX2__
+    return FEW_TOKENS;
+#else
+    return 0;
+#endif
+}
+
+/* The whole layer for decoding, in one call: y (T, m) = x (T, n) (U V + S)^T + bias, for
+ * T <= lrs_few_tokens(); u (m, r), v (r, n), bias (m,) or NULL. Returns as lrs_bitmask_matmul, or -3 for
+ * too many tokens. */
+int lrs_lowrank_bitmask_few(const float *x, int64_t T, int64_t n, const float *u, const float *v, int64_t r,
+                            const float *bias, const uint8_t *mask, int64_t m, int64_t nb, const float *values,
+                            int64_t nvalues, float *y, int nthreads) {
+    if (T < 1 || T > lrs_few_tokens()) return -3;
+    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
+    float *xv = malloc((size_t)(T * r + 1) * sizeof(float));
+    if (!starts || !xv) {
+        free(starts);
+        free(xv);
+        return -1;
+    }
+    int64_t nnz = row_starts(mask, m, nb, starts);
+    if (nnz != nvalues) {
+        free(starts);
+        free(xv);
+        return -2;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < r; k++)
+            for (int64_t t = 0; t < T; t++) xv[t * r + k] = dot(v + k * n, x + t * n, n);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t t = 0; t < T; t++) y[t * m + i] = (bias ? bias[i] : 0.0f) + dot(u + i * r, xv + t * r, r);
+#ifdef __AVX2__
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < (m + ROW_BLOCK - 1) / ROW_BLOCK; rb++) {
+            int64_t r1 = (rb + 1) * ROW_BLOCK < m ? (rb + 1) * ROW_BLOCK : m;
+            forward_few[T](x, mask, n, nb, values, starts, nnz, rb * ROW_BLOCK, r1, y, m);
+        }
+#endif
+    }
+    free(starts);
+    free(xv);
+    return 0;
+}
+
 /* The product entry points return 0; -1 when a work buffer could not be allocated, -2 when the mask sets other than
  * nvalues bits (y untouched in both cases). */
 int lrs_bitmask_matmul(const float *x, int64_t T, int64_t n, const uint8_t *mask, int64_t m, int64_t nb,
