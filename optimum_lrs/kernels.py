@@ -156,34 +156,31 @@ def _library_few_tokens() -> int:
 
 def lowrank_bitmask_few(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: torch.Tensor, bias: torch.Tensor | None,
                         mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """x (U V + S)^T + bias for at most `few_tokens()` float32 rows of x, in a single call: decoding runs every
+    """x (U V + S)^T + bias (float32) for at most `few_tokens()` rows of x, in a single call: decoding runs every
     layer once per token, where the separate low-rank products and their dispatch cost as much as S's."""
     m, n = lowrank_u.shape[0], x.shape[1]
     if mask.shape != (m, -(-n // 8)) or lowrank_v.shape != (lowrank_u.shape[1], n):
         raise ValueError(f"lowrank_bitmask_few: shapes x {tuple(x.shape)}, U {tuple(lowrank_u.shape)}, "
                          f"V {tuple(lowrank_v.shape)}, mask {tuple(mask.shape)} disagree")
+    if not 1 <= x.shape[0] <= few_tokens():
+        raise ValueError(f"lowrank_bitmask_few: {x.shape[0]} rows, outside the 1..{few_tokens()} it takes")
+    extra = () if bias is None else (bias,)
+    mask, x, lowrank_u, lowrank_v, values, *bias_ = _prepared("lowrank_bitmask_few", mask, x, lowrank_u, lowrank_v,
+                                                              values, *extra)
     out = torch.empty(x.shape[0], m, dtype=torch.float32)
-    tensors = [t.contiguous() for t in (x, lowrank_u, lowrank_v, mask, values)]
-    if any(t.dtype != torch.float32 for t in (*tensors[:3], tensors[4])):
-        raise ValueError("lowrank_bitmask_few: x, U, V and the values must be float32")
-    x, lowrank_u, lowrank_v, mask, values = tensors
-    bias = None if bias is None else bias.to(torch.float32).contiguous()
-    bias_ptr = None if bias is None else bias.data_ptr()
     status = bitmask_library().lrs_lowrank_bitmask_few(
-        x.data_ptr(), x.shape[0], n, lowrank_u.data_ptr(), lowrank_v.data_ptr(), lowrank_u.shape[1], bias_ptr,
-        mask.data_ptr(), m, mask.shape[1], values.data_ptr(), values.numel(), out.data_ptr(), torch.get_num_threads())
-    if status == -3:
-        raise ValueError(f"lowrank_bitmask_few: {x.shape[0]} rows, more than the {few_tokens()} it takes")
+        x.data_ptr(), x.shape[0], n, lowrank_u.data_ptr(), lowrank_v.data_ptr(), lowrank_u.shape[1],
+        bias_[0].data_ptr() if bias_ else None, mask.data_ptr(), m, mask.shape[1], values.data_ptr(), values.numel(),
+        out.data_ptr(), torch.get_num_threads())
     _check(status, "lowrank_bitmask_few", values.numel(), x.shape[0])
     return out
 
 
 def bitmask_to_dense(mask: torch.Tensor, values: torch.Tensor, cols: int) -> torch.Tensor:
     """S as a dense float32 (rows, cols) tensor, from `mask` (rows, ceil(cols / 8)) and row-major `values`."""
-    values = values.to(torch.float32).contiguous()
-    mask = mask.contiguous()
     if mask.shape[1] != -(-cols // 8):
         raise ValueError(f"bitmask_to_dense: mask {tuple(mask.shape)} does not cover {cols} columns")
+    mask, values = _prepared("bitmask_to_dense", mask, values)
     dense = torch.empty(mask.shape[0], cols, dtype=torch.float32)
     status = bitmask_library().lrs_bitmask_to_dense(mask.data_ptr(), mask.shape[0], cols, mask.shape[1],
                                                     values.data_ptr(), values.numel(), dense.data_ptr(),
@@ -192,23 +189,34 @@ def bitmask_to_dense(mask: torch.Tensor, values: torch.Tensor, cols: int) -> tor
     return dense
 
 
-def _check(status: int, name: str, nvalues: int, tokens: int) -> None:
+def _prepared(name: str, mask: torch.Tensor, *floats: torch.Tensor) -> list[torch.Tensor]:
+    """The mask and the float tensors as the C code reads them: contiguous CPU arrays, uint8 and float32 (the
+    caller keeps the returned tensors alive for the call, as their pointers are all the C code gets)."""
+    if mask.dtype != torch.uint8:
+        raise ValueError(f"{name}: the bitmask must be uint8, got {mask.dtype}")
+    tensors = [mask.contiguous(), *(t.to(torch.float32).contiguous() for t in floats)]
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"{name}: the kernels take CPU tensors")
+    return tensors
+
+
+def _check(status: int, name: str, nvalues: int, rows: int) -> None:
     if status == -2:
         raise ValueError(f"{name}: the bitmask's set bits do not number the {nvalues} values")
+    if status == -3:
+        raise ValueError(f"{name}: {rows} rows, more than this build takes ({few_tokens()})")
     if status != 0:
-        raise MemoryError(f"{name}: could not allocate its work buffers ({tokens} rows)")
+        raise MemoryError(f"{name}: could not allocate its work buffers ({rows} rows)")
 
 
 def _call(name: str, out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
           rows: int, cols: int) -> torch.Tensor:
-    """Checks and calls one entry point: S is (rows, cols), x (T, x.shape[1]), out (T, out.shape[1])."""
-    if out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"{name}: out must be a contiguous float32 tensor, got {out.dtype}")
-    x = x.to(torch.float32).contiguous()
-    values = values.to(torch.float32).contiguous()
-    mask = mask.contiguous()
+    """Checks and calls one product: S is (rows, cols), x (T, x.shape[1]), out (T, out.shape[1]) is added to."""
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"{name}: out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}")
     if mask.shape != (rows, -(-cols // 8)) or out.shape[0] != x.shape[0]:
         raise ValueError(f"{name}: shapes out {tuple(out.shape)}, x {tuple(x.shape)}, mask {tuple(mask.shape)} disagree")
+    mask, x, values = _prepared(name, mask, x, values)
     if x.shape[0] == 0:
         return out
     status = getattr(bitmask_library(), name)(

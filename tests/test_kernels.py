@@ -68,6 +68,13 @@ def test_a_mask_that_disagrees_with_the_values_is_refused_and_writes_nothing():
     assert torch.equal(out, torch.ones(3, 9))
     with pytest.raises(ValueError, match="disagree"):
         kernels.bitmask_addmm_(out, torch.randn(3, 25), mask, values)
+    with pytest.raises(ValueError, match="uint8"):
+        kernels.bitmask_to_dense(mask.to(torch.int16), values, 20)
+    with pytest.raises(ValueError, match="CPU"):
+        kernels.bitmask_addmm_(out, torch.randn(3, 20, device="meta"), mask, values)
+    with pytest.raises(ValueError, match="rows"):
+        kernels.lowrank_bitmask_few(torch.randn(kernels.few_tokens() + 1, 20), torch.randn(9, 2), torch.randn(2, 20),
+                                    None, mask, values)
 
 
 def _layer(in_f=70, out_f=45, rank=4, density=0.4, bias=True, dtype=torch.float32) -> LowRankSparseLinear:
@@ -81,8 +88,9 @@ def _layer(in_f=70, out_f=45, rank=4, density=0.4, bias=True, dtype=torch.float3
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 6, 50, DENSE_REBUILD_TOKENS])
-def test_layer_forward_with_and_without_the_kernels_agree(dtype, tokens):
-    layer = _layer(dtype=dtype)
+@pytest.mark.parametrize("rank", [0, 4])
+def test_layer_forward_with_and_without_the_kernels_agree(dtype, tokens, rank):
+    layer = _layer(dtype=dtype, rank=rank)
     x = torch.randn(2, tokens, 70, generator=torch.Generator().manual_seed(tokens)).to(dtype)
     with torch.no_grad():
         fast = layer(x)
