@@ -314,7 +314,8 @@ class LowRankSparseLinear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
     def _bitmask_kernel_forward(self, flat: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-        """x (U V)^T + b by torch, plus x S^T by the C kernels over S's set positions only (no dense weight)."""
+        """The layer by the C kernels, no dense weight: up to `kernels.few_tokens()` rows (decoding) in one fused
+        call; otherwise x (U V)^T + b by torch plus x S^T over S's set positions (differentiable in x)."""
         if not needs_grad and flat.dtype == torch.float32 and flat.shape[0] <= kernels.few_tokens():
             return kernels.lowrank_bitmask_few(flat, self.lowrank_u, self.lowrank_v, self.bias, self.sparse_bitmask,
                                                self.sparse_values)
