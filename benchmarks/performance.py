@@ -6,7 +6,7 @@ Name one or more parts (or `all`); results are merged into OUT/performance.json 
 
     python benchmarks/performance.py rpca --threads 2
     python benchmarks/performance.py pipeline --threads 2 --peer-python /tmp/peervenv/bin/python
-    python benchmarks/performance.py bytes kernels inference --threads 2
+    python benchmarks/performance.py bytes kernels inference training --threads 2
     python benchmarks/performance.py scaling --threads 2
 """
 
@@ -267,6 +267,37 @@ def inference_part(args, model_dir: Path) -> dict:
     return {"rows": results}
 
 
+def training_part(args, model_dir: Path) -> dict:
+    """One LoRA training step (r=8 on q_proj and v_proj, AdamW; 2 x 256 tokens): dense vs the compressed model in
+    the bitmask (C kernels: forward and input gradient) and CSR layouts, timed in turn within each round."""
+    from peft import LoraConfig, get_peft_model
+
+    from optimum_lrs import LRSModelForCausalLM, set_sparse_format
+
+    def peft_model(fmt: str):
+        base = load_smollm2()[0] if fmt == "dense" else set_sparse_format(
+            LRSModelForCausalLM.from_pretrained(model_dir), fmt)
+        return get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).train()
+
+    ids = torch.randint(0, 40000, (2, 256), generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for fmt in ("dense", "bitmask", "csr"):
+        model = peft_model(fmt)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, optimizer=optimizer):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        steps[fmt] = step
+    med = timed_together(steps, args.repeats)
+    print("| model | step s | / dense |\n|---|---|---|")
+    for fmt, seconds in med.items():
+        print(f"| {fmt} | {seconds:.2f} | {seconds / med['dense']:.2f}x |")
+    return {"step_seconds": med}
+
+
 def kernels_part(args) -> dict:
     """One layer of each SmolLM2 shape at the 50% default split (rank share 0.2, S ~40% dense, random
     positions), by token count: dense `F.linear` vs the bitmask layer (C kernels), the same without them
@@ -420,7 +451,7 @@ def scaling_part(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("parts", nargs="+", choices=["rpca", "quality", "pipeline", "bytes", "kernels", "inference",
-                                                     "scaling", "all", "_compress"])
+                                                     "training", "scaling", "all", "_compress"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--allocation", default="uniform", help="for _compress")
@@ -441,7 +472,7 @@ def main() -> None:
     model_dir = Path(args.model_dir)
     results_file = Path(args.out) / "performance.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    parts = (["rpca", "quality", "pipeline", "bytes", "kernels", "inference", "scaling"] if "all" in args.parts
+    parts = (["rpca", "quality", "pipeline", "bytes", "kernels", "inference", "training", "scaling"] if "all" in args.parts
              else args.parts)
     for part in parts:
         print(f"\n## {part}\n")
@@ -458,6 +489,8 @@ def main() -> None:
             results[part] = kernels_part(args)
         elif part == "inference":
             results[part] = inference_part(args, model_dir)
+        elif part == "training":
+            results[part] = training_part(args, model_dir)
         else:
             results[part] = scaling_part(args)
         results[part]["date"] = time.strftime("%Y-%m-%d %H:%M")
