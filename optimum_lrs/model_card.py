@@ -91,7 +91,8 @@ def model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard:
         "",
         f"Low-rank + sparse compression of {config.base_model or 'a transformers model'} with "
         "[optimum-lrs](https://pypi.org/project/optimum-lrs/) (CAP, arXiv 2505.03801): every targeted linear layer "
-        "is stored as U V + S (low-rank factors plus a CSR sparse matrix), with ranks and sparse entries shared out "
+        f"is stored as U V + S (low-rank factors plus a sparse matrix whose positions are kept as "
+        f"{'a bitmask' if config.sparse_format == 'bitmask' else 'CSR arrays'}), with ranks and sparse entries shared out "
         "across layers under one parameter budget.",
         "",
         "| budget (param_ratio) | allocation | compressed layers | kept parameters | dense parameters |",
