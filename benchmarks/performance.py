@@ -302,15 +302,17 @@ def kernels_part(args) -> dict:
     """One layer of each SmolLM2 shape at the 50% default split (rank share 0.2, S ~40% dense, random
     positions), by token count: dense `F.linear` vs the bitmask layer (C kernels), the same without them
     (`kernels.disabled()`: a rebuilt weight per call) and the CSR layer; then the bitmask layer's parts.
-    "layer" columns take the layer's own dispatch (rebuilt dense weight from `DENSE_REBUILD_TOKENS` on); the
-    parts force one path each: S's product alone (tile or per-byte kernel), the rebuild, the low-rank part."""
+    "layer" columns take the layer's own dispatch (the bitmask layer at this density: the kernels at every
+    length; CSR: a rebuilt dense weight from `DENSE_REBUILD_TOKENS` on); the parts force one path each: S's
+    product alone (tile or per-byte kernel), the rebuilt weight's product, `z = x V^T` by torch (what the
+    layer computes before its kernel call from 9 rows on), the low-rank part by torch alone."""
     from optimum_lrs import kernels
     from optimum_lrs.layer import DENSE_REBUILD_TOKENS
 
     rows = []
-    print(f"(rebuild from {DENSE_REBUILD_TOKENS} tokens on; kernels: {kernels.bitmask_library()})")
+    print(f"(CSR rebuilds from {DENSE_REBUILD_TOKENS} tokens on; kernels: {kernels.bitmask_library()})")
     print("| shape | tokens | dense us | bitmask | bitmask, no kernels | csr | S kernel alone | rebuilt weight | "
-          "low-rank part |\n|---|---|---|---|---|---|---|---|---|")
+          "z = x V^T | low-rank part |\n|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.functional.linear
     for m, n in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
@@ -340,13 +342,15 @@ def kernels_part(args) -> dict:
                     "csr": lambda x=x: csr(x),
                     "s_kernel": lambda x=x, out=out: kernels.bitmask_addmm_(out, x, mask, values),
                     "rebuild": lambda x=x: linear(x, bitmask._rebuilt_weight()),
+                    "z": lambda x=x: linear(x, bitmask.lowrank_v),
                     "lowrank": lambda x=x: linear(linear(x, bitmask.lowrank_v), bitmask.lowrank_u),
                 }, repeats=max(5, min(50, int(2e9 / (tokens * m * n)))))
             t = {k: v * 1e6 for k, v in t.items()}
             rows.append({"shape": [m, n], "tokens": tokens, **t})
             d = t["dense"]
             print(f"| {m}x{n} | {tokens} | {d:.0f} | " + " | ".join(
-                f"{t[k] / d:.2f}x" for k in ("bitmask", "bitmask_no_kernels", "csr", "s_kernel", "rebuild", "lowrank"))
+                f"{t[k] / d:.2f}x" for k in ("bitmask", "bitmask_no_kernels", "csr", "s_kernel", "rebuild", "z",
+                                              "lowrank"))
                 + " |", flush=True)
     return {"rows": rows}
 

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,9 +104,11 @@ def bitmask_library() -> ctypes.CDLL | None:
     except OSError as exc:
         logger.warning("optimum_lrs: bitmask kernels unavailable, using the slower torch path (%s)", exc)
         return None
-    for name in ("lrs_bitmask_matmul", "lrs_bitmask_matmul_t"):
-        getattr(library, name).argtypes = _ARGTYPES
-        getattr(library, name).restype = ctypes.c_int
+    work = [ctypes.c_void_p, ctypes.c_int64]
+    library.lrs_bitmask_matmul.argtypes = [*_ARGTYPES[:-1], *work, ctypes.c_int]
+    library.lrs_bitmask_matmul_t.argtypes = _ARGTYPES
+    library.lrs_workspace_floats.argtypes = [ctypes.c_int64] * 3
+    library.lrs_workspace_floats.restype = ctypes.c_int64
     library.lrs_bitmask_to_dense.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     library.lrs_bitmask_to_dense.restype = ctypes.c_int
@@ -113,6 +116,10 @@ def bitmask_library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
         ctypes.c_void_p, *_ARGTYPES[3:]]
     library.lrs_lowrank_bitmask_few.restype = ctypes.c_int
+    library.lrs_lowrank_bitmask_matmul.argtypes = [*_ARGTYPES[:3], ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                   ctypes.c_void_p, *_ARGTYPES[3:-1], *work, ctypes.c_int]
+    for name in ("lrs_bitmask_matmul", "lrs_bitmask_matmul_t", "lrs_lowrank_bitmask_matmul"):
+        getattr(library, name).restype = ctypes.c_int
     return library
 
 
@@ -135,7 +142,25 @@ def can_run(*tensors: torch.Tensor) -> bool:
 
 def bitmask_addmm_(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """out (T, m) += x (T, n) S^T for S given as `mask` (m, ceil(n / 8)) uint8 and row-major float32 `values`."""
-    return _call("lrs_bitmask_matmul", out, x, mask, values, rows=out.shape[1], cols=x.shape[1])
+    return _call("lrs_bitmask_matmul", out, x, mask, values, rows=out.shape[1], cols=x.shape[1], rank=0)
+
+
+def lowrank_bitmask_matmul(x: torch.Tensor, z: torch.Tensor, lowrank_u: torch.Tensor, bias: torch.Tensor | None,
+                           mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """z U^T + x S^T + bias (float32), with z = x V^T from the caller: the layer's product in one pass over the
+    output, U's products starting each output's sum (no (T, m) low-rank intermediate, no zero fill)."""
+    m = lowrank_u.shape[0]
+    if z.shape != (x.shape[0], lowrank_u.shape[1]) or (bias is not None and bias.shape != (m,)):
+        raise ValueError(f"lowrank_bitmask_matmul: shapes x {tuple(x.shape)}, z {tuple(z.shape)}, "
+                         f"U {tuple(lowrank_u.shape)}, bias {None if bias is None else tuple(bias.shape)} disagree")
+    out = torch.empty(x.shape[0], m, dtype=torch.float32)
+    extra = () if bias is None else (bias,)
+    z, lowrank_u, *bias_ = (t.to(torch.float32).contiguous() for t in (z, lowrank_u, *extra))
+    if any(t.device.type != "cpu" for t in (z, lowrank_u, *bias_)):
+        raise ValueError("lowrank_bitmask_matmul: the kernels take CPU tensors")
+    pointers = (z.data_ptr(), lowrank_u.shape[1], lowrank_u.data_ptr(), bias_[0].data_ptr() if bias_ else None)
+    return _call("lrs_lowrank_bitmask_matmul", out, x, mask, values, rows=m, cols=x.shape[1], before_mask=pointers,
+                 rank=lowrank_u.shape[1])
 
 
 def bitmask_addmm_t_(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -200,6 +225,20 @@ def _prepared(name: str, mask: torch.Tensor, *floats: torch.Tensor) -> list[torc
     return tensors
 
 
+_thread_state = threading.local()
+
+
+def _workspace(floats: int) -> tuple[int, int]:
+    """(pointer, size) of this thread's float32 work buffer, at least `floats` long: kept between calls, as
+    freshly allocated memory costs a page fault per 4 KiB on first touch (20% of a 512-token product measured,
+    docs/performance.md). It grows to the largest input seen (tokens x (in_features + rank) floats) and goes
+    with the thread."""
+    buffer = getattr(_thread_state, "workspace", None)
+    if buffer is None or buffer.numel() < floats:
+        buffer = _thread_state.workspace = torch.empty(max(floats, 1), dtype=torch.float32)
+    return buffer.data_ptr(), buffer.numel()
+
+
 def _check(status: int, name: str, nvalues: int, rows: int) -> None:
     if status == -2:
         raise ValueError(f"{name}: the bitmask's set bits do not number the {nvalues} values")
@@ -210,8 +249,10 @@ def _check(status: int, name: str, nvalues: int, rows: int) -> None:
 
 
 def _call(name: str, out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
-          rows: int, cols: int) -> torch.Tensor:
-    """Checks and calls one product: S is (rows, cols), x (T, x.shape[1]), out (T, out.shape[1]) is added to."""
+          rows: int, cols: int, before_mask: tuple = (), rank: int | None = None) -> torch.Tensor:
+    """Checks and calls one product: S is (rows, cols), x (T, x.shape[1]), out (T, out.shape[1]) the output;
+    `before_mask`: the arguments an entry point takes between x's and the mask's (pointers the caller keeps alive);
+    `rank` for the entry points that take this thread's work buffer (sized for that low-rank width)."""
     if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
         raise ValueError(f"{name}: out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}")
     if mask.shape != (rows, -(-cols // 8)) or out.shape[0] != x.shape[0]:
@@ -219,8 +260,10 @@ def _call(name: str, out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, val
     mask, x, values = _prepared(name, mask, x, values)
     if x.shape[0] == 0:
         return out
-    status = getattr(bitmask_library(), name)(
-        x.data_ptr(), x.shape[0], x.shape[1], mask.data_ptr(), out.shape[1], mask.shape[1], values.data_ptr(),
-        values.numel(), out.data_ptr(), torch.get_num_threads())
+    library = bitmask_library()
+    work = () if rank is None else _workspace(library.lrs_workspace_floats(x.shape[0], x.shape[1], rank))
+    status = getattr(library, name)(
+        x.data_ptr(), x.shape[0], x.shape[1], *before_mask, mask.data_ptr(), out.shape[1], mask.shape[1], values.data_ptr(),
+        values.numel(), out.data_ptr(), *work, torch.get_num_threads())
     _check(status, name, values.numel(), x.shape[0])
     return out

@@ -23,10 +23,12 @@ def factor_names(sparse_format: str) -> tuple[str, ...]:
 
 
 # From this many input rows (tokens) on, a layer multiplies by a transiently rebuilt dense weight instead of
-# running a sparse kernel: at ~40% density torch's CSR kernel costs 3-4x a dense matmul for 512 tokens and
-# the bitmask kernel ~1.3x, the rebuild ~1.2x, while below ~256 tokens the kernels are ahead
-# (docs/performance.md). Not when the input needs a gradient (see forward).
+# running a sparse kernel: at ~40% density torch's CSR kernel costs 3-4x a dense matmul for 512 tokens, the
+# rebuild ~1.1-1.2x, while below ~256 tokens the kernels are ahead (docs/performance.md). Not when the input
+# needs a gradient (see forward), and not for bitmask layers whose S is at most
+# `BITMASK_KERNEL_MAX_DENSITY` dense: the C kernel's whole-layer product beats both there at any length.
 DENSE_REBUILD_TOKENS = 256
+BITMASK_KERNEL_MAX_DENSITY = 0.5
 
 # Every name a compressed layer's tensor can have, whatever its format.
 FACTOR_NAMES = tuple(dict.fromkeys(n for f in SPARSE_FORMATS for n in factor_names(f)))
@@ -103,8 +105,8 @@ class LowRankSparseLinear(nn.Module):
     (narrowest dtype that holds nnz), multiplied with torch's CSR kernels; for `"bitmask"`, one bit per
     position in `sparse_bitmask`, the smallest layout when S is denser than ~1/16 (float32), multiplied on
     CPU by the C kernels of `optimum_lrs.kernels` (without them, by a dense weight rebuilt in each forward).
-    Either way, from `DENSE_REBUILD_TOKENS` input rows on a forward without gradient multiplies by a
-    transiently rebuilt dense weight.
+    From `DENSE_REBUILD_TOKENS` input rows on, a forward without gradient multiplies by a transiently rebuilt
+    dense weight, except for bitmask layers on the kernels with S at most `BITMASK_KERNEL_MAX_DENSITY` dense.
     There is deliberately no `.weight`: transformers, PEFT and accelerate treat a `.weight` as a dense
     matrix to load or cast.
     """
@@ -294,8 +296,9 @@ class LowRankSparseLinear(nn.Module):
         # Autograd would keep each rebuilt weight alive until backward (a dense copy of every layer during
         # training), so inputs that need a gradient stay on the sparse kernel.
         needs_grad = torch.is_grad_enabled() and flat.requires_grad
+        on_kernels = self.sparse_format == "bitmask" and kernels.can_run(flat)
         rebuild = flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad
-        if self.sparse_format == "bitmask" and not rebuild and kernels.can_run(flat):
+        if on_kernels and not (rebuild and self.nnz > BITMASK_KERNEL_MAX_DENSITY * self.in_features * self.out_features):
             return self._bitmask_kernel_forward(flat, needs_grad).reshape(*lead, self.out_features)
         if self.sparse_format == "bitmask" or rebuild:
             return torch.nn.functional.linear(flat, self._rebuilt_weight(), self.bias).reshape(*lead, self.out_features)
@@ -315,17 +318,20 @@ class LowRankSparseLinear(nn.Module):
 
     def _bitmask_kernel_forward(self, flat: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         """The layer by the C kernels, no dense weight: up to `kernels.few_tokens()` rows (decoding) in one fused
-        call; otherwise x (U V)^T + b by torch plus x S^T over S's set positions (differentiable in x)."""
-        if not needs_grad and flat.dtype == torch.float32 and flat.shape[0] <= kernels.few_tokens():
-            return kernels.lowrank_bitmask_few(flat, self.lowrank_u, self.lowrank_v, self.bias, self.sparse_bitmask,
-                                               self.sparse_values)
-        out = nn.functional.linear(nn.functional.linear(flat, self.lowrank_v), self.lowrank_u, self.bias)
+        call; more rows, z = x V^T by torch, then z U^T + x S^T + b in one kernel pass; under autograd
+        x (U V)^T + b by torch plus x S^T by the kernel (differentiable in x). Computed in float32."""
         if needs_grad:
+            out = nn.functional.linear(nn.functional.linear(flat, self.lowrank_v), self.lowrank_u, self.bias)
             return out + _FrozenBitmaskMatmul.apply(flat, self.sparse_bitmask, self.sparse_values).to(out.dtype)
-        if out.dtype == torch.float32:
-            return kernels.bitmask_addmm_(out, flat, self.sparse_bitmask, self.sparse_values)
-        sparse_out = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        return out + kernels.bitmask_addmm_(sparse_out, flat, self.sparse_bitmask, self.sparse_values).to(out.dtype)
+        compute = flat.to(torch.float32)
+        if flat.shape[0] <= kernels.few_tokens():
+            out = kernels.lowrank_bitmask_few(compute, self.lowrank_u, self.lowrank_v, self.bias,
+                                              self.sparse_bitmask, self.sparse_values)
+        else:
+            z = nn.functional.linear(compute, self.lowrank_v.to(torch.float32))
+            out = kernels.lowrank_bitmask_matmul(compute, z, self.lowrank_u, self.bias, self.sparse_bitmask,
+                                                 self.sparse_values)
+        return out.to(flat.dtype)
 
     def _rebuilt_weight(self) -> torch.Tensor:
         """U V + S as a transient dense matrix (values are in row-major order in both layouts)."""

@@ -10,12 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import LowRankSparseLinear, kernels
-from optimum_lrs.layer import DENSE_REBUILD_TOKENS, pack_bits
+from optimum_lrs.layer import BITMASK_KERNEL_MAX_DENSITY, DENSE_REBUILD_TOKENS, pack_bits
 
 needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
 
-# Token counts around every path switch: the per-byte path (<= 8), whole and partial 48-token tiles.
-TOKENS = [1, 2, 5, 8, 9, 17, 48, 49, 100]
+# Token counts around every path switch: the per-byte path (<= 8), whole and partial 96-token tiles (and the
+# S^T product's 48-token tiles).
+TOKENS = [1, 2, 5, 8, 9, 17, 48, 49, 96, 97, 100, 200]
 
 
 def sparse(rows: int, cols: int, density: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,6 +46,11 @@ def test_products_match_the_dense_ones(rows, cols, density):
         grad, start_t = torch.randn(tokens, rows, generator=g), torch.randn(tokens, cols, generator=g)
         got_t = kernels.bitmask_addmm_t_(start_t.clone(), grad, mask, values)
         torch.testing.assert_close(got_t, start_t + grad @ s, rtol=1e-5, atol=1e-4)
+        for rank, bias in ((0, None), (3, torch.randn(rows, generator=g))):
+            z, u = torch.randn(tokens, rank, generator=g), torch.randn(rows, rank, generator=g)
+            got = kernels.lowrank_bitmask_matmul(x, z, u, bias, mask, values)
+            expected = z @ u.t() + x @ s.t() + (0 if bias is None else bias)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(kernels.bitmask_to_dense(mask, values, cols), s)
 
 
@@ -52,10 +58,13 @@ def test_products_match_the_dense_ones(rows, cols, density):
 def test_a_real_sized_layer_matches_at_every_path():
     """576 x 576 at the 50% split's density: several row blocks and mask words per row."""
     s, mask, values = sparse(576, 576, 0.4)
-    for tokens in (1, 8, 64, 300):
+    u, v = torch.randn(576, 28), torch.randn(28, 576)
+    for tokens in (1, 8, 64, 300, 512):
         x = torch.randn(tokens, 576, generator=torch.Generator().manual_seed(tokens))
         got = kernels.bitmask_addmm_(torch.zeros(tokens, 576), x, mask, values)
         torch.testing.assert_close(got, x @ s.t(), rtol=1e-4, atol=1e-3)
+        got = kernels.lowrank_bitmask_matmul(x, x @ v.t(), u, None, mask, values)
+        torch.testing.assert_close(got, x @ (u @ v + s).t(), rtol=1e-4, atol=1e-2)
 
 
 @needs_kernels
@@ -64,12 +73,19 @@ def test_a_mask_that_disagrees_with_the_values_is_refused_and_writes_nothing():
     out = torch.ones(3, 9)
     for call in (lambda: kernels.bitmask_addmm_(out, torch.randn(3, 20), mask, values[:-1]),
                  lambda: kernels.bitmask_addmm_t_(torch.ones(3, 20), torch.randn(3, 9), mask, values[1:]),
-                 lambda: kernels.bitmask_to_dense(mask, values[:-2], 20)):
+                 lambda: kernels.bitmask_to_dense(mask, values[:-2], 20),
+                 lambda: kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(3, 2), torch.randn(9, 2), None,
+                                                        mask, values[:-1])):
         with pytest.raises(ValueError, match="set bits"):
             call()
     assert torch.equal(out, torch.ones(3, 9))
     with pytest.raises(ValueError, match="disagree"):
         kernels.bitmask_addmm_(out, torch.randn(3, 25), mask, values)
+    with pytest.raises(ValueError, match="disagree"):
+        kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(3, 2), torch.randn(9, 3), None, mask, values)
+    with pytest.raises(ValueError, match="disagree"):
+        kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(3, 2), torch.randn(9, 2), torch.ones(8), mask,
+                                       values)
     with pytest.raises(ValueError, match="uint8"):
         kernels.bitmask_to_dense(mask.to(torch.int16), values, 20)
     with pytest.raises(ValueError, match="CPU"):
@@ -91,8 +107,9 @@ def _layer(in_f=70, out_f=45, rank=4, density=0.4, bias=True, dtype=torch.float3
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 6, 50, DENSE_REBUILD_TOKENS])
 @pytest.mark.parametrize("rank", [0, 4])
-def test_layer_forward_with_and_without_the_kernels_agree(dtype, tokens, rank):
-    layer = _layer(dtype=dtype, rank=rank)
+@pytest.mark.parametrize("density", [0.4, 0.8])
+def test_layer_forward_with_and_without_the_kernels_agree(dtype, tokens, rank, density):
+    layer = _layer(dtype=dtype, rank=rank, density=density)
     x = torch.randn(2, tokens, 70, generator=torch.Generator().manual_seed(tokens)).to(dtype)
     with torch.no_grad():
         fast = layer(x)
@@ -107,13 +124,21 @@ def test_layer_forward_with_and_without_the_kernels_agree(dtype, tokens, rank):
 
 
 @needs_kernels
-def test_short_bitmask_inputs_never_build_a_dense_weight(monkeypatch):
-    layer = _layer()
-    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight", lambda self: pytest.fail("forward rebuilt W"))
+def test_bitmask_inputs_build_a_dense_weight_only_for_long_inputs_to_dense_layers(monkeypatch):
+    sparse_layer, dense_layer = _layer(density=0.4), _layer(density=0.9)
+    assert sparse_layer.nnz <= BITMASK_KERNEL_MAX_DENSITY * 70 * 45 < dense_layer.nnz
+    rebuilt = []
+    rebuild = LowRankSparseLinear._rebuilt_weight
+    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight", lambda self: rebuilt.append(self) or rebuild(self))
     monkeypatch.setattr(LowRankSparseLinear, "dense_weight", lambda self: pytest.fail("forward densified W"))
     with torch.no_grad():
-        layer(torch.randn(DENSE_REBUILD_TOKENS - 1, 70))
-    layer(torch.randn(DENSE_REBUILD_TOKENS + 5, 70, requires_grad=True))  # training stays sparse however long
+        sparse_layer(torch.randn(DENSE_REBUILD_TOKENS * 3, 70))
+        dense_layer(torch.randn(DENSE_REBUILD_TOKENS - 1, 70))
+        assert rebuilt == []
+        dense_layer(torch.randn(DENSE_REBUILD_TOKENS, 70))
+        assert rebuilt == [dense_layer]
+    dense_layer(torch.randn(DENSE_REBUILD_TOKENS + 5, 70, requires_grad=True))  # training stays sparse however long
+    assert rebuilt == [dense_layer]
 
 
 @needs_kernels

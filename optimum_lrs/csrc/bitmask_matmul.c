@@ -5,14 +5,17 @@
  *           of byte mask[i * nb + j / 8]; padding bits are 0.
  *   values: float32 (nnz,), the set positions' values, row by row, columns ascending.
  *
- * lrs_bitmask_matmul: y (T, m) += x (T, n) S^T   (the layer's forward)
+ * lrs_lowrank_bitmask_matmul: y (T, m) = z (T, r) U^T + x (T, n) S^T + bias   (the layer's forward, z = x V^T)
+ * lrs_lowrank_bitmask_few: y (T, m) = x (U V + S)^T + bias for T <= FEW_TOKENS (decoding, in one call)
+ * lrs_bitmask_matmul: y (T, m) += x (T, n) S^T   (the forward's sparse part under autograd)
  * lrs_bitmask_matmul_t: y (T, n) += x (T, m) S   (the gradient with respect to the layer's input)
- * lrs_bitmask_to_dense: dense (m, n) = S         (the rebuilt weight for long inputs)
+ * lrs_bitmask_to_dense: dense (m, n) = S         (the rebuilt weight, for layers too dense for the kernels)
  *
  * Every array is dense, row-major and contiguous. Up to FEW_TOKENS tokens (decoding), each mask byte's 8
  * weights are expanded into a vector once and multiplied with every token. For more tokens only the set
  * positions are touched: for each one, a tile of up to TILE tokens of the transposed input is scaled and
- * added, which vectorises over tokens. docs/performance.md has the measurements behind the constants.
+ * added, which vectorises over tokens; U's products with the transposed z tile start each row's sums.
+ * docs/performance.md has the measurements behind the constants.
  * Threads: OpenMP where the compiler has it; loaded into a process that has imported torch, the library
  * binds to torch's own libgomp (same soname), so the two share one thread pool.
  */
@@ -33,14 +36,19 @@ static int omp_get_thread_num(void) { return 0; }
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
-#define TILE 48      /* tokens per tile: 6 vectors of 8 floats stay in registers */
-#define FEW_TOKENS 8  /* up to this many tokens, expand each mask byte (measured against 16..64) */
+#define TILE 96      /* tokens per tile: 12 vectors of 8 floats stay in registers (measured against 48, 64) */
+#define FEW_TOKENS 8 /* up to this many tokens, expand each mask byte (measured against 16..64) */
 #define ROW_BLOCK 32 /* rows per work item (measured against 8 and 16) */
+#define TILE_T 48    /* tokens per tile of the S^T product, whose per-thread sums (n, TILE_T) stay in L2 */
 
-/* Up to 8 bytes of a mask row as a little-endian word (bit b = column 8 * first_byte + b). */
+/* Up to 8 bytes of a mask row as a little-endian word (bit b = column 8 * first_byte + b); the full-word
+ * case is a single load. */
 static inline uint64_t mask_word(const uint8_t *p, int64_t bytes) {
     uint64_t w = 0;
-    memcpy(&w, p, bytes < 8 ? (size_t)bytes : 8);
+    if (bytes >= 8)
+        memcpy(&w, p, 8);
+    else
+        memcpy(&w, p, (size_t)bytes);
     return w;
 }
 
@@ -57,40 +65,78 @@ static int64_t row_starts(const uint8_t *mask, int64_t m, int64_t nb, int64_t *s
 }
 
 /* x (T, dim) transposed tile by tile: tile q (tokens q * width ...) is a contiguous (dim, width) block at
- * xt + q * dim * width, so that a tile's rows stay close in cache; tokens past T are zero. */
+ * xt + q * dim * width, so that a tile's rows stay close in cache; tokens past T are zero. Work goes in
+ * 8 x 8 blocks (transposed in registers under AVX2): a token-major pass reads rows dim apart, which for
+ * dims that are multiples of 2 KiB hit the same few cache sets. */
 static void transpose_tiles(const float *x, int64_t T, int64_t dim, float *xt, int64_t width, int nthreads) {
-    int64_t tiles = (T + width - 1) / width, blocks = (dim + 15) / 16;
+    int64_t tiles = (T + width - 1) / width, groups = width / 8;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t item = 0; item < tiles * blocks; item++) {
-        int64_t q = item / blocks, j0 = item % blocks * 16, j1 = j0 + 16 < dim ? j0 + 16 : dim;
+    for (int64_t item = 0; item < tiles * groups; item++) {
+        int64_t q = item / groups, t0 = item % groups * 8;
+        int64_t token0 = q * width + t0, tn = T - token0 < 8 ? (T - token0 > 0 ? T - token0 : 0) : 8;
         float *tile = xt + q * dim * width;
-        for (int64_t t = 0; t < width; t++) {
-            int64_t token = q * width + t;
-            for (int64_t j = j0; j < j1; j++) tile[j * width + t] = token < T ? x[token * dim + j] : 0.0f;
+        for (int64_t j0 = 0; j0 < dim; j0 += 8) {
+            int64_t jn = dim - j0 < 8 ? dim - j0 : 8;
+#ifdef __AVX2__
+            if (jn == 8 && tn == 8) {
+                __m256 r[8], s[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(x + (token0 + i) * dim + j0);
+                for (int i = 0; i < 8; i += 2) {
+                    s[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                    s[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+                }
+                for (int i = 0; i < 8; i += 4)
+                    for (int k = 0; k < 2; k++) {
+                        r[i + k] = _mm256_shuffle_ps(s[i + k], s[i + k + 2], 0x44);
+                        r[i + k + 2] = _mm256_shuffle_ps(s[i + k], s[i + k + 2], 0xEE);
+                    }
+                /* r[0..3] from rows 0-3, r[4..7] from rows 4-7; lanes: r[0] = cols 0,4; r[2] = 1,5; r[1] = 2,6; r[3] = 3,7 */
+                static const int order[4] = {0, 2, 1, 3};
+                for (int k = 0; k < 4; k++) {
+                    __m256 lo = r[order[k]], hi = r[4 + order[k]];
+                    _mm256_storeu_ps(tile + (j0 + k) * width + t0, _mm256_permute2f128_ps(lo, hi, 0x20));
+                    _mm256_storeu_ps(tile + (j0 + k + 4) * width + t0, _mm256_permute2f128_ps(lo, hi, 0x31));
+                }
+                continue;
+            }
+#endif
+            for (int64_t j = 0; j < jn; j++)
+                for (int64_t t = 0; t < 8; t++) tile[(j0 + j) * width + t0 + t] = t < tn ? x[(token0 + t) * dim + j0 + j] : 0.0f;
         }
     }
 }
 
-/* Tile width for T tokens: TILE, or T rounded up to whole vectors when T < TILE. */
-static int64_t tile_width(int64_t T) { return T >= TILE ? TILE : (T + 7) / 8 * 8; }
+/* Tile width for T tokens: tile, or T rounded up to whole vectors when T < tile. */
+static int64_t tile_width(int64_t T, int64_t tile) { return T >= tile ? tile : (T + 7) / 8 * 8; }
 
-/* Forward over rows [r0, r1) (at most ROW_BLOCK) and the tokens [t0, t0 + tw) whose transposed tile is
- * xt (n, ld): y[t0 + t, i] += sum_j S[i, j] xt[j, t]. Columns go 64 at a time (one mask word), all rows of
- * the block per word, so that the 64 tile rows being read stay in L1 while every row uses them. */
+/* Forward over rows [r0, r1) (at most ROW_BLOCK) and the tokens [t0, t0 + tw), whose transposed tiles are
+ * xt (n, ld) and zt (rank, ld): y[t0 + t, i] += sum_k U[i, k] zt[k, t] + sum_j S[i, j] xt[j, t]. Columns go
+ * 64 at a time (one mask word), all rows of the block per word, so that the 64 tile rows being read stay
+ * in L1 while every row uses them; the rows' value streams are prefetched a word ahead, and the sums are
+ * written token by token, as 32 neighbouring outputs of a token share cache lines. */
 #define FORWARD_TILE(NV)                                                                                        \
-    static void forward_tile_##NV(const float *xt, int64_t ld, int64_t t0, int64_t tw, const uint8_t *mask,    \
-                                  int64_t nb, const float *values, const int64_t *starts, int64_t r0,           \
-                                  int64_t r1, float *y, int64_t m) {                                            \
+    static void forward_tile_##NV(const float *xt, const float *zt, int64_t ld, int64_t t0, int64_t tw,        \
+                                  const float *u, int64_t rank, const uint8_t *mask, int64_t nb,                \
+                                  const float *values, const int64_t *starts, int64_t r0, int64_t r1, float *y, \
+                                  int64_t m, const float *bias, int accumulate) {                               \
         v8 acc[ROW_BLOCK][NV];                                                                                  \
         const float *val[ROW_BLOCK];                                                                            \
         for (int64_t r = 0; r < r1 - r0; r++) {                                                                 \
             val[r] = values + starts[r0 + r];                                                                   \
-            for (int q = 0; q < NV; q++) acc[r][q] = (v8){0};                                                   \
+            v8 a[NV];                                                                                           \
+            for (int q = 0; q < NV; q++) a[q] = (v8){0};                                                        \
+            for (int64_t k = 0; k < rank; k++) {                                                                \
+                float weight = u[(r0 + r) * rank + k];                                                          \
+                for (int q = 0; q < NV; q++) a[q] += weight * *(const v8 *)(zt + k * ld + 8 * q);               \
+            }                                                                                                   \
+            for (int q = 0; q < NV; q++) acc[r][q] = a[q];                                                      \
         }                                                                                                       \
         for (int64_t b = 0; b < nb; b += 8) {                                                                   \
             const float *block = xt + b * 8 * ld;                                                               \
             for (int64_t r = 0; r < r1 - r0; r++) {                                                             \
                 uint64_t w = mask_word(mask + (r0 + r) * nb + b, nb - b);                                       \
+                __builtin_prefetch(val[r] + 32);                                                                \
+                __builtin_prefetch(val[r] + 48);                                                                \
                 if (!w) continue;                                                                               \
                 v8 a[NV];                                                                                       \
                 for (int q = 0; q < NV; q++) a[q] = acc[r][q];                                                  \
@@ -105,10 +151,11 @@ static int64_t tile_width(int64_t T) { return T >= TILE ? TILE : (T + 7) / 8 * 8
                 for (int q = 0; q < NV; q++) acc[r][q] = a[q];                                                  \
             }                                                                                                   \
         }                                                                                                       \
-        for (int64_t r = 0; r < r1 - r0; r++) {                                                                 \
-            float out[8 * NV];                                                                                  \
-            memcpy(out, acc[r], sizeof(out));                                                                   \
-            for (int64_t t = 0; t < tw; t++) y[(t0 + t) * m + r0 + r] += out[t];                                \
+        const float *sums = (const float *)acc;                                                                 \
+        for (int64_t t = 0; t < tw; t++) {                                                                      \
+            float *out = y + (t0 + t) * m + r0;                                                                 \
+            for (int64_t r = 0; r < r1 - r0; r++)                                                               \
+                out[r] = (accumulate ? out[r] : bias ? bias[r0 + r] : 0.0f) + sums[r * 8 * NV + t];             \
         }                                                                                                       \
     }
 FORWARD_TILE(1)
@@ -117,11 +164,19 @@ FORWARD_TILE(3)
 FORWARD_TILE(4)
 FORWARD_TILE(5)
 FORWARD_TILE(6)
+FORWARD_TILE(7)
+FORWARD_TILE(8)
+FORWARD_TILE(9)
+FORWARD_TILE(10)
+FORWARD_TILE(11)
+FORWARD_TILE(12)
 
-typedef void (*forward_tile_fn)(const float *, int64_t, int64_t, int64_t, const uint8_t *, int64_t, const float *,
-                                const int64_t *, int64_t, int64_t, float *, int64_t);
-static const forward_tile_fn forward_tiles[TILE / 8 + 1] = {NULL, forward_tile_1, forward_tile_2, forward_tile_3,
-                                                            forward_tile_4, forward_tile_5, forward_tile_6};
+typedef void (*forward_tile_fn)(const float *, const float *, int64_t, int64_t, int64_t, const float *, int64_t,
+                                const uint8_t *, int64_t, const float *, const int64_t *, int64_t, int64_t, float *,
+                                int64_t, const float *, int);
+static const forward_tile_fn forward_tiles[TILE / 8 + 1] = {
+    NULL,           forward_tile_1, forward_tile_2, forward_tile_3,  forward_tile_4,  forward_tile_5, forward_tile_6,
+    forward_tile_7, forward_tile_8, forward_tile_9, forward_tile_10, forward_tile_11, forward_tile_12};
 
 #ifdef __AVX2__
 /* expand_index[byte][l]: where lane l's value sits among the byte's set bits (popcount of the bits below l). */
@@ -274,10 +329,21 @@ int lrs_lowrank_bitmask_few(const float *x, int64_t T, int64_t n, const float *u
     return 0;
 }
 
-/* The product entry points return 0; -1 when a work buffer could not be allocated, -2 when the mask sets other than
- * nvalues bits (y untouched in both cases). */
-int lrs_bitmask_matmul(const float *x, int64_t T, int64_t n, const uint8_t *mask, int64_t m, int64_t nb,
-                       const float *values, int64_t nvalues, float *y, int nthreads) {
+/* Floats of the work buffer that the products below take for T tokens, n inputs and rank: the transposed
+ * tiles of x and z. Callers keep one between calls (`work`): freshly allocated memory costs a page fault per
+ * 4 KiB on first touch, which measured 20% of a 512-token product. With a smaller or no buffer
+ * (work_floats 0) the products allocate their own. */
+int64_t lrs_workspace_floats(int64_t T, int64_t n, int64_t rank) {
+    int64_t width = tile_width(T, TILE);
+    return (T + width - 1) / width * (n + rank) * width;
+}
+
+/* y (T, m) = [y +] z (T, rank) U^T + x (T, n) S^T [+ bias] for u (m, rank): added to y when accumulate, else
+ * written over it with bias (m,) or NULL; rank may be 0 (z and u unused). */
+static int lowrank_bitmask_matmul(const float *x, int64_t T, int64_t n, const float *z, int64_t rank,
+                                  const float *u, const float *bias, const uint8_t *mask, int64_t m, int64_t nb,
+                                  const float *values, int64_t nvalues, float *y, int accumulate, float *work,
+                                  int64_t work_floats, int nthreads) {
     int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
     if (!starts) return -1;
     int64_t nnz = row_starts(mask, m, nb, starts);
@@ -287,7 +353,7 @@ int lrs_bitmask_matmul(const float *x, int64_t T, int64_t n, const uint8_t *mask
     }
     int64_t row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK;
 #ifdef __AVX2__
-    if (T <= FEW_TOKENS) {
+    if (T <= FEW_TOKENS && rank == 0 && accumulate) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t rb = 0; rb < row_blocks; rb++) {
             int64_t r1 = (rb + 1) * ROW_BLOCK < m ? (rb + 1) * ROW_BLOCK : m;
@@ -297,32 +363,54 @@ int lrs_bitmask_matmul(const float *x, int64_t T, int64_t n, const uint8_t *mask
         return 0;
     }
 #endif
-    int64_t width = tile_width(T), tiles = (T + width - 1) / width;
-    float *xt = malloc((size_t)(tiles * n * width) * sizeof(float));
-    if (!xt) {
+    int64_t width = tile_width(T, TILE), tiles = (T + width - 1) / width;
+    float *xt = work_floats >= lrs_workspace_floats(T, n, rank) ? work : NULL;
+    float *own = xt ? NULL : malloc((size_t)lrs_workspace_floats(T, n, rank) * sizeof(float));
+    if (!xt && !(xt = own)) {
         free(starts);
         return -1;
     }
+    float *zt = xt + tiles * n * width;
     transpose_tiles(x, T, n, xt, width, nthreads);
+    if (rank) transpose_tiles(z, T, rank, zt, width, nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t item = 0; item < tiles * row_blocks; item++) {
         int64_t q = item / row_blocks, rb = item % row_blocks;
         int64_t t0 = q * width, tw = T - t0 < width ? T - t0 : width;
         int64_t r0 = rb * ROW_BLOCK, r1 = r0 + ROW_BLOCK < m ? r0 + ROW_BLOCK : m;
-        forward_tiles[(tw + 7) / 8](xt + q * n * width, width, t0, tw, mask, nb, values, starts, r0, r1, y, m);
+        forward_tiles[(tw + 7) / 8](xt + q * n * width, zt + q * rank * width, width, t0, tw, u, rank, mask, nb,
+                                    values, starts, r0, r1, y, m, bias, accumulate);
     }
-    free(xt);
+    free(own);
     free(starts);
     return 0;
 }
 
+/* The product entry points return 0; -1 when a work buffer could not be allocated, -2 when the mask sets other than
+ * nvalues bits (y untouched in both cases). */
+int lrs_bitmask_matmul(const float *x, int64_t T, int64_t n, const uint8_t *mask, int64_t m, int64_t nb,
+                       const float *values, int64_t nvalues, float *y, float *work, int64_t work_floats,
+                       int nthreads) {
+    return lowrank_bitmask_matmul(x, T, n, NULL, 0, NULL, NULL, mask, m, nb, values, nvalues, y, 1, work,
+                                  work_floats, nthreads);
+}
+
+/* y (T, m) = z (T, rank) U^T + x (T, n) S^T + bias, written over y: the layer's forward from FEW_TOKENS + 1
+ * tokens on, with z = x V^T from the caller (a GEMM that BLAS does well) and bias (m,) or NULL. */
+int lrs_lowrank_bitmask_matmul(const float *x, int64_t T, int64_t n, const float *z, int64_t rank, const float *u,
+                               const float *bias, const uint8_t *mask, int64_t m, int64_t nb, const float *values,
+                               int64_t nvalues, float *y, float *work, int64_t work_floats, int nthreads) {
+    return lowrank_bitmask_matmul(x, T, n, z, rank, u, bias, mask, m, nb, values, nvalues, y, 0, work, work_floats,
+                                  nthreads);
+}
+
 int lrs_bitmask_matmul_t(const float *x, int64_t T, int64_t m, const uint8_t *mask, int64_t n, int64_t nb,
                          const float *values, int64_t nvalues, float *y, int nthreads) {
-    /* Token tiles are independent: each thread accumulates its tile of y^T (n, TILE) privately. */
+    /* Token tiles are independent: each thread accumulates its tile of y^T (n, TILE_T) privately. */
     int64_t set_bits = 0;
     for (int64_t b = 0; b < m * nb; b += 8) set_bits += __builtin_popcountll(mask_word(mask + b, m * nb - b));
     if (set_bits != nvalues) return -2;
-    int64_t width = tile_width(T), tiles = (T + width - 1) / width;
+    int64_t width = tile_width(T, TILE_T), tiles = (T + width - 1) / width;
     if (nthreads > tiles) nthreads = (int)tiles;
     float *xt = malloc((size_t)(tiles * m * width) * sizeof(float));
     float *acc = malloc((size_t)(n * width * nthreads) * sizeof(float));
