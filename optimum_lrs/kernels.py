@@ -145,21 +145,22 @@ def bitmask_addmm_(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, value
     return _call("lrs_bitmask_matmul", out, x, mask, values, rows=out.shape[1], cols=x.shape[1], rank=0)
 
 
-def lowrank_bitmask_matmul(x: torch.Tensor, z: torch.Tensor, lowrank_u: torch.Tensor, bias: torch.Tensor | None,
+def lowrank_bitmask_matmul(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: torch.Tensor, bias: torch.Tensor | None,
                            mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """z U^T + x S^T + bias (float32), with z = x V^T from the caller: the layer's product in one pass over the
-    output, U's products starting each output's sum (no (T, m) low-rank intermediate, no zero fill)."""
-    m = lowrank_u.shape[0]
-    if z.shape != (x.shape[0], lowrank_u.shape[1]) or (bias is not None and bias.shape != (m,)):
-        raise ValueError(f"lowrank_bitmask_matmul: shapes x {tuple(x.shape)}, z {tuple(z.shape)}, "
-                         f"U {tuple(lowrank_u.shape)}, bias {None if bias is None else tuple(bias.shape)} disagree")
+    """x (U V + S)^T + bias (float32) in one call, for any number of rows of x (from 9 on it beats the per-byte
+    path): per token tile, z = x V^T, then each output's sum starts from U's row times z and adds S's set
+    positions; no (T, m) intermediate, no zero fill, and no separate skinny GEMM for z."""
+    m, n = lowrank_u.shape[0], x.shape[1]
+    if lowrank_v.shape != (lowrank_u.shape[1], n) or (bias is not None and bias.shape != (m,)):
+        raise ValueError(f"lowrank_bitmask_matmul: shapes x {tuple(x.shape)}, U {tuple(lowrank_u.shape)}, "
+                         f"V {tuple(lowrank_v.shape)}, bias {None if bias is None else tuple(bias.shape)} disagree")
     out = torch.empty(x.shape[0], m, dtype=torch.float32)
     extra = () if bias is None else (bias,)
-    z, lowrank_u, *bias_ = (t.to(torch.float32).contiguous() for t in (z, lowrank_u, *extra))
-    if any(t.device.type != "cpu" for t in (z, lowrank_u, *bias_)):
+    lowrank_v, lowrank_u, *bias_ = (t.to(torch.float32).contiguous() for t in (lowrank_v, lowrank_u, *extra))
+    if any(t.device.type != "cpu" for t in (lowrank_v, lowrank_u, *bias_)):
         raise ValueError("lowrank_bitmask_matmul: the kernels take CPU tensors")
-    pointers = (z.data_ptr(), lowrank_u.shape[1], lowrank_u.data_ptr(), bias_[0].data_ptr() if bias_ else None)
-    return _call("lrs_lowrank_bitmask_matmul", out, x, mask, values, rows=m, cols=x.shape[1], before_mask=pointers,
+    pointers = (lowrank_v.data_ptr(), lowrank_u.shape[1], lowrank_u.data_ptr(), bias_[0].data_ptr() if bias_ else None)
+    return _call("lrs_lowrank_bitmask_matmul", out, x, mask, values, rows=m, cols=n, before_mask=pointers,
                  rank=lowrank_u.shape[1])
 
 

@@ -318,7 +318,7 @@ class LowRankSparseLinear(nn.Module):
 
     def _bitmask_kernel_forward(self, flat: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         """The layer by the C kernels, no dense weight: up to `kernels.few_tokens()` rows (decoding) in one fused
-        call; more rows, z = x V^T by torch, then z U^T + x S^T + b in one kernel pass; under autograd
+        call; more rows, the whole layer in one tiled kernel call (z = x V^T, z U^T + x S^T + b); under autograd
         x (U V)^T + b by torch plus x S^T by the kernel (differentiable in x). Computed in float32."""
         if needs_grad:
             out = nn.functional.linear(nn.functional.linear(flat, self.lowrank_v), self.lowrank_u, self.bias)
@@ -328,9 +328,8 @@ class LowRankSparseLinear(nn.Module):
             out = kernels.lowrank_bitmask_few(compute, self.lowrank_u, self.lowrank_v, self.bias,
                                               self.sparse_bitmask, self.sparse_values)
         else:
-            z = nn.functional.linear(compute, self.lowrank_v.to(torch.float32))
-            out = kernels.lowrank_bitmask_matmul(compute, z, self.lowrank_u, self.bias, self.sparse_bitmask,
-                                                 self.sparse_values)
+            out = kernels.lowrank_bitmask_matmul(compute, self.lowrank_u, self.lowrank_v, self.bias,
+                                                 self.sparse_bitmask, self.sparse_values)
         return out.to(flat.dtype)
 
     def _rebuilt_weight(self) -> torch.Tensor:

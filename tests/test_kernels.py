@@ -46,10 +46,10 @@ def test_products_match_the_dense_ones(rows, cols, density):
         grad, start_t = torch.randn(tokens, rows, generator=g), torch.randn(tokens, cols, generator=g)
         got_t = kernels.bitmask_addmm_t_(start_t.clone(), grad, mask, values)
         torch.testing.assert_close(got_t, start_t + grad @ s, rtol=1e-5, atol=1e-4)
-        for rank, bias in ((0, None), (3, torch.randn(rows, generator=g))):
-            z, u = torch.randn(tokens, rank, generator=g), torch.randn(rows, rank, generator=g)
-            got = kernels.lowrank_bitmask_matmul(x, z, u, bias, mask, values)
-            expected = z @ u.t() + x @ s.t() + (0 if bias is None else bias)
+        for rank, bias in ((0, None), (3, torch.randn(rows, generator=g)), (6, None)):
+            u, v = torch.randn(rows, rank, generator=g), torch.randn(rank, cols, generator=g)
+            got = kernels.lowrank_bitmask_matmul(x, u, v, bias, mask, values)
+            expected = x @ (u @ v + s).t() + (0 if bias is None else bias)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(kernels.bitmask_to_dense(mask, values, cols), s)
 
@@ -63,7 +63,7 @@ def test_a_real_sized_layer_matches_at_every_path():
         x = torch.randn(tokens, 576, generator=torch.Generator().manual_seed(tokens))
         got = kernels.bitmask_addmm_(torch.zeros(tokens, 576), x, mask, values)
         torch.testing.assert_close(got, x @ s.t(), rtol=1e-4, atol=1e-3)
-        got = kernels.lowrank_bitmask_matmul(x, x @ v.t(), u, None, mask, values)
+        got = kernels.lowrank_bitmask_matmul(x, u, v, None, mask, values)
         torch.testing.assert_close(got, x @ (u @ v + s).t(), rtol=1e-4, atol=1e-2)
 
 
@@ -74,7 +74,7 @@ def test_a_mask_that_disagrees_with_the_values_is_refused_and_writes_nothing():
     for call in (lambda: kernels.bitmask_addmm_(out, torch.randn(3, 20), mask, values[:-1]),
                  lambda: kernels.bitmask_addmm_t_(torch.ones(3, 20), torch.randn(3, 9), mask, values[1:]),
                  lambda: kernels.bitmask_to_dense(mask, values[:-2], 20),
-                 lambda: kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(3, 2), torch.randn(9, 2), None,
+                 lambda: kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(9, 2), torch.randn(2, 20), None,
                                                         mask, values[:-1])):
         with pytest.raises(ValueError, match="set bits"):
             call()
@@ -82,9 +82,9 @@ def test_a_mask_that_disagrees_with_the_values_is_refused_and_writes_nothing():
     with pytest.raises(ValueError, match="disagree"):
         kernels.bitmask_addmm_(out, torch.randn(3, 25), mask, values)
     with pytest.raises(ValueError, match="disagree"):
-        kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(3, 2), torch.randn(9, 3), None, mask, values)
+        kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(9, 2), torch.randn(3, 20), None, mask, values)
     with pytest.raises(ValueError, match="disagree"):
-        kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(3, 2), torch.randn(9, 2), torch.ones(8), mask,
+        kernels.lowrank_bitmask_matmul(torch.randn(3, 20), torch.randn(9, 2), torch.randn(2, 20), torch.ones(8), mask,
                                        values)
     with pytest.raises(ValueError, match="uint8"):
         kernels.bitmask_to_dense(mask.to(torch.int16), values, 20)

@@ -5,7 +5,7 @@
  *           of byte mask[i * nb + j / 8]; padding bits are 0.
  *   values: float32 (nnz,), the set positions' values, row by row, columns ascending.
  *
- * lrs_lowrank_bitmask_matmul: y (T, m) = z (T, r) U^T + x (T, n) S^T + bias   (the layer's forward, z = x V^T)
+ * lrs_lowrank_bitmask_matmul: y (T, m) = x (T, n) (U V + S)^T + bias   (the layer's forward from 9 tokens on)
  * lrs_lowrank_bitmask_few: y (T, m) = x (U V + S)^T + bias for T <= FEW_TOKENS (decoding, in one call)
  * lrs_bitmask_matmul: y (T, m) += x (T, n) S^T   (the forward's sparse part under autograd)
  * lrs_bitmask_matmul_t: y (T, n) += x (T, m) S   (the gradient with respect to the layer's input)
@@ -14,7 +14,8 @@
  * Every array is dense, row-major and contiguous. Up to FEW_TOKENS tokens (decoding), each mask byte's 8
  * weights are expanded into a vector once and multiplied with every token. For more tokens only the set
  * positions are touched: for each one, a tile of up to TILE tokens of the transposed input is scaled and
- * added, which vectorises over tokens; U's products with the transposed z tile start each row's sums.
+ * added, which vectorises over tokens; the tile's z = x V^T is computed first, and U's products with it
+ * start each row's sums.
  * docs/performance.md has the measurements behind the constants.
  * Threads: OpenMP where the compiler has it; loaded into a process that has imported torch, the library
  * binds to torch's own libgomp (same soname), so the two share one thread pool.
@@ -108,6 +109,35 @@ static void transpose_tiles(const float *x, int64_t T, int64_t dim, float *xt, i
 
 /* Tile width for T tokens: tile, or T rounded up to whole vectors when T < tile. */
 static int64_t tile_width(int64_t T, int64_t tile) { return T >= tile ? tile : (T + 7) / 8 * 8; }
+
+/* zt[k, t] = sum_j V[k, j] xt[j, t] for V's rows [k0, k0 + ZROWS) (fewer at the end: rows past rank are
+ * computed from row k0 and dropped) and the tile's first 8 * NC tokens from vector c0 on: the tile of z = x V^T.
+ * ZROWS x NC accumulators share each loaded input vector, as a GEMM micro-kernel does; BLAS's own GEMM, with
+ * only rank outputs per token, measured 2-4x its flop share of the layer. */
+#define ZROWS 4
+#define Z_TILE(NC)                                                                                              \
+    static void z_tile_##NC(const float *xt, int64_t ld, int64_t c0, const float *v, int64_t n, int64_t k0,    \
+                            int64_t rank, float *zt) {                                                          \
+        const float *row[ZROWS];                                                                                \
+        for (int kk = 0; kk < ZROWS; kk++) row[kk] = v + (k0 + kk < rank ? k0 + kk : k0) * n;                   \
+        v8 acc[ZROWS][NC];                                                                                      \
+        for (int kk = 0; kk < ZROWS; kk++)                                                                      \
+            for (int c = 0; c < NC; c++) acc[kk][c] = (v8){0};                                                  \
+        for (int64_t j = 0; j < n; j++) {                                                                       \
+            v8 in[NC];                                                                                          \
+            for (int c = 0; c < NC; c++) in[c] = *(const v8 *)(xt + j * ld + 8 * (c0 + c));                    \
+            for (int kk = 0; kk < ZROWS; kk++)                                                                  \
+                for (int c = 0; c < NC; c++) acc[kk][c] += row[kk][j] * in[c];                                  \
+        }                                                                                                       \
+        for (int kk = 0; kk < ZROWS && k0 + kk < rank; kk++)                                                    \
+            for (int c = 0; c < NC; c++) *(v8 *)(zt + (k0 + kk) * ld + 8 * (c0 + c)) = acc[kk][c];              \
+    }
+Z_TILE(1)
+Z_TILE(2)
+Z_TILE(3)
+
+typedef void (*z_tile_fn)(const float *, int64_t, int64_t, const float *, int64_t, int64_t, int64_t, float *);
+static const z_tile_fn z_tiles[4] = {NULL, z_tile_1, z_tile_2, z_tile_3};
 
 /* Forward over rows [r0, r1) (at most ROW_BLOCK) and the tokens [t0, t0 + tw), whose transposed tiles are
  * xt (n, ld) and zt (rank, ld): y[t0 + t, i] += sum_k U[i, k] zt[k, t] + sum_j S[i, j] xt[j, t]. Columns go
@@ -338,9 +368,9 @@ int64_t lrs_workspace_floats(int64_t T, int64_t n, int64_t rank) {
     return (T + width - 1) / width * (n + rank) * width;
 }
 
-/* y (T, m) = [y +] z (T, rank) U^T + x (T, n) S^T [+ bias] for u (m, rank): added to y when accumulate, else
- * written over it with bias (m,) or NULL; rank may be 0 (z and u unused). */
-static int lowrank_bitmask_matmul(const float *x, int64_t T, int64_t n, const float *z, int64_t rank,
+/* y (T, m) = [y +] x (T, n) (U V + S)^T [+ bias] for u (m, rank), v (rank, n): added to y when accumulate,
+ * else written over it with bias (m,) or NULL; rank may be 0 (u and v unused). */
+static int lowrank_bitmask_matmul(const float *x, int64_t T, int64_t n, const float *v, int64_t rank,
                                   const float *u, const float *bias, const uint8_t *mask, int64_t m, int64_t nb,
                                   const float *values, int64_t nvalues, float *y, int accumulate, float *work,
                                   int64_t work_floats, int nthreads) {
@@ -372,7 +402,16 @@ static int lowrank_bitmask_matmul(const float *x, int64_t T, int64_t n, const fl
     }
     float *zt = xt + tiles * n * width;
     transpose_tiles(x, T, n, xt, width, nthreads);
-    if (rank) transpose_tiles(z, T, rank, zt, width, nthreads);
+    if (rank) {
+        /* z's tiles from x's: items of ZROWS rows of V by up to 3 token vectors of one tile. */
+        int64_t kblocks = (rank + ZROWS - 1) / ZROWS, chunks = (width / 8 + 2) / 3;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t item = 0; item < tiles * kblocks * chunks; item++) {
+            int64_t q = item / (kblocks * chunks), k0 = item / chunks % kblocks * ZROWS, c0 = item % chunks * 3;
+            int64_t vectors = width / 8 - c0 < 3 ? width / 8 - c0 : 3;
+            z_tiles[vectors](xt + q * n * width, width, c0, v, n, k0, rank, zt + q * rank * width);
+        }
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t item = 0; item < tiles * row_blocks; item++) {
         int64_t q = item / row_blocks, rb = item % row_blocks;
@@ -395,12 +434,12 @@ int lrs_bitmask_matmul(const float *x, int64_t T, int64_t n, const uint8_t *mask
                                   work_floats, nthreads);
 }
 
-/* y (T, m) = z (T, rank) U^T + x (T, n) S^T + bias, written over y: the layer's forward from FEW_TOKENS + 1
- * tokens on, with z = x V^T from the caller (a GEMM that BLAS does well) and bias (m,) or NULL. */
-int lrs_lowrank_bitmask_matmul(const float *x, int64_t T, int64_t n, const float *z, int64_t rank, const float *u,
+/* y (T, m) = x (T, n) (U V + S)^T + bias, written over y, for u (m, rank), v (rank, n) and bias (m,) or NULL:
+ * the layer's forward from FEW_TOKENS + 1 tokens on. */
+int lrs_lowrank_bitmask_matmul(const float *x, int64_t T, int64_t n, const float *v, int64_t rank, const float *u,
                                const float *bias, const uint8_t *mask, int64_t m, int64_t nb, const float *values,
                                int64_t nvalues, float *y, float *work, int64_t work_floats, int nthreads) {
-    return lowrank_bitmask_matmul(x, T, n, z, rank, u, bias, mask, m, nb, values, nvalues, y, 0, work, work_floats,
+    return lowrank_bitmask_matmul(x, T, n, v, rank, u, bias, mask, m, nb, values, nvalues, y, 0, work, work_floats,
                                   nthreads);
 }
 
