@@ -41,6 +41,7 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 #define FEW_TOKENS 8 /* up to this many tokens, expand each mask byte (measured against 16..64) */
 #define ROW_BLOCK 32 /* rows per work item (measured against 8 and 16) */
 #define TILE_T 48    /* tokens per tile of the S^T product, whose per-thread sums (n, TILE_T) stay in L2 */
+#define Z_ROWS 16    /* rows of V per work item computing z's tiles */
 
 /* Up to 8 bytes of a mask row as a little-endian word (bit b = column 8 * first_byte + b); the full-word
  * case is a single load. */
@@ -110,34 +111,47 @@ static void transpose_tiles(const float *x, int64_t T, int64_t dim, float *xt, i
 /* Tile width for T tokens: tile, or T rounded up to whole vectors when T < tile. */
 static int64_t tile_width(int64_t T, int64_t tile) { return T >= tile ? tile : (T + 7) / 8 * 8; }
 
-/* zt[k, t] = sum_j V[k, j] xt[j, t] for V's rows [k0, k0 + ZROWS) (fewer at the end: rows past rank are
- * computed from row k0 and dropped) and the tile's first 8 * NC tokens from vector c0 on: the tile of z = x V^T.
- * ZROWS x NC accumulators share each loaded input vector, as a GEMM micro-kernel does; BLAS's own GEMM, with
- * only rank outputs per token, measured 2-4x its flop share of the layer. */
-#define ZROWS 4
-#define Z_TILE(NC)                                                                                              \
-    static void z_tile_##NC(const float *xt, int64_t ld, int64_t c0, const float *v, int64_t n, int64_t k0,    \
-                            int64_t rank, float *zt) {                                                          \
-        const float *row[ZROWS];                                                                                \
-        for (int kk = 0; kk < ZROWS; kk++) row[kk] = v + (k0 + kk < rank ? k0 + kk : k0) * n;                   \
-        v8 acc[ZROWS][NC];                                                                                      \
-        for (int kk = 0; kk < ZROWS; kk++)                                                                      \
-            for (int c = 0; c < NC; c++) acc[kk][c] = (v8){0};                                                  \
-        for (int64_t j = 0; j < n; j++) {                                                                       \
+/* A GEMM micro-kernel over transposed tiles: out[kk, 8 c0 ...] (+)= sum_{j in [j0, j1)} a[kk, j] b[j, 8 c0 ...]
+ * for the rows kk < rows (at most GEMM_ROWS; missing rows repeat row 0 and are dropped) and NC vectors of 8
+ * tokens from vector c0 on; a is row-major with lda, b and out have row strides ldb and ldo. GEMM_ROWS x NC
+ * accumulators share every loaded b vector (7 loads per 12 FMAs, against one load per FMA in the sparse
+ * loop). It computes a tile of z = x V^T (a = V, b = the input tile) and U's share of the outputs (a = U,
+ * b = z's tile); BLAS's GEMM for z, with only `rank` outputs per token, cost 2-4x its flop share. */
+#define GEMM_ROWS 4
+#define GEMM_TILE(NC)                                                                                           \
+    static void gemm_tile_##NC(const float *a, int64_t lda, int64_t rows, const float *b, int64_t ldb,         \
+                               int64_t c0, int64_t j0, int64_t j1, float *out, int64_t ldo, int accumulate) {   \
+        const float *row[GEMM_ROWS];                                                                            \
+        for (int kk = 0; kk < GEMM_ROWS; kk++) row[kk] = a + (kk < rows ? kk : 0) * lda;                        \
+        v8 acc[GEMM_ROWS][NC];                                                                                  \
+        for (int kk = 0; kk < GEMM_ROWS; kk++)                                                                  \
+            for (int c = 0; c < NC; c++)                                                                        \
+                acc[kk][c] = accumulate && kk < rows ? *(const v8 *)(out + kk * ldo + 8 * (c0 + c)) : (v8){0};  \
+        for (int64_t j = j0; j < j1; j++) {                                                                     \
             v8 in[NC];                                                                                          \
-            for (int c = 0; c < NC; c++) in[c] = *(const v8 *)(xt + j * ld + 8 * (c0 + c));                    \
-            for (int kk = 0; kk < ZROWS; kk++)                                                                  \
+            for (int c = 0; c < NC; c++) in[c] = *(const v8 *)(b + j * ldb + 8 * (c0 + c));                    \
+            for (int kk = 0; kk < GEMM_ROWS; kk++)                                                              \
                 for (int c = 0; c < NC; c++) acc[kk][c] += row[kk][j] * in[c];                                  \
         }                                                                                                       \
-        for (int kk = 0; kk < ZROWS && k0 + kk < rank; kk++)                                                    \
-            for (int c = 0; c < NC; c++) *(v8 *)(zt + (k0 + kk) * ld + 8 * (c0 + c)) = acc[kk][c];              \
+        for (int kk = 0; kk < rows; kk++)                                                                       \
+            for (int c = 0; c < NC; c++) *(v8 *)(out + kk * ldo + 8 * (c0 + c)) = acc[kk][c];                   \
     }
-Z_TILE(1)
-Z_TILE(2)
-Z_TILE(3)
+GEMM_TILE(1)
+GEMM_TILE(2)
+GEMM_TILE(3)
 
-typedef void (*z_tile_fn)(const float *, int64_t, int64_t, const float *, int64_t, int64_t, int64_t, float *);
-static const z_tile_fn z_tiles[4] = {NULL, z_tile_1, z_tile_2, z_tile_3};
+typedef void (*gemm_tile_fn)(const float *, int64_t, int64_t, const float *, int64_t, int64_t, int64_t, int64_t,
+                             float *, int64_t, int);
+static const gemm_tile_fn gemm_tiles[4] = {NULL, gemm_tile_1, gemm_tile_2, gemm_tile_3};
+
+/* out[0..rows) x (vectors 0..nv) (+)= a[0..rows, j0..j1) b[j0..j1, ...], GEMM_ROWS rows by 3 vectors at a time. */
+static void gemm_rows(const float *a, int64_t lda, int64_t rows, const float *b, int64_t ldb, int64_t nv, int64_t j0,
+                      int64_t j1, float *out, int64_t ldo, int accumulate) {
+    for (int64_t k = 0; k < rows; k += GEMM_ROWS)
+        for (int64_t c0 = 0; c0 < nv; c0 += 3)
+            gemm_tiles[nv - c0 < 3 ? nv - c0 : 3](a + k * lda, lda, rows - k < GEMM_ROWS ? rows - k : GEMM_ROWS, b,
+                                                 ldb, c0, j0, j1, out + k * ldo, ldo, accumulate);
+}
 
 /* Forward over rows [r0, r1) (at most ROW_BLOCK) and the tokens [t0, t0 + tw), whose transposed tiles are
  * xt (n, ld) and zt (rank, ld): y[t0 + t, i] += sum_k U[i, k] zt[k, t] + sum_j S[i, j] xt[j, t]. Columns go
@@ -153,14 +167,10 @@ static const z_tile_fn z_tiles[4] = {NULL, z_tile_1, z_tile_2, z_tile_3};
         const float *val[ROW_BLOCK];                                                                            \
         for (int64_t r = 0; r < r1 - r0; r++) {                                                                 \
             val[r] = values + starts[r0 + r];                                                                   \
-            v8 a[NV];                                                                                           \
-            for (int q = 0; q < NV; q++) a[q] = (v8){0};                                                        \
-            for (int64_t k = 0; k < rank; k++) {                                                                \
-                float weight = u[(r0 + r) * rank + k];                                                          \
-                for (int q = 0; q < NV; q++) a[q] += weight * *(const v8 *)(zt + k * ld + 8 * q);               \
-            }                                                                                                   \
-            for (int q = 0; q < NV; q++) acc[r][q] = a[q];                                                      \
+            if (!rank)                                                                                          \
+                for (int q = 0; q < NV; q++) acc[r][q] = (v8){0};                                               \
         }                                                                                                       \
+        if (rank) gemm_rows(u + r0 * rank, rank, r1 - r0, zt, ld, NV, 0, rank, (float *)acc, 8 * NV, 0);        \
         for (int64_t b = 0; b < nb; b += 8) {                                                                   \
             const float *block = xt + b * 8 * ld;                                                               \
             for (int64_t r = 0; r < r1 - r0; r++) {                                                             \
@@ -403,13 +413,15 @@ static int lowrank_bitmask_matmul(const float *x, int64_t T, int64_t n, const fl
     float *zt = xt + tiles * n * width;
     transpose_tiles(x, T, n, xt, width, nthreads);
     if (rank) {
-        /* z's tiles from x's: items of ZROWS rows of V by up to 3 token vectors of one tile. */
-        int64_t kblocks = (rank + ZROWS - 1) / ZROWS, chunks = (width / 8 + 2) / 3;
+        /* z's tiles from x's: items of up to Z_ROWS rows of V for one tile, 64 columns of x at a time so that
+         * the input tile rows in use stay in L1 for every row of V. */
+        int64_t groups = (rank + Z_ROWS - 1) / Z_ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t item = 0; item < tiles * kblocks * chunks; item++) {
-            int64_t q = item / (kblocks * chunks), k0 = item / chunks % kblocks * ZROWS, c0 = item % chunks * 3;
-            int64_t vectors = width / 8 - c0 < 3 ? width / 8 - c0 : 3;
-            z_tiles[vectors](xt + q * n * width, width, c0, v, n, k0, rank, zt + q * rank * width);
+        for (int64_t item = 0; item < tiles * groups; item++) {
+            int64_t q = item / groups, k0 = item % groups * Z_ROWS, rows = rank - k0 < Z_ROWS ? rank - k0 : Z_ROWS;
+            for (int64_t j0 = 0; j0 < n; j0 += 64)
+                gemm_rows(v + k0 * n, n, rows, xt + q * n * width, width, width / 8, j0, j0 + 64 < n ? j0 + 64 : n,
+                          zt + (q * rank + k0) * width, width, j0 > 0);
         }
     }
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
