@@ -5,7 +5,7 @@ torch has no kernel for a bitmask-coded sparse matrix, and its CSR kernels lose 
 shared library is cached per source, compiler flags and CPU (`-march=native`) under
 `$OPTIMUM_LRS_CACHE` (default `~/.cache/optimum_lrs`). Without a working compiler, or with
 `OPTIMUM_LRS_NO_KERNELS=1`, `bitmask_library()` is None and the layers use their torch path: same results,
-slower decoding. `tests/test_kernels.py` checks every path against the dense product.
+slower (decoding most: ~10x per layer). `tests/test_kernels.py` checks every path against the dense product.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -139,6 +140,32 @@ def test_bitmask_inputs_build_a_dense_weight_only_for_long_inputs_to_dense_layer
         assert rebuilt == [dense_layer]
     dense_layer(torch.randn(DENSE_REBUILD_TOKENS + 5, 70, requires_grad=True))  # training stays sparse however long
     assert rebuilt == [dense_layer]
+
+
+@needs_kernels
+def test_concurrent_callers_each_get_their_own_work_buffer():
+    """The tile buffer is kept per calling thread between calls: threads running layers at once (a server)
+    must not share it, and a larger input grows it."""
+    layers = [_layer(density=d) for d in (0.1, 0.3, 0.5)]
+    inputs = [torch.randn(tokens, 70, generator=torch.Generator().manual_seed(tokens)) for tokens in (20, 300, 700)]
+    expected = [[x @ lay.dense_weight().t() + lay.bias for x in inputs] for lay in layers]
+    errors = []
+
+    def work(seed: int) -> None:
+        order = torch.randperm(9, generator=torch.Generator().manual_seed(seed)).tolist()
+        with torch.no_grad():
+            for _ in range(5):
+                for k in order:
+                    got = layers[k // 3](inputs[k % 3])
+                    if not torch.allclose(got, expected[k // 3][k % 3], rtol=1e-4, atol=1e-3):
+                        errors.append((seed, k))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
 
 
 @needs_kernels
