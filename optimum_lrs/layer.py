@@ -298,7 +298,8 @@ class LowRankSparseLinear(nn.Module):
         needs_grad = torch.is_grad_enabled() and flat.requires_grad
         on_kernels = self.sparse_format == "bitmask" and kernels.can_run(flat)
         rebuild = flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad
-        if on_kernels and not (rebuild and self.nnz > BITMASK_KERNEL_MAX_DENSITY * self.in_features * self.out_features):
+        dense_s = self.nnz > BITMASK_KERNEL_MAX_DENSITY * self.in_features * self.out_features
+        if on_kernels and not (rebuild and dense_s):
             return self._bitmask_kernel_forward(flat, needs_grad).reshape(*lead, self.out_features)
         if self.sparse_format == "bitmask" or rebuild:
             return torch.nn.functional.linear(flat, self._rebuilt_weight(), self.bias).reshape(*lead, self.out_features)
