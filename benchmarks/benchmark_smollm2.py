@@ -17,11 +17,10 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from common import add_eval_args, c4_texts, compressed_variant, header, prepare, stage1, stage1_caps
+from common import PeakRSS, add_eval_args, c4_texts, compressed_variant, header, prepare, stage1, stage1_caps
 from safetensors.torch import load_file, save_file
 
 from optimum_lrs import LowRankSparseConfig
@@ -31,27 +30,6 @@ from optimum_lrs.compress import find_target_modules
 from optimum_lrs.model_card import allocation_table, plot_allocation
 
 HERE = Path(__file__).resolve().parent
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 10 ms from /proc."""
-
-    def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while True:
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * 4096)
-            if self._stop.wait(0.01):
-                return
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def run_peer(python, method, ratio, calib_file, threads):

@@ -6,6 +6,8 @@ import copy
 import importlib.util
 import json
 import platform
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +45,39 @@ def c4_texts() -> list[str]:
 def c4_calibration(tokenizer, config: LowRankSparseConfig) -> torch.Tensor:
     """The calibration windows the package would draw from the C4 sample with `config`'s settings."""
     return calibration_windows(c4_texts(), tokenizer, config.calibration_seq_len, config.calibration_num_samples, config.seed)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 10 ms from /proc."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while True:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * 4096)
+            if self._stop.wait(0.01):
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_info(threads: int) -> dict:
+    """What a results file records about its run: the exact command, date, machine and versions."""
+    import optimum_lrs
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()}, {cpu}, {threads} threads", "python": platform.python_version(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "optimum_lrs": optimum_lrs.__version__}}
 
 
 def add_eval_args(parser) -> None:
@@ -106,4 +141,4 @@ def magnitude_pruned(model, names, ratio):
     return pruned
 
 
-__all__ = ["add_eval_args", "c4_calibration", "c4_texts", "compressed_variant", "header", "magnitude_pruned", "prepare", "stage1", "wikitext"]
+__all__ = ["PeakRSS", "run_info", "add_eval_args", "c4_calibration", "c4_texts", "compressed_variant", "header", "magnitude_pruned", "prepare", "stage1", "wikitext"]

@@ -13,6 +13,7 @@ from .modeling import LRSModelForCausalLM
 from .optimum_quantizer import LRSQuantizer
 from .quantizer import LRSHfQuantizer, compress_, register, set_sparse_format
 from .rpca import RPCAResult, robust_pca
+from .streaming import compress_checkpoint
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "LowRankSparseLoraLinear",
     "RPCAResult",
     "compress_",
+    "compress_checkpoint",
     "lora_target_modules",
     "model_card",
     "robust_pca",

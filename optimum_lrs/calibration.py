@@ -38,7 +38,16 @@ def token_stream(data: Any, tokenizer: Any) -> torch.Tensor:
     if texts is not None:
         if tokenizer is None:
             raise ValueError("calibration texts need a tokenizer: set LowRankSparseConfig(tokenizer=...)")
-        ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        text = "\n\n".join(texts)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        if ids.numel() == 0 and text.strip():
+            size = len(tokenizer) if hasattr(tokenizer, "__len__") else "?"
+            raise ValueError(
+                f"the tokenizer ({type(tokenizer).__name__}, {size} entries) turns {len(text)} characters of calibration "
+                "text into no tokens: it is empty, as transformers builds one for a model directory without tokenizer "
+                "files. Pass LowRankSparseConfig(tokenizer=...) or token ids as calibration_data, or "
+                "activation_aware=False with allocation='uniform' (no calibration)"
+            )
     else:
         ids = torch.tensor([t for seq in data for t in seq], dtype=torch.long)
     return ids.long()

@@ -29,14 +29,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     c = sub.add_parser("compress", help="compress a model and save it (optionally push it to the Hub)")
     c.add_argument("model", help="Hub id or local directory of the dense model (with --gguf-file: its directory)")
-    c.add_argument("--ratio", type=float, default=0.5, help="fraction of the linear layers' parameters to keep")
-    c.add_argument("--allocation", default="uniform", help="uniform, global_greedy or cap")
-    c.add_argument("--activation-aware", action="store_true", help="activation-aware Stage 1 (needs calibration)")
+    # Options left out keep LowRankSparseConfig's defaults, so that the command line builds the model the
+    # Python quick start builds.
+    c.add_argument("--ratio", type=float, help="fraction of the linear layers' parameters to keep (default 0.5)")
+    c.add_argument("--allocation", help="uniform (default), global_greedy or cap")
+    c.add_argument("--activation-aware", action=argparse.BooleanOptionalAction,
+                   help="activation-aware Stage 1 (default on; needs calibration text)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any LowRankSparseConfig field, VALUE as JSON or text (repeatable): --set pipeline=one_shot")
     c.add_argument("--gguf-file", help="GGUF file name inside MODEL's directory (dequantized, then compressed)")
     c.add_argument("--calibration", type=Path, help="calibration text: a .txt file or a .jsonl file with a 'text' field")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     c.add_argument("--base-model", help="Hub id of the dense model, for the model card")
     c.add_argument("--cache-dir", type=Path, help="Stage 1 cache: a rerun after an interruption resumes from it")
+    c.add_argument("--device", default="cpu",
+                   help="where the model is compressed: cpu (default) or cuda; under torchrun each rank takes cuda:LOCAL_RANK")
     c.add_argument("--output", type=Path, required=True, help="directory to write (must not exist, or --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     c.add_argument("--push-to-hub", metavar="REPO", help="also push the compressed model and its card to this repo")
@@ -71,6 +78,8 @@ def _compress(args: argparse.Namespace) -> int:
     from .compress import is_hub_id
     from .config import LowRankSparseConfig
     from .optimum_quantizer import LRSQuantizer, check_output_dir
+    from .distributed import Ranks, init_from_environment
+    from .streaming import compress_checkpoint
 
     if not Path(args.model).exists() and not is_hub_id(args.model):
         raise UsageError(f"{args.model}: neither a local directory nor a Hub model id")
@@ -79,21 +88,42 @@ def _compress(args: argparse.Namespace) -> int:
     texts = _calibration_texts(args.calibration) if args.calibration else None
     try:
         check_output_dir(args.output, args.overwrite)
-        config = LowRankSparseConfig(
-            param_ratio=args.ratio, allocation=args.allocation, activation_aware=args.activation_aware,
-            calibration_data=texts, seed=args.seed, base_model=args.base_model,
-            cache_dir=str(args.cache_dir) if args.cache_dir else None,
-        )
+        given = {"param_ratio": args.ratio, "allocation": args.allocation, "activation_aware": args.activation_aware,
+                 "seed": args.seed, "base_model": args.base_model,
+                 "cache_dir": str(args.cache_dir) if args.cache_dir else None}
+        config = LowRankSparseConfig.from_overrides(args.overrides, **{k: v for k, v in given.items() if v is not None})
+        config.calibration_data = texts
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    quantizer = LRSQuantizer.from_pretrained(args.model, file_name=args.gguf_file)
-    model = quantizer.quantize(args.output, compression_config=config, overwrite=args.overwrite, repo_id=args.push_to_hub)
-    if args.push_to_hub:
+    several = init_from_environment(args.device)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if several and args.device == "cuda" else args.device
+    if _streamable(args, config):  # one decoder block in memory at a time (docs/design.md, "Pipelines")
+        compress_checkpoint(args.model, args.output, config, overwrite=args.overwrite, device=device)
+        if not args.push_to_hub or not Ranks().writes:
+            return 0
+        quantizer = LRSQuantizer.from_pretrained(args.output)
+        model = quantizer.model
+    else:
+        placement = {} if device == "cpu" else {"device_map": device}
+        quantizer = LRSQuantizer.from_pretrained(args.model, file_name=args.gguf_file, **placement)
+        model = quantizer.quantize(args.output, compression_config=config, overwrite=args.overwrite,
+                                   repo_id=args.push_to_hub)
+    if args.push_to_hub and Ranks().writes:
         model.push_to_hub(args.push_to_hub)
         if quantizer.tokenizer is not None:
             quantizer.tokenizer.push_to_hub(args.push_to_hub)
         logger.info("pushed to %s", args.push_to_hub)
     return 0
+
+
+def _streamable(args: argparse.Namespace, config) -> bool:
+    """A local safetensors checkpoint compressed with uniform allocation streams from disk, block by block;
+    GGUF files, Hub ids and global allocations load the whole model."""
+    from .streaming import INDEX_NAME
+
+    local = Path(args.model)
+    return (not args.gguf_file and config.allocation == "uniform"
+            and any((local / name).is_file() for name in ("model.safetensors", INDEX_NAME)))
 
 
 def _load_saved(directory: Path):
@@ -153,8 +183,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Execute parsed arguments; returns the exit status and reports failures on stderr."""
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks for all
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as hf_logging
 

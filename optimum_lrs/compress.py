@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,17 +14,23 @@ from transformers import AutoTokenizer
 from transformers.quantizers import HfQuantizer
 
 from . import stage1_cache
-from .activations import input_rms
+from .activations import InputStatistics, input_rms
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
-from .allocation.base import kept_parameters
-from .allocation.uniform import stage1_rank_cap, uniform_rank
+from .allocation.base import check_allocation, check_budget, kept_parameters
+from .allocation.uniform import allocate_uniform, stage1_rank_cap, uniform_rank, uniform_shares
 from .calibration import calibration_windows
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
 from .progress import progress
 from .rpca import alternating_refit, robust_pca
+from .distributed import Ranks
+from .sequential import BlockInputs, decoder_blocks, first_block_inputs, relative_error
 
 logger = logging.getLogger(__name__)
+
+# Calibration windows per forward, for the statistics pass and the block-by-block forwards alike (the two
+# pipelines then see the same batches, so their statistics add up in the same order).
+CALIBRATION_BATCH = 4
 
 
 def is_hub_id(name: str) -> bool:
@@ -142,7 +150,7 @@ def build_layer(
     if keep.start is not None and config.sparse_selection != "allocation":
         (u, v), iterations = keep.start, config.cap_refine_iterations
     else:
-        rank_ids = torch.arange(keep.rank) if keep.rank_ids is None else keep.rank_ids
+        rank_ids = torch.arange(keep.rank, device=rpca.s.device) if keep.rank_ids is None else keep.rank_ids
         root = rpca.s[rank_ids].sqrt()
         u = rpca.u[:, rank_ids] * root
         v = root[:, None] * rpca.vh[rank_ids]
@@ -163,7 +171,7 @@ def build_layer(
     if config.sparse_values == "residual" or config.sparse_selection != "allocation":
         flat = (weight - u @ v).flatten()
     out_features, in_features = candidates.out_features, candidates.in_features
-    row_offsets = torch.zeros(out_features + 1, dtype=torch.long)
+    row_offsets = torch.zeros(out_features + 1, dtype=torch.long, device=kept.device)
     row_offsets[1:] = torch.bincount(kept // in_features, minlength=out_features).cumsum(0)
     # Built from the kept positions, not from a dense matrix, so that a kept entry equal to 0 stays counted.
     bias = None if source.bias is None else source.bias.detach()
@@ -192,12 +200,144 @@ def _calibration(model: nn.Module, config: LowRankSparseConfig) -> torch.Tensor 
         config.calibration_data, tokenizer, config.calibration_seq_len, config.calibration_num_samples, config.seed,
         vocab_size=model.get_input_embeddings().num_embeddings,
     )
-    return windows.to(next(model.parameters()).device)
+    return windows.to(model.get_input_embeddings().weight.device)
 
 
-@torch.no_grad()
-def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
-    """Compress every targeted layer of `model` in place and write the allocation into `config`."""
+def _stage1(name: str, module: nn.Linear, config: LowRankSparseConfig, scale: torch.Tensor | None,
+            ratio: float) -> LayerCandidates:
+    """Stage 1 of one layer as compression runs it: capped (`rpca_rank_cap`) and, where the allocation reads
+    only S's size and the uniform rank's leading triplets (uniform with re-picked sparse entries, CAP refitting
+    at its counts), compacted at once: the rest of the pools (about 2.5x the weights) is never read."""
+    c = decompose(name, module, config, scale, rpca_rank_cap(config, tuple(module.weight.shape), ratio))
+    if config.stage1_reads_uniform_rank:
+        c.compact(uniform_rank(c, ratio, config.lowrank_fraction))
+    return c
+
+
+def _install(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, layer: LowRankSparseLinear) -> dict:
+    """Swap in layer `c`'s compressed form, free its candidate pools, and return its `compressed_modules` entry."""
+    model.set_submodule(c.name, layer)
+    entry = {"rank": keep.rank, "nnz": keep.nnz, "rpca_iterations": c.rpca.iterations, "rpca_residual": c.rpca.residual}
+    c.rpca = None
+    return entry
+
+
+def _replace(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, source: nn.Linear,
+             config: LowRankSparseConfig) -> dict:
+    return _install(model, c, keep, build_layer(c, keep, source, config))
+
+
+def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
+                       calibration: torch.Tensor | None) -> dict[str, dict]:
+    """Statistics of the dense model in one pass, Stage 1 of every layer, one allocation, extraction."""
+    ratio = budget / sum(m.weight.numel() for m in targets.values())
+    scales = input_rms(model, targets, calibration, CALIBRATION_BATCH) if config.activation_aware else {}
+    candidates = [_stage1(name, module, config, scales.get(name), ratio)
+                  for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer")]
+    problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration, consumable=True)
+    allocation = allocate(problem)
+    # each dense layer is held no longer than the model holds it: freed as its layer is replaced
+    return {c.name: _replace(model, c, allocation[c.name], targets.pop(c.name), config)
+            for c in progress(candidates, desc="extract factors", unit="layer")}
+
+
+def _compress_sequential(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
+                         calibration: torch.Tensor | None, propagate: bool = True, stream: Any = None,
+                         blocks: list[tuple[str, nn.Module]] | None = None) -> dict[str, dict]:
+    """Block after block (docs/design.md, "Pipelines"). With `propagate` each block is calibrated on what the
+    compressed blocks before it output (`pipeline="sequential"`); without, on the dense blocks' outputs, which
+    gives exactly the one-shot statistics of `input_rms` (tests compare the two) with one block's activations
+    in memory instead of the whole model's forward.
+
+    Uniform allocation is decided per layer from the shapes, so each block is compressed for good before the
+    next one runs. A global allocation needs every layer's candidates first; with `propagate`, each block is
+    compressed provisionally at the uniform counts (the start of CAP's search) to produce the next block's
+    inputs. After the last block the dense layers go back, the allocation runs over all candidates, and every
+    layer is built from the statistics it saw. A `stream`
+    (`streaming.StreamedBlocks`) reads each block's weights before it is compressed and writes and drops the
+    block afterwards. Without calibration (no activation statistics, uniform allocation) no block runs.
+    """
+    blocks = blocks or decoder_blocks(model, targets)
+    dense = sum(m.weight.numel() for m in targets.values())
+    shares = uniform_shares({name: m.weight.numel() for name, m in targets.items()}, budget)
+    final = config.allocation == "uniform"  # else the layers are built after the global allocation
+    ranks = Ranks()
+    by_block = {prefix: {n: m for n, m in targets.items() if n.startswith(f"{prefix}.")} for prefix, _ in blocks}
+    ranks.check_same_run(config, calibration, max(len(layers) for layers in by_block.values()))
+    inputs = None
+    if calibration is not None:
+        starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
+        inputs = first_block_inputs(model, blocks[0][1], calibration, CALIBRATION_BATCH, starts)
+    entries, held, carry = {}, [], 0
+    for prefix, block in progress(blocks, desc="compress blocks", unit="block", disable=not ranks.writes or None):
+        if stream is not None:
+            stream.load(prefix, block)
+        layers = by_block[prefix]
+        with InputStatistics(layers) as stats:
+            reference = None if inputs is None else inputs.forward(block)
+        scales = stats.scales(ranks) if config.activation_aware else {}
+        mine = ranks.share(layers)
+        candidates = ranks.merge({name: _stage1(name, module, config, scales.get(name), budget / dense)
+                                  for name, module in layers.items() if name in mine}, list(layers))
+        problem = AllocationProblem(candidates, sum(shares[n] for n in layers) + carry, config,
+                                    shares={n: shares[n] for n in layers})
+        allocation = allocate_uniform(problem)
+        check_allocation(problem, allocation, "uniform", budget_check=False)
+        carry = problem.budget - kept_parameters(problem, allocation)  # settled in the blocks that follow
+        note = f"{prefix}: {len(layers)} layers, kept {kept_parameters(problem, allocation)} parameters"
+        if final or (propagate and inputs is not None):  # final layers, or provisional ones for the next inputs
+            built = ranks.merge({c.name: build_layer(c, allocation[c.name], layers[c.name], config)
+                                 for c in candidates if c.name in mine}, list(layers))
+        if final:
+            error = [0.0, 0.0]
+            for c, layer in zip(candidates, built):
+                _add_weight_error(error, layers[c.name], layer, c.column_scale)
+                entries[c.name] = _install(model, c, allocation[c.name], layer)
+                del targets[c.name]
+            note += f", weight error {(error[0] / max(error[1], 1e-30)) ** 0.5:.4f}"
+        else:
+            held += candidates
+            note += " (uniform counts; the allocation follows the last block)"
+            if propagate and inputs is not None:
+                for c, layer in zip(candidates, built):
+                    model.set_submodule(c.name, layer)
+        if inputs is not None:
+            outputs = inputs.forward(block) if propagate else reference
+            if propagate:
+                num, den = map(sum, zip(*ranks.gather(relative_error(outputs, reference))))
+                note += f", block output error {(num / den) ** 0.5 if den else 0.0:.4f}"
+            inputs = BlockInputs(outputs, inputs.kwargs)
+        if ranks.writes:
+            logger.info(note)
+        if stream is not None:
+            stream.done(prefix, block)
+    if final:
+        check_budget(budget - carry, budget, config.allocation, config.param_ratio)
+        return entries
+    for c in held:
+        model.set_submodule(c.name, targets[c.name])
+    problem = AllocationProblem(held, budget, config, model=model, calibration=calibration, consumable=True)
+    allocation = allocate(problem)
+    mine = ranks.share({c.name: targets[c.name] for c in held})
+    built = ranks.merge({c.name: build_layer(c, allocation[c.name], targets[c.name], config)
+                         for c in progress(held, desc="extract factors", unit="layer") if c.name in mine},
+                        [c.name for c in held])
+    return {c.name: _install(model, c, allocation[c.name], layer) for c, layer in zip(held, built)}
+
+
+def _add_weight_error(total: list[float], dense: nn.Linear, layer: LowRankSparseLinear, scale: torch.Tensor | None) -> None:
+    """Add ||(W - W~) diag(d)||^2 and ||W diag(d)||^2 (d: the activation scale, or ones) to `total`."""
+    weight = dense.weight.detach().float()
+    diff = weight - layer.dense_weight().float()
+    if scale is not None:
+        weight, diff = weight * scale, diff * scale
+    total[0] += diff.square().sum().item()
+    total[1] += weight.square().sum().item()
+
+
+def _targets_and_budget(model: nn.Module, config: LowRankSparseConfig, check_weights: bool = True
+                        ) -> tuple[dict[str, nn.Linear], int]:
+    """The layers to compress and the parameter budget, after the checks that need no Stage 1."""
     if config.is_compressed:
         raise ValueError(
             "this LowRankSparseConfig already carries a compressed_modules allocation (it describes a compressed "
@@ -206,8 +346,9 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     if any(isinstance(m, LowRankSparseLinear) for m in model.modules()):
         raise ValueError("the model already contains LowRankSparseLinear layers; it is compressed already")
     targets = find_target_modules(model, config)
-    for name, module in targets.items():
-        check_weight(name, module)
+    if check_weights:
+        for name, module in targets.items():
+            check_weight(name, module)
     dense = sum(m.weight.numel() for m in targets.values())
     budget = round(config.param_ratio * dense)
     if budget < len(targets):
@@ -215,37 +356,51 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
             f"param_ratio={config.param_ratio} keeps {budget} of {dense} parameters, fewer than one per "
             f"compressed layer ({len(targets)}); raise param_ratio"
         )
-    calibration = _calibration(model, config)
-    scales = input_rms(model, targets, calibration) if config.activation_aware else {}
-    # Uniform allocation with re-picked sparse entries, and CAP refitting at its counts, read only S's size and
-    # the uniform rank's leading triplets: the rest of each layer's pools (about 2.5x the weights) is freed at once.
-    compact = config.stage1_reads_uniform_rank
-    candidates = []
-    for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer"):
-        cap = rpca_rank_cap(config, tuple(module.weight.shape), budget / dense)
-        candidates.append(decompose(name, module, config, scales.get(name), cap))
-        if compact:
-            candidates[-1].compact(uniform_rank(candidates[-1], budget / dense, config.lowrank_fraction))
-    problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration, consumable=True)
-    allocation = allocate(problem)
-    kept = kept_parameters(problem, allocation)
-    entries = {}
-    for c in progress(candidates, desc="extract factors", unit="layer"):
-        source = targets.pop(c.name)  # held no longer than the model holds it: freed as its layer is replaced
-        keep = allocation[c.name]
-        model.set_submodule(c.name, build_layer(c, keep, source, config))
-        entries[c.name] = {
-            "rank": keep.rank,
-            "nnz": keep.nnz,
-            "rpca_iterations": c.rpca.iterations,
-            "rpca_residual": c.rpca.residual,
-        }
-        c.rpca = None  # free this layer's candidate pools before building the next
+    return targets, budget
+
+
+def _record(model: nn.Module, config: LowRankSparseConfig, entries: dict[str, dict]) -> None:
+    """Write the allocation into `config` and log what was kept."""
     config.compressed_modules = entries
     if config.base_model is None and is_hub_id(getattr(model, "name_or_path", "")):
         config.base_model = model.name_or_path
-    logger.info(
-        "compressed %d layers: kept %d of %d parameters (%.2f%%, budget %.2f%%)",
-        len(candidates), kept, dense, 100 * kept / dense, 100 * config.param_ratio,
-    )
+    layers = {name: model.get_submodule(name) for name in entries}
+    kept = sum(e["rank"] * (layers[n].in_features + layers[n].out_features) + e["nnz"] for n, e in entries.items())
+    dense = sum(m.in_features * m.out_features for m in layers.values())
+    logger.info("compressed %d layers: kept %d of %d parameters (%.2f%%, budget %.2f%%)",
+                len(entries), kept, dense, 100 * kept / dense, 100 * config.param_ratio)
+
+
+@torch.no_grad()
+def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
+    """Compress every targeted layer of `model` in place and write the allocation into `config`."""
+    targets, budget = _targets_and_budget(model, config)
+    calibration = _calibration(model, config)
+    try:
+        blocks = decoder_blocks(model, targets)
+    except ValueError:
+        if config.pipeline == "sequential" and calibration is not None:
+            raise
+        blocks = None  # one-shot statistics need no blocks: the whole model in one pass
+    if blocks is None:
+        entries = _compress_one_shot(model, config, targets, budget, calibration)
+    else:
+        entries = _compress_sequential(model, config, targets, budget, calibration,
+                                       propagate=config.pipeline == "sequential", blocks=blocks)
+    _record(model, config, entries)
     return model
+
+
+@torch.no_grad()
+def compress_blocks(model: nn.Module, config: LowRankSparseConfig, stream: Any,
+                    start: Callable[[list[tuple[str, nn.Module]]], list[str]]) -> list[str]:
+    """The sequential pipeline over a model built on the meta device whose weights `stream` reads block by block
+    (`streaming.compress_checkpoint`). `start(blocks)` materialises what lies outside the blocks and returns its
+    tensor names, which this returns."""
+    targets, budget = _targets_and_budget(model, config, check_weights=False)  # checked as each block loads
+    blocks = decoder_blocks(model, targets)
+    rest = start(blocks)
+    calibration = _calibration(model, config)
+    _record(model, config, _compress_sequential(model, config, targets, budget, calibration, stream=stream,
+                                                blocks=blocks, propagate=config.pipeline == "sequential"))
+    return rest

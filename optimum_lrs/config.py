@@ -31,6 +31,7 @@ CAP_BASELINES = ("moving_average", "leave_one_out")
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSE_VALUES = ("residual", "rpca")
 SPARSE_SELECTIONS = ("allocation", "matrix", "row")
+PIPELINES = ("sequential", "one_shot")
 
 # Fields that configure a run but must never reach config.json (user data, live objects).
 _RUNTIME_ONLY = ("calibration_data", "tokenizer", "cache_dir")
@@ -180,6 +181,12 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             (None: 20, or 0 with `"allocation"`; one rank-r fit and one selection per iteration and layer).
             On SmolLM2-135M at 50%: 3 -> perplexity 84.6, 10 -> 72.5, 20 -> 67.4, 30 -> 66.8, 60 -> 65.0
             (docs/results.md); 20 costs about 90 s for its 210 matrices on 2 cores.
+        pipeline: how the calibration tokens reach each layer. `"sequential"` (default): decoder blocks are
+            compressed in order, each calibrated on the hidden states the already compressed blocks before it
+            produce, so that a block's statistics include the error of those before it (SparseGPT's and
+            llm-compressor's scheme; with a global allocation, the blocks before are compressed provisionally
+            at the uniform counts). `"one_shot"`: every layer's statistics from one pass of the dense model,
+            which also serves models whose decoder blocks cannot be found. docs/results.md has both measured.
         cache_dir: directory for Stage 1 results, one file per layer keyed by the weight's content and
             the RPCA settings; a rerun (after a crash or with another budget) reuses finished layers.
             Never serialised.
@@ -254,6 +261,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         activation_aware: bool = True,
         sparse_selection: str = "row",
         refine_iterations: int | None = None,
+        pipeline: str = "one_shot",
         cache_dir: str | None = None,
         calibration_data: Any = None,
         calibration_seq_len: int = 512,
@@ -329,6 +337,9 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         self.refine_iterations = _check_int("refine_iterations", refine_iterations, 0)
         if self.refine_iterations and sparse_selection == "allocation":
             _fail("refine_iterations", '0 when sparse_selection="allocation" (a refit re-picks the sparse positions)', refine_iterations)
+        if pipeline not in PIPELINES:
+            _fail("pipeline", f"one of {PIPELINES}", pipeline)
+        self.pipeline = pipeline
         if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
             _fail("cache_dir", "None or a directory path", cache_dir)
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
@@ -399,6 +410,22 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if unknown:
             raise ValueError(f"LowRankSparseConfig got unknown keys {unknown}; known keys are {sorted(known)}")
         return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_overrides(cls, pairs: list[str], **fields: Any) -> LowRankSparseConfig:
+        """A config from `fields` updated by `KEY=VALUE` strings (the command line's `--set`): each VALUE is read
+        as JSON where it parses (`0.5`, `null`, `true`, `["q_proj"]`) and as text otherwise (`cap`); unknown
+        keys and bad values get the same errors as in code."""
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set allocation=cap")
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = text
+            fields[key.strip()] = value
+        return cls.from_dict(fields)
 
     @staticmethod
     def _fields() -> tuple[str, ...]:

@@ -7,11 +7,13 @@ an interrupted run never leaves a directory that loads as a valid but incomplete
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import LowRankSparseConfig
+from .distributed import Ranks
 from .model_card import write_card
 from .quantizer import compress_
 
@@ -38,17 +41,16 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise ValueError(f"output {path}: parent directory {parent} is not writable")
 
 
-def save_atomically(model: PreTrainedModel, save_dir: str | Path, tokenizer: Any = None, repo_id: str | None = None,
-                    overwrite: bool = False) -> Path:
-    """Save model, tokenizer, model card and allocation plot to `save_dir`, all or nothing."""
+@contextlib.contextmanager
+def staged_output(save_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden staging directory beside `save_dir`, renamed into place only when the block exits normally:
+    an interrupted or failed write never leaves a directory that loads as a valid but incomplete model, and
+    never replaces a good one."""
     target = Path(save_dir)
     check_output_dir(target, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.resolve().parent))
     try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        write_card(model, staging, repo_id)
+        yield staging
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -58,7 +60,17 @@ def save_atomically(model: PreTrainedModel, save_dir: str | Path, tokenizer: Any
             shutil.rmtree(old)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+
+def save_atomically(model: PreTrainedModel, save_dir: str | Path, tokenizer: Any = None, repo_id: str | None = None,
+                    overwrite: bool = False) -> Path:
+    """Save model, tokenizer, model card and allocation plot to `save_dir`, all or nothing."""
+    with staged_output(save_dir, overwrite) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_card(model, staging, repo_id)
+    return Path(save_dir)
 
 
 class LRSQuantizer(OptimumQuantizer):
@@ -106,6 +118,7 @@ class LRSQuantizer(OptimumQuantizer):
             config = copy.copy(config)
             config.tokenizer = self.tokenizer
         compress_(self.model, config)
-        save_atomically(self.model, save_dir, self.tokenizer, repo_id, overwrite)
-        logger.info("saved the compressed model to %s", save_dir)
+        if Ranks().writes:  # several ranks hold the same model: one writes it
+            save_atomically(self.model, save_dir, self.tokenizer, repo_id, overwrite)
+            logger.info("saved the compressed model to %s", save_dir)
         return self.model

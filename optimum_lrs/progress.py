@@ -18,4 +18,5 @@ def set_progress_bars(enabled: bool) -> None:
 
 def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
     """tqdm over `iterable`: shown on a terminal unless switched off (tqdm hides it elsewhere)."""
-    return tqdm(iterable, disable=None if _enabled else True, **kwargs)
+    disable = kwargs.pop("disable", None)  # None: shown on a terminal
+    return tqdm(iterable, disable=disable if _enabled else True, **kwargs)

@@ -95,3 +95,52 @@ def test_existing_output_is_kept_without_overwrite(dense_with_tokenizer, tmp_pat
     proc = cli("compress", dense_with_tokenizer, "--output", out)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_compress_without_options_builds_the_library_default_model(dense_with_tokenizer, tmp_path):
+    """The command line's defaults are LowRankSparseConfig's (activation-aware above all, which the command line
+    once left off): a CLI user gets the model the Python quick start builds. It streams the checkpoint block by
+    block and logs one line per decoder block unless --quiet."""
+    exe = shutil.which("optimum-lrs")
+    out = tmp_path / "o"
+    proc = subprocess.run([exe, "compress", str(dense_with_tokenizer), "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    from optimum_lrs import LowRankSparseConfig
+
+    defaults = LowRankSparseConfig().to_dict()
+    assert {k: saved[k] for k in defaults if k not in ("compressed_modules", "evaluation")} == {
+        k: v for k, v in defaults.items() if k not in ("compressed_modules", "evaluation")}
+    assert saved["activation_aware"]
+    assert (out / "model.safetensors.index.json").is_file()  # written shard by shard, as blocks finish
+    block_lines = [line for line in proc.stderr.splitlines() if " layers, kept " in line and "weight error" in line]
+    assert [line.split(":")[1].strip() for line in block_lines] == ["model.layers.0", "model.layers.1"], proc.stderr
+
+    quiet = subprocess.run([exe, "--quiet", "compress", str(dense_with_tokenizer), "--output", str(tmp_path / "q")],
+                           capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-3000:]
+
+
+def test_set_reaches_any_config_field_and_refuses_unknown_ones(dense_with_tokenizer, tmp_path):
+    out = tmp_path / "o"
+    proc = cli("--quiet", "compress", dense_with_tokenizer, "--set", "pipeline=sequential", "--set", "lowrank_fraction=0.3",
+               "--set", "target_modules=[\"q_proj\", \"down_proj\"]", "--no-activation-aware", "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (saved["pipeline"], saved["lowrank_fraction"], saved["activation_aware"]) == ("sequential", 0.3, False)
+    assert sorted(saved["compressed_modules"]) == [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("mlp.down_proj", "self_attn.q_proj")]
+    for bad, message in ((["--set", "colour=red"], "unknown keys ['colour']"), (["--set", "pipeline"], "expected KEY=VALUE"),
+                         (["--set", "pipeline=parallel"], "pipeline must be one of")):
+        proc = cli("compress", dense_with_tokenizer, *bad, "--output", tmp_path / "bad")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not (tmp_path / "bad").exists()
+
+
+def test_a_model_without_tokenizer_files_fails_naming_the_tokenizer_and_leaves_nothing(tmp_path):
+    from .conftest import tiny_qwen2
+
+    tiny_qwen2().save_pretrained(tmp_path / "dense")
+    proc = cli("compress", tmp_path / "dense", "--output", tmp_path / "o")
+    assert proc.returncode == 1 and "it is empty" in proc.stderr and "tokenizer=" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]

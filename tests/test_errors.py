@@ -28,7 +28,7 @@ from optimum_lrs import (
     compress_,
 )
 
-from .conftest import tiny_llama
+from .conftest import tiny_llama, tiny_qwen2
 
 INDEX = "model.safetensors.index.json"
 LAYER = "model.layers.0.mlp.up_proj"  # the compressed layer whose tensors the damage tests aim at
@@ -170,6 +170,15 @@ def test_calibration_text_without_a_tokenizer_is_refused(dense_dir, cfg):
     config = LowRankSparseConfig(**cfg)
     with pytest.raises(ValueError, match=names("no tokenizer was given and none loads from", str(dense_dir))):
         AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config)
+
+
+def test_a_model_directory_whose_tokenizer_is_empty_is_blamed_not_the_data(tmp_path):
+    """transformers builds an empty Qwen2 tokenizer for a directory without tokenizer files; the error must say so
+    (it used to read "calibration data has 0 tokens") and what to pass instead."""
+    tiny_qwen2().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"Qwen2Tokenizer, 1 entries\) turns \d+ characters of calibration text into no "
+                                         r"tokens: it is empty.*tokenizer=\.\.\.\) or token ids"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=LowRankSparseConfig())
 
 
 def test_multi_device_map_is_refused(dense_dir):

@@ -106,6 +106,9 @@ class AllocationProblem:
     calibration: Any = None
     consumable: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    # Per-layer budgets fixed beforehand by a pipeline that allocates block by block (uniform allocation
+    # over the whole model's shapes); None: the allocator shares `budget` among `candidates` itself.
+    shares: dict[str, int] | None = None
 
     @property
     def dense_params(self) -> int:
@@ -142,6 +145,13 @@ def allocate(problem: AllocationProblem) -> dict[str, LayerAllocation]:
             "the sparse part keeps more entries"
         )
     allocation = ALLOCATORS[method](problem)
+    check_allocation(problem, allocation, method)
+    return allocation
+
+
+def check_allocation(problem: AllocationProblem, allocation: dict[str, LayerAllocation], method: str,
+                     budget_check: bool = True) -> None:
+    """Every layer within its pools and, with `budget_check`, the total within 0.1% of the budget."""
     for c in problem.candidates:
         a = allocation.get(c.name)
         ids_ok = a is not None and (a.rank_ids is None or a.rank_ids.numel() == a.rank) and (
@@ -149,10 +159,13 @@ def allocate(problem: AllocationProblem) -> dict[str, LayerAllocation]:
         if not ids_ok or not (0 <= a.rank <= c.rank_pool and 0 <= a.nnz <= c.sparse_pool):
             raise RuntimeError(f"allocator {method!r} returned {a} for {c.name}, outside its pools "
                                f"(rank <= {c.rank_pool}, nnz <= {c.sparse_pool})")
-    kept = kept_parameters(problem, allocation)
-    if abs(kept - problem.budget) > BUDGET_TOLERANCE * problem.budget:
+    if budget_check:
+        check_budget(kept_parameters(problem, allocation), problem.budget, method, problem.config.param_ratio)
+
+
+def check_budget(kept: int, budget: int, method: str, param_ratio: float) -> None:
+    if abs(kept - budget) > BUDGET_TOLERANCE * budget:
         raise ValueError(
-            f"allocation {method!r} kept {kept} parameters for a budget of {problem.budget} "
-            f"(more than {BUDGET_TOLERANCE:.1%} off); the candidate pools cannot meet this param_ratio"
+            f"allocation {method!r} kept {kept} parameters for a budget of {budget} "
+            f"(more than {BUDGET_TOLERANCE:.1%} off); the candidate pools cannot meet param_ratio={param_ratio}"
         )
-    return allocation

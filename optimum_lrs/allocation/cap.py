@@ -92,8 +92,8 @@ class _PlaceMap:
     a scatter (on SmolLM2 these took as long as the forward itself)."""
 
     def __init__(self, positions: torch.Tensor, shape: tuple[int, int]):
-        place = torch.full((shape[0] * shape[1],), torch.iinfo(torch.int32).max, dtype=torch.int32)
-        place[positions] = torch.arange(positions.numel(), dtype=torch.int32)
+        place = torch.full((shape[0] * shape[1],), torch.iinfo(torch.int32).max, dtype=torch.int32, device=positions.device)
+        place[positions] = torch.arange(positions.numel(), dtype=torch.int32, device=positions.device)
         self.place, self.count = place.view(shape), positions.numel()
 
     def kept(self, nnz: int) -> torch.Tensor:
@@ -114,7 +114,8 @@ class _RowLevels:
         rows, cols = magnitude.shape
         by_size = magnitude.sort(dim=1, descending=True).indices
         dtype = index_dtype_for(cols - 1)
-        self.level = torch.empty(rows, cols, dtype=dtype).scatter_(1, by_size, torch.arange(cols, dtype=dtype).expand(rows, cols))
+        ranks = torch.arange(cols, dtype=dtype, device=magnitude.device).expand(rows, cols)
+        self.level = torch.empty(rows, cols, dtype=dtype, device=magnitude.device).scatter_(1, by_size, ranks)
         self.count, self.weight, self.scale, self.u, self.v = count, weight, scale, u, v
 
     def kept(self, nnz: int) -> torch.Tensor:
@@ -123,7 +124,7 @@ class _RowLevels:
         mask = self.level < whole
         if extra:
             cols = (self.level == whole).to(torch.uint8).argmax(1)  # each row's entry at level `whole`
-            target = self.weight[torch.arange(rows), cols].float()
+            target = self.weight[torch.arange(rows, device=cols.device), cols].float()
             if self.scale is not None:
                 target = target * self.scale[cols]
             value = (target - (self.u * self.v[:, cols].t()).sum(1)).abs()
@@ -215,8 +216,8 @@ class _CandidatePolicy:
     def sample(self, generator: torch.Generator) -> list[torch.Tensor]:
         masks = []
         for p, (s_rank, s_sparse) in zip(self.pools, self.s):
-            m_rank = torch.rand(s_rank.shape, generator=generator) < s_rank
-            m_sparse = torch.rand(s_sparse.shape, generator=generator) < s_sparse.float()
+            m_rank = torch.rand(s_rank.shape, generator=generator).to(s_rank.device) < s_rank
+            m_sparse = torch.rand(s_sparse.shape, generator=generator).to(s_sparse.device) < s_sparse.float()
             p.keep_rank, p.keep_pos = m_rank.nonzero().squeeze(1), p.positions[m_sparse]
             masks += [m_rank, m_sparse]
         return masks

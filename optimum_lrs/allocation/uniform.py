@@ -42,13 +42,19 @@ def stage1_rank_cap(shape: tuple[int, int], ratio: float, lowrank_fraction: floa
     return max(1, int(lowrank_fraction * (int(ratio * rows * cols) + 1)) // (rows + cols))
 
 
+def uniform_shares(sizes: dict[str, int], budget: int) -> dict[str, int]:
+    """Each matrix's share of `budget` (`sizes`: dense parameter counts, in layer order): the same ratio for
+    all, the rounding remainder handed out one parameter at a time so that the shares add up to the budget."""
+    ratio = budget / sum(sizes.values())
+    shares = {name: int(ratio * size) for name, size in sizes.items()}
+    for name in list(shares)[: budget - sum(shares.values())]:
+        shares[name] += 1
+    return shares
+
+
 @register_allocator("uniform")
 def allocate_uniform(problem: AllocationProblem) -> dict[str, LayerAllocation]:
-    ratio = problem.budget / problem.dense_params
-    shares = {c.name: int(ratio * c.dense_params) for c in problem.candidates}
-    # Hand out the rounding remainder one parameter at a time so the total is the budget exactly.
-    for c in problem.candidates[: problem.budget - sum(shares.values())]:
-        shares[c.name] += 1
+    shares = problem.shares or uniform_shares({c.name: c.dense_params for c in problem.candidates}, problem.budget)
     allocation = {c.name: _fill(c, shares[c.name], problem.config.lowrank_fraction) for c in problem.candidates}
     return settle(problem, allocation)
 

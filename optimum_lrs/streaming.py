@@ -1,0 +1,195 @@
+"""Checkpoint to checkpoint with one decoder block in memory: `compress_checkpoint`, the command line's path.
+
+The model is built on the meta device (accelerate's `init_empty_weights`). The tensors outside the decoder
+blocks (embeddings, final norm, head) are read from the safetensors shards first; each block's tensors are read
+when the sequential pipeline reaches that block, and the compressed block is written as a shard of its own as
+soon as it is done, then dropped. Held at any time: the embeddings and head, the calibration hidden states,
+and about one block, whatever the depth. The output is written in a staging directory and renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from .checkpoint import CheckpointError, mark_compressed
+from .compress import compress_blocks
+from .config import LowRankSparseConfig
+from .distributed import Ranks
+from .model_card import write_card
+from .optimum_quantizer import check_output_dir, staged_output
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class ShardReader:
+    """Tensors of a safetensors checkpoint directory, read one at a time (never a whole shard)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index, single = directory / INDEX_NAME, directory / "model.safetensors"
+        if index.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+        elif single.is_file():
+            with self._open(single, "the header") as f:
+                self.weight_map = dict.fromkeys(f.keys(), single.name)
+        else:
+            raise ValueError(
+                f"{directory}: no model.safetensors or {INDEX_NAME}; compress_checkpoint reads safetensors checkpoints "
+                "(load other formats, GGUF included, with from_pretrained and use optimum_lrs.compress_)"
+            )
+
+    def _open(self, file: Path, what: str):
+        try:
+            return safe_open(file, framework="pt")
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(
+                f"{file}: cannot read {what} ({exc}); the checkpoint is damaged, or changed while it was being "
+                "compressed; nothing was written"
+            ) from exc
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def tensor(self, key: str) -> torch.Tensor:
+        with self._open(self.directory / self.weight_map[key], f"tensor {key!r}") as f:
+            return f.get_tensor(key)
+
+
+class StreamedBlocks:
+    """Reads each block's tensors before the pipeline compresses it and writes the block afterwards.
+
+    Block i becomes shard i + 1 of n + 1; the last shard holds the tensors outside the blocks."""
+
+    def __init__(self, model: nn.Module, reader: ShardReader, staging: Path | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.model, self.reader, self.staging, self.dtype, self.device = model, reader, staging, dtype, device
+        self.shards, self.written = 1, 0  # set by `compress_checkpoint` once the blocks are known
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+
+    def _keys(self, module: nn.Module, prefix: str) -> list[str]:
+        return [f"{prefix}{k}" for k in module.state_dict()]
+
+    def materialise(self, keys: list[str]) -> None:
+        for key in keys:
+            if key not in self.reader:
+                if key in self.tied:
+                    continue  # tied to a tensor read under its own name
+                raise CheckpointError(f"{self.reader.directory}: no shard holds tensor {key!r} of the model")
+            value = self.reader.tensor(key)
+            set_module_tensor_to_device(self.model, key, self.device, value=value,
+                                        dtype=self.dtype if value.is_floating_point() else None)
+
+    def outside_blocks(self, block_names: list[str]) -> list[str]:
+        return [k for k in self.model.state_dict() if not any(k.startswith(f"{b}.") for b in block_names)]
+
+    def load(self, prefix: str, block: nn.Module) -> None:
+        self.materialise(self._keys(block, f"{prefix}."))
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write `tensors` as the next shard (only where this process writes: `staging` is None on other ranks)."""
+        self.written += 1
+        if self.staging is None:
+            return
+        name = f"model-{self.written:05d}-of-{self.shards:05d}.safetensors"
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, self.staging / name, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.total_size += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    def done(self, prefix: str, block: nn.Module) -> None:
+        self.write({f"{prefix}.{k}": v for k, v in block.state_dict().items()})
+        block.to("meta")  # shapes stay (the model card reads them), the storage goes
+
+    def finish(self, keys: list[str]) -> None:
+        state = self.model.state_dict()
+        self.write({k: state[k] for k in keys if k not in self.tied})
+        if self.staging is None:
+            return
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def compress_checkpoint(source: str | Path, output: str | Path, config: LowRankSparseConfig, tokenizer: Any = None,
+                        overwrite: bool = False, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> Path:
+    """Compress the safetensors checkpoint in directory `source` into an optimum_lrs checkpoint in `output`,
+    reading and holding one decoder block at a time (uniform allocation, either pipeline).
+
+    The result equals `from_pretrained(source, quantization_config=config)` followed by `save_pretrained`, tensor
+    for tensor. `tokenizer`: the one to calibrate with and to save beside the model (default: the source's).
+    `dtype`: the dtype the model is compressed in (default: the checkpoint's, as `from_pretrained` does);
+    `device`: where each block is compressed. Under torchrun every rank runs this and rank 0 writes.
+    """
+    source, output = Path(source), Path(output)
+    if not isinstance(config, LowRankSparseConfig):
+        raise TypeError(f"compress_checkpoint expects a LowRankSparseConfig, got {type(config).__name__}")
+    if config.allocation != "uniform":
+        raise ValueError(
+            f"compress_checkpoint streams blocks with allocation='uniform' (got {config.allocation!r}): a global "
+            "allocation needs every layer at once; load the model with from_pretrained(..., quantization_config=config)"
+        )
+    check_output_dir(output, overwrite)
+    if not source.is_dir():
+        raise ValueError(f"{source}: not a directory holding a safetensors checkpoint")
+    reader = ShardReader(source)
+    model_config = AutoConfig.from_pretrained(source)
+    dtype = dtype or getattr(model_config, "dtype", None) or torch.float32
+    tokenizer = config.tokenizer if tokenizer is None else tokenizer
+    if tokenizer is None:  # saved beside the model; where calibration needs one and none loads, the pipeline says so
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            logger.warning("no tokenizer loads from %s (%s); none is saved with the compressed model", source, exc)
+    config = copy.copy(config)  # compression writes the allocation into it: the caller's stays reusable
+    config.tokenizer = tokenizer
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    model.name_or_path = str(source)
+    model.eval()
+    writes = Ranks().writes
+    with staged_output(output, overwrite) if writes else contextlib.nullcontext() as staging:
+        streamed = StreamedBlocks(model, reader, staging, dtype, device)
+
+        def start(blocks: list[tuple[str, nn.Module]]) -> list[str]:
+            streamed.shards = len(blocks) + 1
+            rest = streamed.outside_blocks([name for name, _ in blocks])
+            streamed.materialise(rest)
+            model.tie_weights()
+            return rest
+
+        rest = compress_blocks(model, config, streamed, start)
+        streamed.finish(rest)
+        if not writes:
+            return output
+        model.config.quantization_config = config
+        mark_compressed(model)
+        model.config.save_pretrained(staging)
+        try:
+            GenerationConfig.from_pretrained(source).save_pretrained(staging)
+        except OSError:
+            pass  # the source has no generation_config.json
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(staging)
+        write_card(model, staging)
+    logger.info("wrote the compressed checkpoint to %s", output)
+    return output

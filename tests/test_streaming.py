@@ -1,0 +1,109 @@
+"""Checkpoint to checkpoint with one decoder block in memory (`compress_checkpoint`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from optimum_lrs import LowRankSparseConfig
+from optimum_lrs.checkpoint import CheckpointError
+from optimum_lrs.streaming import StreamedBlocks, compress_checkpoint
+
+from .conftest import BUILDERS, train_tokenizer
+
+
+def settings(**kwargs) -> LowRankSparseConfig:
+    return LowRankSparseConfig(param_ratio=0.5, calibration_seq_len=32, calibration_num_samples=8, **kwargs)
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def sharded_dense(request, tmp_path_factory) -> Path:
+    """A dense tiny model in bfloat16, saved in shards of at most 40 KB, with a trained tokenizer."""
+    path = tmp_path_factory.mktemp(f"sharded-{request.param}")
+    BUILDERS[request.param]().to(torch.bfloat16).save_pretrained(path, max_shard_size="40KB")
+    train_tokenizer(path)
+    assert len(list(path.glob("model-*.safetensors"))) > 3
+    return path
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in directory.glob("*.safetensors"):
+        out.update(load_file(file))
+    return out
+
+
+@pytest.mark.parametrize("pipeline", ["one_shot", "sequential"])
+def test_streamed_compression_equals_in_memory_compression_tensor_for_tensor(sharded_dense, pipeline, tmp_path, monkeypatch):
+    """Same checkpoint tensors as compress-on-load + save_pretrained, while never more than one dense block's
+    parameters are materialised."""
+    in_memory = AutoModelForCausalLM.from_pretrained(sharded_dense, quantization_config=settings(pipeline=pipeline))
+    in_memory.save_pretrained(tmp_path / "memory")
+
+    materialised = []
+    original_load = StreamedBlocks.load
+
+    def counting_load(self, prefix, block):
+        original_load(self, prefix, block)
+        blocks = self.model.model.layers
+        materialised.append(sum(p.numel() for p in blocks.parameters() if p.device.type != "meta"))
+
+    monkeypatch.setattr(StreamedBlocks, "load", counting_load)
+    compress_checkpoint(sharded_dense, tmp_path / "streamed", settings(pipeline=pipeline))
+    block_size = sum(p.numel() for p in in_memory.model.layers[0].parameters())
+    dense_block = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(sharded_dense).model.layers[0].parameters())
+    assert materialised == [dense_block, dense_block], (materialised, block_size)
+
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, in_memory(ids).logits)
+    qc = reloaded.config.quantization_config
+    assert qc.compressed_modules == in_memory.config.quantization_config.compressed_modules
+    names = {p.name for p in (tmp_path / "streamed").iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "README.md", "tokenizer.json", "generation_config.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_a_shard_that_vanishes_mid_stream_fails_naming_it_and_leaves_no_output(sharded_dense, tmp_path, monkeypatch):
+    work = tmp_path / "dense"
+    work.mkdir()
+    for f in sharded_dense.iterdir():
+        (work / f.name).write_bytes(f.read_bytes())
+    weight_map = json.loads((work / "model.safetensors.index.json").read_text())["weight_map"]
+    last = work / weight_map["model.layers.1.mlp.down_proj.weight"]  # read only when block 1 loads
+    original_load = StreamedBlocks.load
+
+    def load_then_lose_a_shard(self, prefix, block):
+        original_load(self, prefix, block)
+        last.unlink(missing_ok=True)
+
+    monkeypatch.setattr(StreamedBlocks, "load", load_then_lose_a_shard)
+    with pytest.raises(CheckpointError, match=f"{last.name}.*changed while it was being compressed"):
+        compress_checkpoint(work, tmp_path / "out", settings())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_what_streaming_cannot_do_is_refused_before_any_work(sharded_dense, tmp_path):
+    with pytest.raises(ValueError, match="allocation='uniform'.*from_pretrained"):
+        compress_checkpoint(sharded_dense, tmp_path / "o", settings(allocation="cap"))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        compress_checkpoint(tmp_path, tmp_path / "o", settings())
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_without_calibration_streams_too(sharded_dense, tmp_path):
+    """activation_aware=False: nothing runs through the blocks, and the result is still the in-memory one."""
+    compress_checkpoint(sharded_dense, tmp_path / "streamed", settings(activation_aware=False))
+    model = AutoModelForCausalLM.from_pretrained(sharded_dense, quantization_config=settings(activation_aware=False))
+    model.save_pretrained(tmp_path / "memory")
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
