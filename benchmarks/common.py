@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -74,7 +75,10 @@ def run_info(threads: int) -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    return {"command": " ".join(["python", *sys.argv]), "commit": commit or None,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()}, {cpu}, {threads} threads", "python": platform.python_version(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "optimum_lrs": optimum_lrs.__version__}}

@@ -4,8 +4,10 @@ it is given.
 Builds random-weight llama checkpoints in bfloat16 (same widths, several depths; written block by block, so that
 building one never holds it whole), then compresses each in a fresh process, once streamed (`compress_checkpoint`)
 and, at the smaller depths, in memory (`from_pretrained(..., quantization_config=...)` + `save_pretrained`, the
-comparison point). Fits peak RSS against checkpoint bytes for each; finally compresses the deepest checkpoint
-streamed inside a cgroup whose memory limit is below the checkpoint's size. Results to --out as JSON.
+comparison point), under glibc's default malloc settings (`bounded_heap=False`) and with a fixed mmap threshold
+(`MALLOC_MMAP_THRESHOLD_`, which is what `compress_checkpoint` sets by default: without it, glibc raises its
+threshold as large blocks are freed and keeps later ones in a heap that fragments as blocks go by). Fits peak RSS against checkpoint bytes for each series; finally compresses the deepest checkpoint streamed
+inside a cgroup whose memory limit is below the checkpoint's size. Results to --out as JSON.
 
     python benchmarks/streaming_memory.py --depths 2 8 16 40 --in-memory-depths 2 8 --threads 2 \\
         --work /tmp/lrs-scaling --out benchmarks/results/streaming_memory.json
@@ -76,8 +78,8 @@ def child(args) -> None:
     ids = torch.randint(0, args.vocab, (4, 128), generator=torch.Generator().manual_seed(0))
     config = LowRankSparseConfig.from_overrides(CHEAP, calibration_data=ids)
     start = time.perf_counter()
-    if args.mode == "streamed":
-        compress_checkpoint(args.source, args.target, config)
+    if args.mode == "streamed":  # glibc's own settings where none are given (the "glibc defaults" series)
+        compress_checkpoint(args.source, args.target, config, bounded_heap=args.bounded_heap)
     else:
         AutoModelForCausalLM.from_pretrained(args.source, quantization_config=config).save_pretrained(args.target)
     seconds = time.perf_counter() - start
@@ -86,11 +88,12 @@ def child(args) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))
 
 
-def measure(args, mode: str, source: Path, limit: int | None = None) -> dict:
+def measure(args, mode: str, source: Path, malloc: str, limit: int | None = None) -> dict:
+    """One compression in a fresh process, with glibc malloc settings `malloc` ("" or NAME=VALUE pairs)."""
     target = args.work / f"out-{mode}-{source.name}"
     subprocess.run(["rm", "-rf", str(target)], check=True)
     command = [sys.executable, str(HERE), "--child", "--mode", mode, "--source", str(source), "--target", str(target),
-               "--threads", str(args.threads), "--vocab", str(args.vocab)]
+               "--threads", str(args.threads), "--vocab", str(args.vocab)] + ([] if malloc else ["--glibc-heap"])
     if limit is not None:  # the process runs inside a memory cgroup capped at `limit` bytes
         group = CGROUP / f"lrs-bench-{os.getpid()}"
         group.mkdir()
@@ -98,13 +101,15 @@ def measure(args, mode: str, source: Path, limit: int | None = None) -> dict:
         if (group / "memory.memsw.limit_in_bytes").exists():
             (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
         command = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    env = {**os.environ, **dict(pair.split("=", 1) for pair in malloc.split())}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if limit is not None:
         max_usage = int((group / "memory.max_usage_in_bytes").read_text())
         group.rmdir()
     if proc.returncode:
         raise RuntimeError(f"{mode} compression of {source} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = {"mode": mode, "depth": int(source.name.split("-")[1]), **json.loads(proc.stdout.strip().splitlines()[-1]),
+    result = {"mode": mode, "malloc": malloc or "glibc defaults", "depth": int(source.name.split("-")[1]),
+              **json.loads(proc.stdout.strip().splitlines()[-1]),
               "checkpoint_bytes": json.loads((source / "model.safetensors.index.json").read_text())["metadata"]["total_size"]}
     if limit is not None:
         result.update(memory_limit_bytes=limit, cgroup_max_usage_bytes=max_usage)
@@ -127,7 +132,9 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--limit-fraction", type=float, default=0.6,
-                        help="memory limit of the last run, as a fraction of the deepest checkpoint's bytes")
+                        help="memory limit of the last run, as a fraction of the deepest checkpoint's bytes (0: no such run)")
+    parser.add_argument("--malloc", nargs="+", default=["", "MALLOC_MMAP_THRESHOLD_=1048576"],
+                        help="glibc malloc settings to measure each series with ('' = defaults); the last one for the capped run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lrs-scaling"))
     parser.add_argument("--out", type=Path)
@@ -135,28 +142,32 @@ def main() -> None:
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--glibc-heap", dest="bounded_heap", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
     results = {**run_info(args.threads), "settings": CHEAP,
                "model": f"random llama, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}, bf16",
                "runs": []}
+    series = [(mode, malloc) for malloc in args.malloc for mode in ("streamed", "in_memory")]
     for depth in sorted(set(args.depths) | set(args.in_memory_depths)):
         source = build(args, depth)
-        for mode in ("streamed", "in_memory"):
+        for mode, malloc in series:
             if depth in (args.depths if mode == "streamed" else args.in_memory_depths):
-                results["runs"].append(measure(args, mode, source))
+                results["runs"].append(measure(args, mode, source, malloc))
                 print(json.dumps(results["runs"][-1]), flush=True)
-    for mode in ("streamed", "in_memory"):
-        runs = [r for r in results["runs"] if r["mode"] == mode]
+    results["rss_bytes_per_checkpoint_byte"] = {}
+    for mode, malloc in series:
+        runs = [r for r in results["runs"] if r["mode"] == mode and r["malloc"] == (malloc or "glibc defaults")]
         if len(runs) > 1:
-            results[f"{mode}_rss_bytes_per_checkpoint_byte"] = slope(runs)
-            print(f"{mode}: peak RSS grows by {slope(runs):.3f} bytes per checkpoint byte", flush=True)
-    deepest = args.work / f"llama-{max(args.depths)}"
-    size = json.loads((deepest / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    capped = measure(args, "streamed", deepest, limit=int(args.limit_fraction * size))
-    results["capped_run"] = capped
-    print(f"capped: {json.dumps(capped)}", flush=True)
+            results["rss_bytes_per_checkpoint_byte"][f"{mode}, {malloc or 'glibc defaults'}"] = slope(runs)
+            print(f"{mode}, {malloc or 'glibc defaults'}: peak RSS grows by {slope(runs):.3f} bytes per checkpoint byte",
+                  flush=True)
+    if args.limit_fraction > 0:
+        deepest = args.work / f"llama-{max(args.depths)}"
+        size = json.loads((deepest / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        results["capped_run"] = measure(args, "streamed", deepest, args.malloc[-1], limit=int(args.limit_fraction * size))
+        print(f"capped: {json.dumps(results['capped_run'])}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

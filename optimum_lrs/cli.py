@@ -77,8 +77,8 @@ def _calibration_texts(path: Path) -> list[str]:
 def _compress(args: argparse.Namespace) -> int:
     from .compress import is_hub_id
     from .config import LowRankSparseConfig
+    from .distributed import Ranks, process_group_from_environment
     from .optimum_quantizer import LRSQuantizer, check_output_dir
-    from .distributed import Ranks, init_from_environment
     from .streaming import compress_checkpoint
 
     if not Path(args.model).exists() and not is_hub_id(args.model):
@@ -89,30 +89,29 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         check_output_dir(args.output, args.overwrite)
         given = {"param_ratio": args.ratio, "allocation": args.allocation, "activation_aware": args.activation_aware,
-                 "seed": args.seed, "base_model": args.base_model,
+                 "seed": args.seed, "base_model": args.base_model, "calibration_data": texts,
                  "cache_dir": str(args.cache_dir) if args.cache_dir else None}
         config = LowRankSparseConfig.from_overrides(args.overrides, **{k: v for k, v in given.items() if v is not None})
-        config.calibration_data = texts
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    several = init_from_environment(args.device)
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if several and args.device == "cuda" else args.device
-    if _streamable(args, config):  # one decoder block in memory at a time (docs/design.md, "Pipelines")
-        compress_checkpoint(args.model, args.output, config, overwrite=args.overwrite, device=device)
-        if not args.push_to_hub or not Ranks().writes:
-            return 0
-        quantizer = LRSQuantizer.from_pretrained(args.output)
-        model = quantizer.model
-    else:
-        placement = {} if device == "cpu" else {"device_map": device}
-        quantizer = LRSQuantizer.from_pretrained(args.model, file_name=args.gguf_file, **placement)
-        model = quantizer.quantize(args.output, compression_config=config, overwrite=args.overwrite,
-                                   repo_id=args.push_to_hub)
-    if args.push_to_hub and Ranks().writes:
-        model.push_to_hub(args.push_to_hub)
-        if quantizer.tokenizer is not None:
-            quantizer.tokenizer.push_to_hub(args.push_to_hub)
-        logger.info("pushed to %s", args.push_to_hub)
+    with process_group_from_environment(args.device) as several:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if several and args.device == "cuda" else args.device
+        if _streamable(args, config):  # one decoder block in memory at a time (docs/design.md, "Pipelines")
+            compress_checkpoint(args.model, args.output, config, overwrite=args.overwrite, device=device)
+            if not args.push_to_hub or not Ranks().writes:
+                return 0
+            quantizer = LRSQuantizer.from_pretrained(args.output)
+            model = quantizer.model
+        else:
+            placement = {} if device == "cpu" else {"device_map": device}
+            quantizer = LRSQuantizer.from_pretrained(args.model, file_name=args.gguf_file, **placement)
+            model = quantizer.quantize(args.output, compression_config=config, overwrite=args.overwrite,
+                                       repo_id=args.push_to_hub)
+        if args.push_to_hub and Ranks().writes:
+            model.push_to_hub(args.push_to_hub)
+            if quantizer.tokenizer is not None:
+                quantizer.tokenizer.push_to_hub(args.push_to_hub)
+            logger.info("pushed to %s", args.push_to_hub)
     return 0
 
 

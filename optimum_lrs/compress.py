@@ -21,9 +21,9 @@ from .allocation.uniform import allocate_uniform, stage1_rank_cap, uniform_rank,
 from .calibration import calibration_windows
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
+from .distributed import Ranks
 from .progress import progress
 from .rpca import alternating_refit, robust_pca
-from .distributed import Ranks
 from .sequential import BlockInputs, decoder_blocks, first_block_inputs, relative_error
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: d
             for c in progress(candidates, desc="extract factors", unit="layer")}
 
 
-def _compress_sequential(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
+def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
                          calibration: torch.Tensor | None, propagate: bool = True, stream: Any = None,
                          blocks: list[tuple[str, nn.Module]] | None = None) -> dict[str, dict]:
     """Block after block (docs/design.md, "Pipelines"). With `propagate` each block is calibrated on what the
@@ -272,7 +272,7 @@ def _compress_sequential(model: nn.Module, config: LowRankSparseConfig, targets:
     for prefix, block in progress(blocks, desc="compress blocks", unit="block", disable=not ranks.writes or None):
         if stream is not None:
             stream.load(prefix, block)
-        layers = by_block[prefix]
+        layers = by_block.pop(prefix)  # this block's dense layers: held no longer than the block is processed
         with InputStatistics(layers) as stats:
             reference = None if inputs is None else inputs.forward(block)
         scales = stats.scales(ranks) if config.activation_aware else {}
@@ -385,7 +385,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     if blocks is None:
         entries = _compress_one_shot(model, config, targets, budget, calibration)
     else:
-        entries = _compress_sequential(model, config, targets, budget, calibration,
+        entries = _compress_by_blocks(model, config, targets, budget, calibration,
                                        propagate=config.pipeline == "sequential", blocks=blocks)
     _record(model, config, entries)
     return model
@@ -394,13 +394,13 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
 @torch.no_grad()
 def compress_blocks(model: nn.Module, config: LowRankSparseConfig, stream: Any,
                     start: Callable[[list[tuple[str, nn.Module]]], list[str]]) -> list[str]:
-    """The sequential pipeline over a model built on the meta device whose weights `stream` reads block by block
-    (`streaming.compress_checkpoint`). `start(blocks)` materialises what lies outside the blocks and returns its
+    """The block-by-block pipeline over a model built on the meta device whose weights `stream` reads block by
+    block (`streaming.compress_checkpoint`). `start(blocks)` materialises what lies outside the blocks and returns its
     tensor names, which this returns."""
     targets, budget = _targets_and_budget(model, config, check_weights=False)  # checked as each block loads
     blocks = decoder_blocks(model, targets)
     rest = start(blocks)
     calibration = _calibration(model, config)
-    _record(model, config, _compress_sequential(model, config, targets, budget, calibration, stream=stream,
+    _record(model, config, _compress_by_blocks(model, config, targets, budget, calibration, stream=stream,
                                                 blocks=blocks, propagate=config.pipeline == "sequential"))
     return rest

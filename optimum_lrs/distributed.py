@@ -10,10 +10,12 @@ writes. With one process every method is the identity.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -24,17 +26,23 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-def init_from_environment(device: str = "cpu") -> bool:
-    """Join the process group that `torchrun` / `accelerate launch` describe in the environment (gloo on CPU, nccl
-    on CUDA); True when this process is one of several. Does nothing when a group exists or none is described."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return False
-    if not dist.is_initialized():
+@contextlib.contextmanager
+def process_group_from_environment(device: str = "cpu") -> Iterator[bool]:
+    """Within the block, this process is in the group that `torchrun` / `accelerate launch` describe in the
+    environment (gloo on CPU, nccl on CUDA, joined here and left at the end unless one exists already); yields
+    True when it is one of several processes."""
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return dist.get_world_size() > 1
+        created = True
+    try:
+        yield dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 class Ranks:

@@ -20,7 +20,7 @@ BAD_VALUES = [
     ("rpca_max_rank", 0), ("rpca_max_rank", 2.5), ("rpca_max_rank", True), ("rpca_max_rank", "full"),
     ("sparse_format", "coo"), ("sparse_format", None),
     ("activation_aware", 1), ("activation_aware", "yes"), ("refine_iterations", -1), ("refine_iterations", 1.5),
-    ("refine_iterations", "3"), ("sparse_selection", "column"),
+    ("refine_iterations", "3"), ("sparse_selection", "column"), ("pipeline", "parallel"), ("pipeline", None),
     ("cache_dir", ""), ("cache_dir", 3), ("base_model", ""), ("base_model", 3),
     ("evaluation", {"perplexity": float("nan")}), ("evaluation", [1]), ("evaluation", {"ok": True}),
     ("calibration_data", 42), ("calibration_data", [1, 2]), ("calibration_data", []),
