@@ -65,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = LowRankSparseConfig()
     measured = {}
-    for name, rows, cols in LLAMA3["8B"]:
+    for name, rows, cols in LLAMA3["8B"][0]:
         if (rows, cols) not in measured:
             measured[(rows, cols)] = matrix_seconds(rows, cols, config)
             print(f"{rows} x {cols}: {measured[(rows, cols)]:.1f} s", flush=True)

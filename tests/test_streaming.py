@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.checkpoint import CheckpointError
 from optimum_lrs.streaming import StreamedBlocks, compress_checkpoint
 
-from .conftest import BUILDERS, train_tokenizer
+from .conftest import BUILDERS, REPO, run_python, train_tokenizer
 
 
 def settings(**kwargs) -> LowRankSparseConfig:
@@ -107,3 +110,12 @@ def test_a_model_without_calibration_streams_too(sharded_dense, tmp_path):
     model.save_pretrained(tmp_path / "memory")
     a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_heap_bound_is_set_once_and_yields_to_the_users_own_setting():
+    """`compress_checkpoint` fixes glibc's mmap threshold unless MALLOC_MMAP_THRESHOLD_ already chose one."""
+    code = "from optimum_lrs.streaming import bound_heap; print(bound_heap())"
+    assert run_python(code).stdout.strip() == "True"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "4194304"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
