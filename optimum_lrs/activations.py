@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from .distributed import Ranks
 from .progress import progress
 
 # Floor on a feature's RMS relative to the layer's mean RMS: a feature never active still gets a finite
@@ -47,21 +46,16 @@ class InputStatistics:
             h.remove()
         self._handles = []
 
-    def scales(self, ranks: Any = None) -> dict[str, torch.Tensor]:
-        """Each layer's per-feature RMS, floored at `_SCALE_FLOOR` times its mean; with `ranks`
-        (`distributed.Ranks`), over the batches of every rank."""
+    def scales(self, ranks: Ranks | None = None) -> dict[str, torch.Tensor]:
+        """Each layer's per-feature RMS, floored at `_SCALE_FLOOR` times its mean, over the batches of every rank
+        (`distributed.Ranks`; one process: its own), their sums added in batch order."""
+        ranks = ranks or Ranks()
         scales = {}
-        for name, m in self.modules.items():
-            parts = self.parts[name]
-            if ranks is not None and ranks.world > 1:
-                total, count = ranks.sums_in_batch_order(parts), sum(sum(c) for c in ranks.gather(self.counts[name]))
-            else:
-                total, count = torch.zeros(m.in_features, dtype=torch.float64), sum(self.counts[name])
-                for part in parts:
-                    total += part
+        for name in self.modules:
+            count = sum(sum(c) for c in ranks.gather(self.counts[name]))
             if count == 0:
                 raise RuntimeError(f"the calibration forward pass never reached {name}; cannot measure its inputs")
-            rms = (total / count).sqrt().float()
+            rms = (ranks.sums_in_batch_order(self.parts[name]) / count).sqrt().float()
             scales[name] = rms.clamp_min(_SCALE_FLOOR * rms.mean().clamp_min(torch.finfo(torch.float32).tiny))
         return scales
 

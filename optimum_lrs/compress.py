@@ -242,8 +242,8 @@ def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: d
 
 
 def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
-                         calibration: torch.Tensor | None, propagate: bool = True, stream: Any = None,
-                         blocks: list[tuple[str, nn.Module]] | None = None) -> dict[str, dict]:
+                        calibration: torch.Tensor | None, blocks: list[tuple[str, nn.Module]], propagate: bool = True,
+                        stream: Any = None) -> dict[str, dict]:
     """Block after block (docs/design.md, "Pipelines"). With `propagate` each block is calibrated on what the
     compressed blocks before it output (`pipeline="sequential"`); without, on the dense blocks' outputs, which
     gives exactly the one-shot statistics of `input_rms` (tests compare the two) with one block's activations
@@ -257,7 +257,6 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     (`streaming.StreamedBlocks`) reads each block's weights before it is compressed and writes and drops the
     block afterwards. Without calibration (no activation statistics, uniform allocation) no block runs.
     """
-    blocks = blocks or decoder_blocks(model, targets)
     dense = sum(m.weight.numel() for m in targets.values())
     shares = uniform_shares({name: m.weight.numel() for name, m in targets.items()}, budget)
     final = config.allocation == "uniform"  # else the layers are built after the global allocation
@@ -385,8 +384,8 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     if blocks is None:
         entries = _compress_one_shot(model, config, targets, budget, calibration)
     else:
-        entries = _compress_by_blocks(model, config, targets, budget, calibration,
-                                       propagate=config.pipeline == "sequential", blocks=blocks)
+        entries = _compress_by_blocks(model, config, targets, budget, calibration, blocks,
+                                      propagate=config.pipeline == "sequential")
     _record(model, config, entries)
     return model
 
@@ -401,6 +400,6 @@ def compress_blocks(model: nn.Module, config: LowRankSparseConfig, stream: Any,
     blocks = decoder_blocks(model, targets)
     rest = start(blocks)
     calibration = _calibration(model, config)
-    _record(model, config, _compress_by_blocks(model, config, targets, budget, calibration, stream=stream,
-                                                blocks=blocks, propagate=config.pipeline == "sequential"))
+    _record(model, config, _compress_by_blocks(model, config, targets, budget, calibration, blocks,
+                                               propagate=config.pipeline == "sequential", stream=stream))
     return rest
