@@ -1,4 +1,5 @@
-"""Input-activation statistics of the target layers, for activation-aware Stage 1."""
+"""Input-activation statistics of the target layers: per-feature RMS for activation-aware Stage 1, and the
+full second moment for `objective="second_moment"`."""
 
 from __future__ import annotations
 
@@ -14,26 +15,46 @@ _SCALE_FLOOR = 1e-3
 
 
 class InputStatistics:
-    """Per layer, the root-mean-square of each input feature over every token its forwards see.
+    """Per layer, the root-mean-square of each input feature over every token its forwards see, and with
+    `second_moment` the matrix X^T X / tokens.
 
     A context manager: while it is open, a forward pre-hook on each layer adds the squared inputs up in
     float64 (tens of thousands of tokens must add up exactly enough). Used over whole-model forwards
-    (`input_rms`) and over one decoder block's forwards (the sequential pipeline) alike.
+    (`dense_statistics`) and over one decoder block's forwards (the block pipeline) alike. Ranks that forward
+    different batches keep each batch's sums apart, to add them in one fixed order (`Ranks.sums_in_batch_order`);
+    one process adds them as they come, which gives the same bits with one matrix per layer held, not one per batch.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear]):
+    def __init__(self, modules: dict[str, nn.Linear], second_moment: bool = False, ranks: Ranks | None = None):
         self.modules = modules
-        # per forward call: the squared inputs summed over its tokens, and its token count (kept apart so that
-        # ranks that forward different batches can add them in one fixed order)
+        self.ranks = ranks or Ranks()
+        # per forward call (or their running total): the squared inputs summed over its tokens, its token count
         self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.grams: dict[str, list[torch.Tensor]] | None = {name: [] for name in modules} if second_moment else None
         self.counts: dict[str, list[int]] = {name: [] for name in modules}
         self._handles: list = []
+        self._last: tuple | None = None  # (input, its sums): layers fed the same tensor (q, k, v) share them
+
+    def _add(self, sums: list[torch.Tensor], part: torch.Tensor) -> None:
+        if self.ranks.world == 1 and sums:
+            sums[0] = sums[0] + part  # a new tensor: `part` may be shared with another layer
+        else:
+            sums.append(part)
 
     def _hook_for(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            self.parts[name].append(x.double().square().sum(0).cpu())
-            self.counts[name].append(x.shape[0])
+            if self._last is None or self._last[0] is not args[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                gram = None
+                if self.grams is not None:
+                    x32 = x.float()
+                    gram = (x32.t() @ x32).double().cpu()  # float32 products, float64 totals
+                self._last = (args[0], x.double().square().sum(0).cpu(), gram, x.shape[0])
+            _, squares, gram, count = self._last
+            self._add(self.parts[name], squares)
+            if gram is not None:
+                self._add(self.grams[name], gram)
+            self.counts[name].append(count)
 
         return hook
 
@@ -45,19 +66,29 @@ class InputStatistics:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._last = None
 
-    def scales(self, ranks: Ranks | None = None) -> dict[str, torch.Tensor]:
+    def _tokens(self, name: str) -> int:
+        count = sum(sum(c) for c in self.ranks.gather(self.counts[name]))
+        if count == 0:
+            raise RuntimeError(f"the calibration forward pass never reached {name}; cannot measure its inputs")
+        return count
+
+    def scales(self) -> dict[str, torch.Tensor]:
         """Each layer's per-feature RMS, floored at `_SCALE_FLOOR` times its mean, over the batches of every rank
-        (`distributed.Ranks`; one process: its own), their sums added in batch order."""
-        ranks = ranks or Ranks()
+        (one process: its own), their sums added in batch order."""
         scales = {}
         for name in self.modules:
-            count = sum(sum(c) for c in ranks.gather(self.counts[name]))
-            if count == 0:
-                raise RuntimeError(f"the calibration forward pass never reached {name}; cannot measure its inputs")
-            rms = (ranks.sums_in_batch_order(self.parts[name]) / count).sqrt().float()
+            rms = (self.ranks.sums_in_batch_order(self.parts[name]) / self._tokens(name)).sqrt().float()
             scales[name] = rms.clamp_min(_SCALE_FLOOR * rms.mean().clamp_min(torch.finfo(torch.float32).tiny))
         return scales
+
+    def second_moments(self) -> dict[str, torch.Tensor]:
+        """Each layer's X^T X / tokens (float32), over the batches of every rank, added in batch order."""
+        if self.grams is None:
+            raise RuntimeError("InputStatistics was opened without second_moment=True")
+        return {name: (self.ranks.sums_in_batch_order(self.grams[name]) / self._tokens(name)).float()
+                for name in self.modules}
 
 
 def model_body(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
@@ -69,11 +100,17 @@ def model_body(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
 
 
 @torch.no_grad()
-def input_rms(model: nn.Module, modules: dict[str, nn.Linear], windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """Per target layer, the RMS of each input feature over all calibration tokens, from one pass of the
-    dense model over `windows` (the one-shot pipeline's statistics)."""
+def dense_statistics(model: nn.Module, modules: dict[str, nn.Linear], windows: torch.Tensor, batch_size: int = 4,
+                     second_moment: bool = False) -> InputStatistics:
+    """The target layers' input statistics from one pass of the dense model over `windows` (the whole-model
+    form of the one-shot pipeline's statistics)."""
     body = model_body(model, modules)
-    with InputStatistics(modules) as stats:
+    with InputStatistics(modules, second_moment) as stats:
         for start in progress(range(0, windows.shape[0], batch_size), desc="activation statistics", unit="batch"):
             body(windows[start:start + batch_size], use_cache=False)  # no KV cache: 94 MiB for SmolLM2 at 4 x 512
-    return stats.scales()
+    return stats
+
+
+def input_rms(model: nn.Module, modules: dict[str, nn.Linear], windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Per target layer, the RMS of each input feature over all calibration tokens (`dense_statistics`)."""
+    return dense_statistics(model, modules, windows, batch_size).scales()

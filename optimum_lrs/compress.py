@@ -14,9 +14,10 @@ from transformers import AutoTokenizer
 from transformers.quantizers import HfQuantizer
 
 from . import stage1_cache
-from .activations import InputStatistics, input_rms
+from .activations import InputStatistics, dense_statistics
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import check_allocation, check_budget, kept_parameters
+from .block_matching import match_block
 from .allocation.uniform import allocate_uniform, stage1_rank_cap, uniform_rank, uniform_shares
 from .calibration import calibration_windows
 from .config import LowRankSparseConfig
@@ -24,6 +25,7 @@ from .layer import LowRankSparseLinear
 from .distributed import Ranks
 from .progress import progress
 from .rpca import alternating_refit, robust_pca
+from .second_moment import second_moment_refit
 from .sequential import BlockInputs, decoder_blocks, first_block_inputs, relative_error
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 # Calibration windows per forward, for the statistics pass and the block-by-block forwards alike (the two
 # pipelines then see the same batches, so their statistics add up in the same order).
 CALIBRATION_BATCH = 4
+# Alternations of the second-moment fit after the refits (`objective="second_moment"`): docs/results.md.
+SECOND_MOMENT_ITERATIONS = 3
 
 
 def is_hub_id(name: str) -> bool:
@@ -145,6 +149,7 @@ def build_layer(
     `W - U'V'` instead of RPCA's (shrunk) S values. `sparse_selection` "matrix"/"row" re-picks the
     positions from the residual, after `refine_iterations` alternating refits at the same rank and nnz, or
     `cap_refine_iterations` from the factors in `keep.start` (an allocator that refit the layer already).
+    With the candidates' `input_moment`, `second_moment_refit` then lowers the output error from that split.
     """
     rpca, scale = candidates.rpca, candidates.column_scale
     if keep.start is not None and config.sparse_selection != "allocation":
@@ -170,13 +175,17 @@ def build_layer(
     kept = kept.sort().values  # row-major order is CSR order
     if config.sparse_values == "residual" or config.sparse_selection != "allocation":
         flat = (weight - u @ v).flatten()
+    values = flat[kept]
+    if candidates.input_moment is not None:
+        u, v, kept, values = second_moment_refit(weight, u, v, kept, candidates.input_moment,
+                                                 SECOND_MOMENT_ITERATIONS, config.rpca_solver)
     out_features, in_features = candidates.out_features, candidates.in_features
     row_offsets = torch.zeros(out_features + 1, dtype=torch.long, device=kept.device)
     row_offsets[1:] = torch.bincount(kept // in_features, minlength=out_features).cumsum(0)
     # Built from the kept positions, not from a dense matrix, so that a kept entry equal to 0 stays counted.
     bias = None if source.bias is None else source.bias.detach()
     return LowRankSparseLinear.from_csr(
-        u, v, row_offsets, kept % in_features, flat[kept], bias, dtype=config.factor_torch_dtype(source.weight.dtype),
+        u, v, row_offsets, kept % in_features, values, bias, dtype=config.factor_torch_dtype(source.weight.dtype),
         sparse_format=config.sparse_format,
     )
 
@@ -204,13 +213,14 @@ def _calibration(model: nn.Module, config: LowRankSparseConfig) -> torch.Tensor 
 
 
 def _stage1(name: str, module: nn.Linear, config: LowRankSparseConfig, scale: torch.Tensor | None,
-            ratio: float) -> LayerCandidates:
+            ratio: float, moment: torch.Tensor | None = None) -> LayerCandidates:
     """Stage 1 of one layer as compression runs it: capped (`rpca_rank_cap`) and, where the allocation reads
     only S's size and the uniform rank's leading triplets (uniform with re-picked sparse entries, CAP refitting
     at its counts), compacted at once: the rest of the pools (about 2.5x the weights) is never read."""
     c = decompose(name, module, config, scale, rpca_rank_cap(config, tuple(module.weight.shape), ratio))
     if config.stage1_reads_uniform_rank:
         c.compact(uniform_rank(c, ratio, config.lowrank_fraction))
+    c.input_moment = moment
     return c
 
 
@@ -218,7 +228,7 @@ def _install(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, layer:
     """Swap in layer `c`'s compressed form, free its candidate pools, and return its `compressed_modules` entry."""
     model.set_submodule(c.name, layer)
     entry = {"rank": keep.rank, "nnz": keep.nnz, "rpca_iterations": c.rpca.iterations, "rpca_residual": c.rpca.residual}
-    c.rpca = None
+    c.rpca = c.input_moment = None
     return entry
 
 
@@ -231,8 +241,11 @@ def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: d
                        calibration: torch.Tensor | None) -> dict[str, dict]:
     """Statistics of the dense model in one pass, Stage 1 of every layer, one allocation, extraction."""
     ratio = budget / sum(m.weight.numel() for m in targets.values())
-    scales = input_rms(model, targets, calibration, CALIBRATION_BATCH) if config.activation_aware else {}
-    candidates = [_stage1(name, module, config, scales.get(name), ratio)
+    scales, moments = {}, {}
+    if config.activation_aware:
+        stats = dense_statistics(model, targets, calibration, CALIBRATION_BATCH, config.objective == "second_moment")
+        scales, moments = stats.scales(), stats.second_moments() if stats.grams is not None else {}
+    candidates = [_stage1(name, module, config, scales.get(name), ratio, moments.get(name))
                   for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer")]
     problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration, consumable=True)
     allocation = allocate(problem)
@@ -263,6 +276,9 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     ranks = Ranks()
     by_block = {prefix: {n: m for n, m in targets.items() if n.startswith(f"{prefix}.")} for prefix, _ in blocks}
     ranks.check_same_run(config, calibration, max(len(layers) for layers in by_block.values()))
+    if config.block_matching_steps and ranks.world > 1:
+        raise ValueError(f"block_matching_steps={config.block_matching_steps} runs in one process only (its Adam steps "
+                         f"would need every rank's calibration batches); set it to 0 or run one process")
     inputs = None
     if calibration is not None:
         starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
@@ -272,11 +288,12 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
         if stream is not None:
             stream.load(prefix, block)
         layers = by_block.pop(prefix)  # this block's dense layers: held no longer than the block is processed
-        with InputStatistics(layers) as stats:
+        with InputStatistics(layers, config.objective == "second_moment", ranks) as stats:
             reference = None if inputs is None else inputs.forward(block)
-        scales = stats.scales(ranks) if config.activation_aware else {}
+        scales = stats.scales() if config.activation_aware else {}
+        moments = stats.second_moments() if stats.grams is not None else {}
         mine = ranks.share(layers)
-        candidates = ranks.merge({name: _stage1(name, module, config, scales.get(name), budget / dense)
+        candidates = ranks.merge({name: _stage1(name, module, config, scales.get(name), budget / dense, moments.get(name))
                                   for name, module in layers.items() if name in mine}, list(layers))
         problem = AllocationProblem(candidates, sum(shares[n] for n in layers) + carry, config,
                                     shares={n: shares[n] for n in layers})
@@ -294,6 +311,8 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
                 entries[c.name] = _install(model, c, allocation[c.name], layer)
                 del targets[c.name]
             note += f", weight error {(error[0] / max(error[1], 1e-30)) ** 0.5:.4f}"
+            if config.block_matching_steps and inputs is not None:
+                note += _match(block, prefix, dict(zip(layers, built)), inputs, reference, config)
         else:
             held += candidates
             note += " (uniform counts; the allocation follows the last block)"
@@ -321,7 +340,35 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     built = ranks.merge({c.name: build_layer(c, allocation[c.name], targets[c.name], config)
                          for c in progress(held, desc="extract factors", unit="layer") if c.name in mine},
                         [c.name for c in held])
-    return {c.name: _install(model, c, allocation[c.name], layer) for c, layer in zip(held, built)}
+    entries = {c.name: _install(model, c, allocation[c.name], layer) for c, layer in zip(held, built)}
+    if config.block_matching_steps:
+        _match_after_allocation(model, blocks, targets, calibration, config, propagate)
+    return entries
+
+
+def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear], inputs: BlockInputs,
+           reference: list[torch.Tensor], config: LowRankSparseConfig) -> str:
+    """Block output matching of one block's compressed `layers` (full names) towards `reference`; its log note."""
+    relative = {name[len(prefix) + 1:]: layer for name, layer in layers.items()}
+    before, after = match_block(block, relative, inputs.hidden, inputs.kwargs, reference, config.block_matching_steps)
+    return f", first batch's block output error {before:.4f} -> {after:.4f} by matching"
+
+
+def _match_after_allocation(model: nn.Module, blocks: list[tuple[str, nn.Module]], dense: dict[str, nn.Linear],
+                            calibration: torch.Tensor, config: LowRankSparseConfig, propagate: bool) -> None:
+    """Block output matching once a global allocation has built every layer: one more pass over the blocks, each
+    block's dense layers swapped back in for its reference outputs, then its compressed ones matched to them."""
+    inputs = first_block_inputs(model, blocks[0][1], calibration, CALIBRATION_BATCH)
+    for prefix, block in progress(blocks, desc="match blocks", unit="block"):
+        names = [n for n in dense if n.startswith(f"{prefix}.")]
+        layers = {n: model.get_submodule(n) for n in names}
+        for n in names:
+            model.set_submodule(n, dense[n])
+        reference = inputs.forward(block)
+        for n in names:
+            model.set_submodule(n, layers[n])
+        logger.info("%s%s", prefix, _match(block, prefix, layers, inputs, reference, config).removeprefix(","))
+        inputs = BlockInputs(inputs.forward(block) if propagate else reference, inputs.kwargs)
 
 
 def _add_weight_error(total: list[float], dense: nn.Linear, layer: LowRankSparseLinear, scale: torch.Tensor | None) -> None:
@@ -378,7 +425,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     try:
         blocks = decoder_blocks(model, targets)
     except ValueError:
-        if config.pipeline == "sequential" and calibration is not None:
+        if (config.pipeline == "sequential" or config.block_matching_steps) and calibration is not None:
             raise
         blocks = None  # one-shot statistics need no blocks: the whole model in one pass
     if blocks is None:

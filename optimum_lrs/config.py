@@ -32,6 +32,7 @@ FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSE_VALUES = ("residual", "rpca")
 SPARSE_SELECTIONS = ("allocation", "matrix", "row")
 PIPELINES = ("sequential", "one_shot")
+OBJECTIVES = ("rms", "second_moment")
 
 # Fields that configure a run but must never reach config.json (user data, live objects).
 _RUNTIME_ONLY = ("calibration_data", "tokenizer", "cache_dir")
@@ -181,12 +182,22 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             (None: 20, or 0 with `"allocation"`; one rank-r fit and one selection per iteration and layer).
             On SmolLM2-135M at 50%: 3 -> perplexity 84.6, 10 -> 72.5, 20 -> 67.4, 30 -> 66.8, 60 -> 65.0
             (docs/results.md); 20 costs about 90 s for its 210 matrices on 2 cores.
-        pipeline: how the calibration tokens reach each layer. `"sequential"` (default): decoder blocks are
-            compressed in order, each calibrated on the hidden states the already compressed blocks before it
-            produce, so that a block's statistics include the error of those before it (SparseGPT's and
-            llm-compressor's scheme; with a global allocation, the blocks before are compressed provisionally
-            at the uniform counts). `"one_shot"`: every layer's statistics from one pass of the dense model,
-            which also serves models whose decoder blocks cannot be found. docs/results.md has both measured.
+        pipeline: how the calibration tokens reach each layer. `"one_shot"` (default): every layer's statistics
+            are the dense model's (taken block by block, or in one whole-model pass where decoder blocks
+            cannot be found). `"sequential"`: decoder blocks are compressed in order, each calibrated on the
+            hidden states the already compressed blocks before it produce, so that a block's statistics include
+            the error of those before it (SparseGPT's and llm-compressor's scheme; with a global allocation, the
+            blocks before are compressed provisionally at the uniform counts). docs/results.md has both measured.
+        objective: what each layer's final fit minimises. `"rms"` (default): ||(W - L - S) diag(d)||_F with d
+            the inputs' per-feature RMS (the `activation_aware` scale). `"second_moment"`: the output error
+            ||(W - L - S) X||_F over the calibration inputs X, from X^T X: after the refits, L by a whitened SVD
+            and S by pruning with second-order updates of the kept values, alternated (SparseGPT / SVD-LLM
+            style; `optimum_lrs.second_moment`). Needs `activation_aware` and a refit `sparse_selection`.
+        block_matching_steps: after each decoder block is compressed, this many Adam steps (one calibration
+            batch each) on its layers' kept values (U, V, the sparse values at fixed positions) towards the
+            dense block's outputs on the block's calibration inputs (`optimum_lrs.block_matching`); 0 (default)
+            leaves the layer-wise fit as it is. With a global allocation the blocks are matched in one more
+            pass after it. Needs calibration tokens, decoder blocks and one process.
         cache_dir: directory for Stage 1 results, one file per layer keyed by the weight's content and
             the RPCA settings; a rerun (after a crash or with another budget) reuses finished layers.
             Never serialised.
@@ -262,6 +273,8 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         sparse_selection: str = "row",
         refine_iterations: int | None = None,
         pipeline: str = "one_shot",
+        objective: str = "rms",
+        block_matching_steps: int = 0,
         cache_dir: str | None = None,
         calibration_data: Any = None,
         calibration_seq_len: int = 512,
@@ -340,6 +353,14 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if pipeline not in PIPELINES:
             _fail("pipeline", f"one of {PIPELINES}", pipeline)
         self.pipeline = pipeline
+        if objective not in OBJECTIVES:
+            _fail("objective", f"one of {OBJECTIVES}", objective)
+        if objective == "second_moment" and not activation_aware:
+            _fail("objective", '"rms" with activation_aware=False (the second moment comes from calibration inputs)', objective)
+        if objective == "second_moment" and sparse_selection == "allocation":
+            _fail("objective", '"rms" with sparse_selection="allocation" (the second-moment fit re-picks S)', objective)
+        self.objective = objective
+        self.block_matching_steps = _check_int("block_matching_steps", block_matching_steps, 0)
         if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
             _fail("cache_dir", "None or a directory path", cache_dir)
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
@@ -453,7 +474,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
     @property
     def needs_calibration(self) -> bool:
         """True when compression runs the model on calibration tokens (loss-driven or activation-aware)."""
-        return self.allocation in LOSS_DRIVEN_METHODS or self.activation_aware
+        return self.allocation in LOSS_DRIVEN_METHODS or self.activation_aware or self.block_matching_steps > 0
 
     @property
     def stage1_reads_uniform_rank(self) -> bool:

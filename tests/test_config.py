@@ -21,6 +21,7 @@ BAD_VALUES = [
     ("sparse_format", "coo"), ("sparse_format", None),
     ("activation_aware", 1), ("activation_aware", "yes"), ("refine_iterations", -1), ("refine_iterations", 1.5),
     ("refine_iterations", "3"), ("sparse_selection", "column"), ("pipeline", "parallel"), ("pipeline", None),
+    ("objective", "hessian"), ("objective", None), ("block_matching_steps", -1), ("block_matching_steps", 2.0),
     ("cache_dir", ""), ("cache_dir", 3), ("base_model", ""), ("base_model", 3),
     ("evaluation", {"perplexity": float("nan")}), ("evaluation", [1]), ("evaluation", {"ok": True}),
     ("calibration_data", 42), ("calibration_data", [1, 2]), ("calibration_data", []),
@@ -45,6 +46,13 @@ BAD_VALUES = [
 def test_bad_value_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         LowRankSparseConfig(**{field: value})
+
+
+def test_the_second_moment_objective_needs_calibration_inputs_and_a_refit():
+    with pytest.raises(ValueError, match="objective.*activation_aware=False"):
+        LowRankSparseConfig(objective="second_moment", activation_aware=False)
+    with pytest.raises(ValueError, match='objective.*sparse_selection="allocation"'):
+        LowRankSparseConfig(objective="second_moment", sparse_selection="allocation")
 
 
 def test_every_field_has_a_rejected_value():

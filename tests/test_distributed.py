@@ -81,6 +81,15 @@ def test_two_ranks_agree_with_one_process_for_a_global_allocation(dense, tmp_pat
     assert files(tmp_path / "one") == files(tmp_path / "two")
 
 
+def test_two_ranks_agree_with_one_process_for_the_second_moment_fit_on_propagated_inputs(dense, tmp_path):
+    """Each layer's X^T X is summed from both ranks' batches in one order, so the fit sees the same matrix."""
+    options = ("--set", "objective=second_moment", "--set", "pipeline=sequential")
+    one = compress(dense, tmp_path / "one", *options)
+    two = compress(dense, tmp_path / "two", *options, ranks=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
 def test_ranks_started_with_different_settings_are_refused(dense, tmp_path):
     script = f"exec {sys.executable} -m optimum_lrs --quiet compress {dense} --output {tmp_path / 'o'} --set seed=$RANK " + " ".join(SMALL)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

@@ -22,7 +22,8 @@ class LayerCandidates:
     """Stage 1's output for one matrix: singular triplets (cost m + n each) and sparse entries (cost 1 each).
 
     With activation-aware Stage 1, `rpca` decomposes `W diag(column_scale)`; the factors of W are
-    the low-rank factors with V divided column-wise by the scale, and S likewise.
+    the low-rank factors with V divided column-wise by the scale, and S likewise. `input_moment` (H = X^T X /
+    tokens, with `objective="second_moment"`) is what the final fit weights the error by.
     """
 
     name: str
@@ -30,6 +31,7 @@ class LayerCandidates:
     in_features: int
     rpca: RPCAResult
     column_scale: torch.Tensor | None = None
+    input_moment: torch.Tensor | None = None
     _sparse_count: int = field(default=-1, init=False, repr=False)  # set by compact
     _rank_count: int = field(default=-1, init=False, repr=False)  # set by compact
 

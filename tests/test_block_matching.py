@@ -1,0 +1,111 @@
+"""Block output matching (`block_matching_steps`): Adam steps on a compressed block's kept values."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
+from optimum_lrs import compress as compress_module
+from optimum_lrs.block_matching import match_block
+from optimum_lrs.sequential import decoder_blocks, first_block_inputs
+
+from .conftest import BUILDERS, tiny_llama
+
+WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
+
+
+def config(**fields) -> LowRankSparseConfig:
+    return LowRankSparseConfig(param_ratio=0.5, calibration_data=WINDOWS, calibration_seq_len=32,
+                               calibration_num_samples=8, **fields)
+
+
+def block_errors(dense: torch.nn.Module, compressed: torch.nn.Module) -> list[float]:
+    """Each compressed block's relative output error against the dense block, both fed the dense model's
+    hidden states (what one-shot matching targets)."""
+    dense_blocks = [b for _, b in decoder_blocks(dense, {n: m for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n})]
+    comp_blocks = [b for _, b in decoder_blocks(compressed, {n: m for n, m in compressed.named_modules() if isinstance(m, LowRankSparseLinear)})]
+    inputs = first_block_inputs(dense, dense_blocks[0], WINDOWS, 4)
+    errors = []
+    with torch.no_grad():
+        for d, c in zip(dense_blocks, comp_blocks):
+            reference, outputs = inputs.forward(d), inputs.forward(c)
+            errors.append(sum((o - r).square().sum().item() for o, r in zip(outputs, reference))
+                          / sum(r.square().sum().item() for r in reference))
+            inputs.hidden = reference
+    return errors
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_matching_lowers_every_blocks_output_error_and_keeps_the_budget(arch):
+    dense = BUILDERS[arch]()
+    plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
+    compress_(plain, config())
+    compress_(matched, config(block_matching_steps=12))
+    before, after = block_errors(dense, plain), block_errors(dense, matched)
+    assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
+    assert plain.config.quantization_config.compressed_modules == matched.config.quantization_config.compressed_modules
+    for name, layer in matched.named_modules():
+        if isinstance(layer, LowRankSparseLinear):
+            other = plain.get_submodule(name)
+            assert torch.equal(layer.sparse_bitmask, other.sparse_bitmask)  # positions fixed: values move
+            assert not torch.equal(layer.sparse_values, other.sparse_values)
+            assert not layer.lowrank_u.requires_grad and layer.csr_problem() is None
+    assert all(p.requires_grad for n, p in matched.named_parameters() if "norm" in n)  # restored
+
+
+def test_matching_keeps_the_start_when_the_steps_would_make_the_block_worse(monkeypatch):
+    """With a step size that overshoots, the layer-wise fit is handed back unchanged."""
+    monkeypatch.setattr("optimum_lrs.block_matching.LEARNING_RATE", 10.0)
+    dense = tiny_llama()
+    plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
+    compress_(plain, config())
+    compress_(matched, config(block_matching_steps=3))
+    a, b = plain.state_dict(), matched.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_match_block_reports_the_error_before_and_after():
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    compress_(model, config())
+    block = model.model.layers[0]
+    inputs = first_block_inputs(dense, dense.model.layers[0], WINDOWS, 4)
+    with torch.no_grad():
+        targets = inputs.forward(dense.model.layers[0])
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, LowRankSparseLinear)}
+    before, after = match_block(block, layers, inputs.hidden, inputs.kwargs, targets, 10)
+    assert 0 < after < before
+    assert all(block.get_submodule(n) is m for n, m in layers.items())  # the layers themselves are back
+
+
+def test_matching_is_deterministic():
+    def run() -> dict[str, torch.Tensor]:
+        model = tiny_llama()
+        compress_(model, config(block_matching_steps=5, pipeline="sequential"))
+        return model.state_dict()
+
+    a, b = run(), run()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("allocation", ["global_greedy", "cap"])
+def test_matching_after_a_global_allocation_lowers_every_blocks_output_error(allocation):
+    dense = tiny_llama()
+    plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
+    compress_(plain, config(allocation=allocation, cap_steps=2))
+    compress_(matched, config(allocation=allocation, cap_steps=2, block_matching_steps=12))
+    assert plain.config.quantization_config.compressed_modules == matched.config.quantization_config.compressed_modules
+    before, after = block_errors(dense, plain), block_errors(dense, matched)
+    assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
+
+
+def test_matching_refuses_what_it_cannot_do(monkeypatch):
+    def no_blocks(*_):
+        raise ValueError("no decoder blocks found")
+
+    monkeypatch.setattr(compress_module, "decoder_blocks", no_blocks)
+    with pytest.raises(ValueError, match="no decoder blocks"):
+        compress_(tiny_llama(), config(block_matching_steps=4))
