@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import Ranks
 from .layer import LowRankSparseLinear
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,22 @@ def _output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tenso
 
 
 def match_block(block: nn.Module, layers: dict[str, LowRankSparseLinear], hidden: list[torch.Tensor],
-                kwargs: list[dict], targets: list[torch.Tensor], steps: int) -> tuple[float, float]:
+                kwargs: list[dict], targets: list[torch.Tensor], steps: int, ranks: Ranks | None = None,
+                batches: int | None = None) -> tuple[float, float]:
     """Run `steps` Adam steps (one calibration batch each, in turn) on the factors of `layers` (names relative
     to `block`) towards `targets`, the dense block's outputs for the batches `hidden`. Returns the relative
     output error on the first batch before and after (the first step's own forward gives the one, a forward
     after the last step the other: a full pass over the batches would cost as much as the steps); where the
-    steps made it worse, the layer-wise fit's factors are put back."""
+    steps made it worse, the layer-wise fit's factors are put back.
+
+    Over several `ranks`, each holding its share of the `batches` calibration batches (`Ranks.batches`), the
+    rank holding a step's batch computes its gradient and sends it to the others, and every rank takes the same
+    Adam step: the factors come out as one process makes them, bit for bit.
+    """
     if steps < 1:
         raise ValueError(f"match_block needs at least one step, got {steps}")
+    ranks = ranks or Ranks()
+    batches = len(hidden) if batches is None else batches
     stand_ins = {name: _TrainableFactors(layer) for name, layer in layers.items()}
     frozen = [p for p in block.parameters() if p.requires_grad]  # norms etc.: no gradient kept for them
     for p in frozen:
@@ -75,16 +84,25 @@ def match_block(block: nn.Module, layers: dict[str, LowRankSparseLinear], hidden
         return (_output(block, hidden[i], kwargs[i]).float() - target).square().mean() / target.square().mean().clamp_min(1e-30)
 
     try:
-        with torch.enable_grad():
-            for step in range(steps):
-                value = loss(step % len(hidden))
+        before = after = float("nan")
+        for step in range(steps):
+            owner, local = divmod(step % batches, ranks.world)[::-1]  # global batch g: rank g % N, its (g // N)-th
+            optimizer.zero_grad(set_to_none=False)
+            if owner == ranks.rank:
+                with torch.enable_grad():
+                    value = loss(local)
+                    value.backward()
                 if step == 0:
                     before = value.item() ** 0.5
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                optimizer.step()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            ranks.broadcast_([p.grad for p in params], owner)
+            optimizer.step()
         with torch.no_grad():
-            after = loss(0).item() ** 0.5
+            if ranks.rank == 0:
+                after = loss(0).item() ** 0.5
+            before, after = ranks.gather((before, after))[0]  # rank 0 holds the first batch
             if not after <= before:  # never hand back a block worse than the layer-wise fit made it (NaN too)
                 for p, s in zip(params, start):
                     p.copy_(s)

@@ -3,8 +3,10 @@
 Accepted inputs (`LowRankSparseConfig.calibration_data`): a list of texts, a `datasets.Dataset`
 with a `text` column, token-id lists, or a 2-D tensor of token ids (used as given, one row a
 sample). Texts and id lists are joined into one token stream, from which `num_samples` windows of
-`seq_len` tokens start at seeded random offsets. With no data, a C4 sample shipped with the
-package (data/README.md) is used.
+`seq_len` tokens start at seeded random offsets; each window from text begins with the tokens the
+tokenizer puts before any text (`leading_special_tokens`: a BOS for Llama or Gemma tokenizers, nothing for
+GPT-2, Qwen2 or SmolLM2), since the model saw them at the start of every training sequence. With no data, a
+C4 sample shipped with the package (data/README.md) is used.
 """
 
 from __future__ import annotations
@@ -32,6 +34,22 @@ def _texts_of(data: Any) -> list[str] | None:
     return None
 
 
+def leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The ids `tokenizer` puts before a text when asked for special tokens (its BOS, where it adds one), found
+    by encoding a probe with and without them; [] for a tokenizer that adds none or cannot say."""
+    def encode(special: bool) -> list[int]:
+        return torch.as_tensor(tokenizer("a", add_special_tokens=special).input_ids).flatten().tolist()
+
+    try:
+        with_special, plain = encode(True), encode(False)
+    except Exception:  # a tokenizer-like callable without the keyword: it adds nothing we can see
+        return []
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return [int(t) for t in with_special[:start]]
+    return []
+
+
 def token_stream(data: Any, tokenizer: Any) -> torch.Tensor:
     """All calibration data as one 1-D tensor of token ids."""
     texts = default_texts() if data is None else _texts_of(data)
@@ -56,18 +74,25 @@ def token_stream(data: Any, tokenizer: Any) -> torch.Tensor:
 def calibration_windows(
     data: Any, tokenizer: Any, seq_len: int, num_samples: int, seed: int, vocab_size: int | None = None
 ) -> torch.Tensor:
-    """A (num_samples, seq_len) tensor of token ids, the same for the same inputs and seed."""
+    """A (num_samples, seq_len) tensor of token ids, the same for the same inputs and seed. Windows cut from text
+    begin with the tokenizer's `leading_special_tokens`; token ids (lists or a tensor) are used as given."""
     if isinstance(data, torch.Tensor):
         windows = data.long()
     else:
         ids = token_stream(data, tokenizer)
-        if ids.numel() < seq_len:
+        from_text = data is None or _texts_of(data) is not None
+        prefix = leading_special_tokens(tokenizer) if from_text else []
+        if len(prefix) >= seq_len:
+            raise ValueError(f"calibration_seq_len={seq_len} leaves no room after the tokenizer's {len(prefix)} leading special tokens")
+        span = seq_len - len(prefix)
+        if ids.numel() < span:
             raise ValueError(
                 f"calibration data has {ids.numel()} tokens, fewer than one window of calibration_seq_len={seq_len}"
             )
         generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
-        windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+        starts = torch.randint(0, ids.numel() - span + 1, (num_samples,), generator=generator)
+        head = torch.tensor(prefix, dtype=torch.long)
+        windows = torch.stack([torch.cat([head, ids[s : s + span]]) for s in starts.tolist()])
     if vocab_size is not None and (windows.min() < 0 or windows.max() >= vocab_size):
         raise ValueError(f"calibration token ids must lie in [0, {vocab_size}) for this model")
     return windows

@@ -276,9 +276,6 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     ranks = Ranks()
     by_block = {prefix: {n: m for n, m in targets.items() if n.startswith(f"{prefix}.")} for prefix, _ in blocks}
     ranks.check_same_run(config, calibration, max(len(layers) for layers in by_block.values()))
-    if config.block_matching_steps and ranks.world > 1:
-        raise ValueError(f"block_matching_steps={config.block_matching_steps} runs in one process only (its Adam steps "
-                         f"would need every rank's calibration batches); set it to 0 or run one process")
     inputs = None
     if calibration is not None:
         starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
@@ -312,7 +309,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
                 del targets[c.name]
             note += f", weight error {(error[0] / max(error[1], 1e-30)) ** 0.5:.4f}"
             if config.block_matching_steps and inputs is not None:
-                note += _match(block, prefix, dict(zip(layers, built)), inputs, reference, config)
+                note += _match(block, prefix, dict(zip(layers, built)), inputs, reference, config, ranks)
         else:
             held += candidates
             note += " (uniform counts; the allocation follows the last block)"
@@ -347,10 +344,12 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
 
 
 def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear], inputs: BlockInputs,
-           reference: list[torch.Tensor], config: LowRankSparseConfig) -> str:
+           reference: list[torch.Tensor], config: LowRankSparseConfig, ranks: Ranks) -> str:
     """Block output matching of one block's compressed `layers` (full names) towards `reference`; its log note."""
     relative = {name[len(prefix) + 1:]: layer for name, layer in layers.items()}
-    before, after = match_block(block, relative, inputs.hidden, inputs.kwargs, reference, config.block_matching_steps)
+    batches = sum(len(h) for h in ranks.gather(len(inputs.hidden)))
+    before, after = match_block(block, relative, inputs.hidden, inputs.kwargs, reference, config.block_matching_steps,
+                                ranks, batches)
     return f", first batch's block output error {before:.4f} -> {after:.4f} by matching"
 
 
@@ -358,8 +357,10 @@ def _match_after_allocation(model: nn.Module, blocks: list[tuple[str, nn.Module]
                             calibration: torch.Tensor, config: LowRankSparseConfig, propagate: bool) -> None:
     """Block output matching once a global allocation has built every layer: one more pass over the blocks, each
     block's dense layers swapped back in for its reference outputs, then its compressed ones matched to them."""
-    inputs = first_block_inputs(model, blocks[0][1], calibration, CALIBRATION_BATCH)
-    for prefix, block in progress(blocks, desc="match blocks", unit="block"):
+    ranks = Ranks()
+    starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
+    inputs = first_block_inputs(model, blocks[0][1], calibration, CALIBRATION_BATCH, starts)
+    for prefix, block in progress(blocks, desc="match blocks", unit="block", disable=not ranks.writes or None):
         names = [n for n in dense if n.startswith(f"{prefix}.")]
         layers = {n: model.get_submodule(n) for n in names}
         for n in names:
@@ -367,7 +368,9 @@ def _match_after_allocation(model: nn.Module, blocks: list[tuple[str, nn.Module]
         reference = inputs.forward(block)
         for n in names:
             model.set_submodule(n, layers[n])
-        logger.info("%s%s", prefix, _match(block, prefix, layers, inputs, reference, config).removeprefix(","))
+        note = _match(block, prefix, layers, inputs, reference, config, ranks).removeprefix(",")
+        if ranks.writes:
+            logger.info("%s%s", prefix, note)
         inputs = BlockInputs(inputs.forward(block) if propagate else reference, inputs.kwargs)
 
 

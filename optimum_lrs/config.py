@@ -197,7 +197,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             batch each) on its layers' kept values (U, V, the sparse values at fixed positions) towards the
             dense block's outputs on the block's calibration inputs (`optimum_lrs.block_matching`); 0 (default)
             leaves the layer-wise fit as it is. With a global allocation the blocks are matched in one more
-            pass after it. Needs calibration tokens, decoder blocks and one process.
+            pass after it. Needs calibration tokens and decoder blocks.
         cache_dir: directory for Stage 1 results, one file per layer keyed by the weight's content and
             the RPCA settings; a rerun (after a crash or with another budget) reuses finished layers.
             Never serialised.

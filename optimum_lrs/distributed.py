@@ -86,6 +86,12 @@ class Ranks:
                 f"matrices, so at most {n_layers} have work; start at most {n_layers} processes"
             )
 
+    def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
+        """Overwrite `tensors` on every rank with rank `src`'s (same shapes everywhere)."""
+        if self.world > 1:
+            for t in tensors:
+                dist.broadcast(t, src)
+
     def batches(self, starts: list[int]) -> list[int]:
         """The calibration batches (by start index) this rank forwards."""
         return starts[self.rank::self.world]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -36,6 +36,16 @@ def tiny_qwen2() -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def tiny_gemma() -> GemmaForCausalLM:
+    """A random 2-layer gemma: scaled embeddings, GeGLU MLP, (1 + w) RMS norms, and a tokenizer that needs BOS."""
+    torch.manual_seed(2)
+    cfg = GemmaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+    )
+    return GemmaForCausalLM(cfg).eval()
+
+
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 
 
@@ -48,11 +58,12 @@ def dense_checkpoint(request, tmp_path_factory) -> Path:
     return path
 
 
-def train_tokenizer(directory: Path) -> None:
-    """A real 256-entry BPE tokenizer trained on the shipped C4 sample, saved as transformers files."""
+def train_tokenizer(directory: Path, bos: bool = False) -> None:
+    """A real 256-entry BPE tokenizer trained on the shipped C4 sample, saved as transformers files; with `bos`
+    it puts `<s>` before every text, as Llama and Gemma tokenizers do."""
     import json as _json
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     sample = REPO / "optimum_lrs" / "data" / "c4_sample.jsonl"
@@ -60,6 +71,8 @@ def train_tokenizer(directory: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<s>"], show_progress=False))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(directory)
 
 

@@ -102,7 +102,7 @@ def test_matching_after_a_global_allocation_lowers_every_blocks_output_error(all
     assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
 
 
-def test_matching_refuses_what_it_cannot_do(monkeypatch):
+def test_matching_needs_decoder_blocks(monkeypatch):
     def no_blocks(*_):
         raise ValueError("no decoder blocks found")
 

@@ -72,18 +72,15 @@ def test_two_ranks_write_the_bytes_one_process_writes(dense, one_process, tmp_pa
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
-def test_two_ranks_agree_with_one_process_for_a_global_allocation(dense, tmp_path):
-    """CAP: the ranks share each block's Stage 1 and the final extraction, and all run the same policy steps."""
-    options = ("--allocation", "cap", "--set", "cap_steps=2")
-    one = compress(dense, tmp_path / "one", *options)
-    two = compress(dense, tmp_path / "two", *options, ranks=2)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    assert files(tmp_path / "one") == files(tmp_path / "two")
-
-
-def test_two_ranks_agree_with_one_process_for_the_second_moment_fit_on_propagated_inputs(dense, tmp_path):
-    """Each layer's X^T X is summed from both ranks' batches in one order, so the fit sees the same matrix."""
-    options = ("--set", "objective=second_moment", "--set", "pipeline=sequential")
+@pytest.mark.parametrize("options", [
+    # CAP: the ranks share each block's Stage 1 and the final extraction, and all run the same policy steps
+    ("--allocation", "cap", "--set", "cap_steps=2"),
+    # each layer's X^T X is summed from both ranks' batches in one order, so the fit sees the same matrix
+    ("--set", "objective=second_moment", "--set", "pipeline=sequential"),
+    # each matching step's batch lives on one rank, which sends its gradient; all ranks take the same step
+    ("--set", "block_matching_steps=3"),
+], ids=["cap", "second_moment_sequential", "block_matching"])
+def test_two_ranks_agree_with_one_process(dense, tmp_path, options):
     one = compress(dense, tmp_path / "one", *options)
     two = compress(dense, tmp_path / "two", *options, ranks=2)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
