@@ -79,8 +79,8 @@ def main() -> None:
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
             del variant
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")  # after every run: a crash keeps the finished ones
     print(f"\n| variant | ratio | WikiText-2 | held-out C4 | seconds |\n|---|---|---|---|---|")
     print(f"| dense | 1.0 | {results['dense']['wikitext2']:.2f} | {results['dense']['c4_heldout']:.2f} | - |")
     for r in results["runs"]:

@@ -347,7 +347,7 @@ def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear]
            reference: list[torch.Tensor], config: LowRankSparseConfig, ranks: Ranks) -> str:
     """Block output matching of one block's compressed `layers` (full names) towards `reference`; its log note."""
     relative = {name[len(prefix) + 1:]: layer for name, layer in layers.items()}
-    batches = sum(len(h) for h in ranks.gather(len(inputs.hidden)))
+    batches = sum(ranks.gather(len(inputs.hidden)))
     before, after = match_block(block, relative, inputs.hidden, inputs.kwargs, reference, config.block_matching_steps,
                                 ranks, batches)
     return f", first batch's block output error {before:.4f} -> {after:.4f} by matching"
