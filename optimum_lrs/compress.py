@@ -17,8 +17,8 @@ from . import stage1_cache
 from .activations import InputStatistics, dense_statistics
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import check_allocation, check_budget, kept_parameters
-from .block_matching import match_block
 from .allocation.uniform import allocate_uniform, stage1_rank_cap, uniform_rank, uniform_shares
+from .block_matching import match_block
 from .calibration import calibration_windows
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 # Calibration windows per forward, for the statistics pass and the block-by-block forwards alike (the two
 # pipelines then see the same batches, so their statistics add up in the same order).
 CALIBRATION_BATCH = 4
-# Alternations of the second-moment fit after the refits (`objective="second_moment"`): docs/results.md.
+# Alternations of the second-moment fit after the refits (`objective="second_moment"`): docs/research-notes.md.
 SECOND_MOMENT_ITERATIONS = 3
 
 
