@@ -14,6 +14,7 @@ from torch import nn
 
 from .distributed import Ranks
 from .layer import LowRankSparseLinear
+from .sequential import block_output
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ class _TrainableFactors(nn.Module):
             layer.sparse_values.copy_(self.values)
 
 
-def _output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def match_block(block: nn.Module, layers: dict[str, LowRankSparseLinear], hidden: list[torch.Tensor],
                 kwargs: list[dict], targets: list[torch.Tensor], steps: int, ranks: Ranks | None = None,
                 batches: int | None = None) -> tuple[float, float]:
@@ -81,7 +77,7 @@ def match_block(block: nn.Module, layers: dict[str, LowRankSparseLinear], hidden
 
     def loss(i: int) -> torch.Tensor:
         target = targets[i].float()
-        return (_output(block, hidden[i], kwargs[i]).float() - target).square().mean() / target.square().mean().clamp_min(1e-30)
+        return (block_output(block, hidden[i], kwargs[i]).float() - target).square().mean() / target.square().mean().clamp_min(1e-30)
 
     try:
         before = after = float("nan")

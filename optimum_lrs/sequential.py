@@ -70,11 +70,13 @@ class BlockInputs:
     @torch.no_grad()
     def forward(self, block: nn.Module) -> list[torch.Tensor]:
         """`block` applied to every batch: the next block's inputs."""
-        outputs = []
-        for x, kwargs in zip(self.hidden, self.kwargs):
-            out = block(x, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-        return outputs
+        return [block_output(block, x, kwargs) for x, kwargs in zip(self.hidden, self.kwargs)]
+
+
+def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """A decoder block's hidden states for one batch (blocks return them alone or first in a tuple)."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
