@@ -7,7 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
-from optimum_lrs.allocation.cap import _CandidateMasks, _MaskedLinear, _NextTokenLoss, _RowLevels, project_to_budget
+from optimum_lrs.allocation.cap import project_to_budget
+from optimum_lrs.allocation.cap.candidates import CandidatePool, RowLevels
+from optimum_lrs.allocation.cap.masked import MaskedLinear, NextTokenLoss
+from optimum_lrs.allocation.cap.policy import Indexed, Prefix
 from optimum_lrs.compress import decompose
 
 from .conftest import tiny_llama
@@ -171,14 +174,12 @@ def test_prefix_masks_build_the_same_weight_as_indexed_masks(residual_values, sc
     torch.manual_seed(0)
     linear = torch.nn.Linear(24, 16, bias=False)
     c = decompose("layer", linear, LowRankSparseConfig(), torch.rand(24) + 0.5 if scaled else None)
-    indexed, prefix = _CandidateMasks(c), _CandidateMasks(c)
+    indexed, prefix = CandidatePool(c), CandidatePool(c)
     rank, nnz = 3, indexed.positions.numel() // 2
     assert nnz > 10
-    indexed.keep_rank, indexed.keep_pos = torch.arange(rank), indexed.positions[:nnz]
     prefix.use_prefixes()
-    prefix.prefix = (rank, nnz)
-    expected = _MaskedLinear(linear, indexed, residual_values).indexed_weight()
-    assert torch.allclose(_MaskedLinear(linear, prefix, residual_values).prefix_weight(), expected, atol=1e-6)
+    expected = MaskedLinear(linear, indexed, residual_values).indexed_weight(Indexed(torch.arange(rank), indexed.positions[:nnz]))
+    assert torch.allclose(MaskedLinear(linear, prefix, residual_values).prefix_weight(Prefix(rank, nnz)), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -193,7 +194,7 @@ def test_row_levels_keep_every_prefix_of_the_per_row_order(scaled):
     values, idx = magnitude.sort(dim=1, descending=True)
     by_level = values.t().argsort(dim=1, descending=True, stable=True)  # level j: rows by their (j+1)-th value
     order = (idx + torch.arange(rows)[:, None] * cols).t().gather(1, by_level).flatten()
-    levels = _RowLevels(magnitude, rows * cols, weight, scale, u, v)
+    levels = RowLevels.from_magnitude(magnitude, rows * cols, weight, scale, u, v)
     assert levels.level.dtype == torch.int16
     for nnz in range(rows * cols + 1):
         expected = torch.zeros(rows * cols, dtype=torch.bool)
@@ -215,6 +216,6 @@ def test_chunked_loss_is_the_mean_next_token_cross_entropy(architecture):
     with torch.no_grad():
         logits = model(batch).logits[:, :-1]
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        loss = _NextTokenLoss(model, batch[:1, :8], chunk_floats=5 * model.config.vocab_size)
+        loss = NextTokenLoss(model, batch[:1, :8], chunk_floats=5 * model.config.vocab_size)
         assert loss.chunk == 5 and (loss.split is not None) == (architecture == "llama")
         assert loss(batch) == pytest.approx(expected.item(), rel=1e-5)

@@ -1,0 +1,85 @@
+"""CAP's policy-gradient loop, and `allocation="cap"` on a model held in memory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from ...progress import progress
+from ..base import AllocationProblem, LayerAllocation, register_allocator
+from ..uniform import allocate_uniform
+from .candidates import CandidatePool, refit_candidates
+from .masked import MaskedLinear, NextTokenLoss
+from .policy import CandidatePolicy, Indexed, LayerPolicy, Policy, Prefix
+
+logger = logging.getLogger(__name__)
+
+# The losses of one step's samples on one batch: (batch, what each sample keeps, per layer) -> one loss each.
+Losses = Callable[[torch.Tensor, list[list[Prefix | Indexed]]], list[float]]
+
+
+def run_policy(policy: Policy, losses_of: Losses, problem: AllocationProblem) -> dict[str, LayerAllocation]:
+    """`cap_steps` steps, each on the next `cap_batch_size` calibration windows: `cap_samples` samples drawn,
+    their losses taken, one update; then the policy's allocation. The loss history goes to `problem.extras`."""
+    cfg, calib = problem.config, problem.calibration
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for step in progress(range(cfg.cap_steps), desc="CAP allocation (stage 2)", unit="step"):
+        start = (step * cfg.cap_batch_size) % calib.shape[0]
+        batch = calib[torch.arange(start, start + cfg.cap_batch_size) % calib.shape[0]]
+        tokens, keeps = zip(*(policy.sample(generator) for _ in range(cfg.cap_samples)))
+        losses = torch.tensor(losses_of(batch, list(keeps)))
+        policy.update(list(tokens), losses)
+        history.append(losses.mean().item())
+        logger.info("CAP step %d: mean sampled loss %.4f, spread %.4f", step, history[-1], losses.std(unbiased=False).item())
+    problem.extras["cap_loss_history"] = history
+    return policy.extract()
+
+
+@register_allocator("cap")
+@torch.no_grad()
+def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
+    cfg, model, calib = problem.config, problem.model, problem.calibration
+    if model is None or calib is None:
+        raise ValueError("allocation='cap' needs the model and calibration tokens")
+    targets = {c.name: model.get_submodule(c.name) for c in problem.candidates}
+    refit = cfg.cap_refits_candidates
+    if refit:
+        uniform = allocate_uniform(problem)
+        pools = [refit_candidates(problem, c, targets[c.name], uniform[c.name])
+                 for c in progress(problem.candidates, desc="CAP candidates (refit at uniform)", unit="layer")]
+    else:
+        pools = [CandidatePool(c) for c in problem.candidates]
+    if cfg.cap_policy == "candidate":
+        policy: Policy = CandidatePolicy(pools, problem)
+    else:
+        policy = LayerPolicy([p.sizes for p in pools], problem)
+        for p in pools:
+            p.use_prefixes()
+
+    residual_values = cfg.sparse_values == "residual" or refit
+    loss = NextTokenLoss(model, calib[:1, :16])
+    workspace: dict[tuple[int, int], torch.Tensor] = {}
+    masked = [MaskedLinear(targets[p.c.name], p, residual_values, workspace) for p in pools]
+    for m in masked:
+        model.set_submodule(m.pool.c.name, m)
+
+    def losses_of(batch: torch.Tensor, samples: list[list[Prefix | Indexed]]) -> list[float]:
+        out = []
+        for keeps in samples:
+            for m, keep in zip(masked, keeps):
+                m.keep = keep
+            out.append(loss(batch))
+        return out
+
+    try:
+        allocation = run_policy(policy, losses_of, problem)
+    finally:
+        for name, dense in targets.items():
+            model.set_submodule(name, dense)
+    if refit:  # the final layers continue the candidates' refits at the allocated counts
+        allocation = {p.c.name: replace(allocation[p.c.name], start=p.factors(allocation[p.c.name].rank)) for p in pools}
+    return allocation
