@@ -11,8 +11,11 @@ inside a cgroup whose memory limit is below the checkpoint's size. Results to --
 
     python benchmarks/streaming_memory.py --depths 2 8 16 40 --in-memory-depths 2 8 --threads 2 \\
         --work /tmp/lrs-scaling --out benchmarks/results/streaming_memory.json
+    python benchmarks/streaming_memory.py --set allocation=cap --set cap_steps=2 --depths 2 8 16 40 \\
+        --in-memory-depths 2 8 --malloc MALLOC_MMAP_THRESHOLD_=1048576 --threads 2 --work /tmp/lrs-scaling \\
+        --out benchmarks/results/streaming_memory_cap.json
 
-The compression settings are cut to fit a 2-core machine (`--set`: few RPCA iterations and refits, short
+The compression settings are cut to fit a 2-core machine (`CHEAP`: few RPCA iterations and refits, short
 calibration); what a block holds in memory does not depend on them.
 """
 
@@ -76,7 +79,7 @@ def child(args) -> None:
     from optimum_lrs import LowRankSparseConfig, compress_checkpoint
 
     ids = torch.randint(0, args.vocab, (4, 128), generator=torch.Generator().manual_seed(0))
-    config = LowRankSparseConfig.from_overrides(CHEAP, calibration_data=ids)
+    config = LowRankSparseConfig.from_overrides(CHEAP + args.set, calibration_data=ids)
     start = time.perf_counter()
     if args.mode == "streamed":  # glibc's own settings where none are given (the "glibc defaults" series)
         compress_checkpoint(args.source, args.target, config, bounded_heap=args.bounded_heap)
@@ -94,6 +97,7 @@ def measure(args, mode: str, source: Path, malloc: str, limit: int | None = None
     subprocess.run(["rm", "-rf", str(target)], check=True)
     command = [sys.executable, str(HERE), "--child", "--mode", mode, "--source", str(source), "--target", str(target),
                "--threads", str(args.threads), "--vocab", str(args.vocab)] + ([] if malloc else ["--glibc-heap"])
+    command += [f"--set={pair}" for pair in args.set]
     if limit is not None:  # the process runs inside a memory cgroup capped at `limit` bytes
         group = CGROUP / f"lrs-bench-{os.getpid()}"
         group.mkdir()
@@ -135,6 +139,8 @@ def main() -> None:
                         help="memory limit of the last run, as a fraction of the deepest checkpoint's bytes (0: no such run)")
     parser.add_argument("--malloc", nargs="+", default=["", "MALLOC_MMAP_THRESHOLD_=1048576"],
                         help="glibc malloc settings to measure each series with ('' = defaults); the last one for the capped run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more LowRankSparseConfig settings, e.g. --set allocation=cap (for every run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lrs-scaling"))
     parser.add_argument("--out", type=Path)
@@ -146,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    results = {**run_info(args.threads), "settings": CHEAP,
+    results = {**run_info(args.threads), "settings": CHEAP + args.set,
                "model": f"random llama, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}, bf16",
                "runs": []}
     series = [(mode, malloc) for malloc in args.malloc for mode in ("streamed", "in_memory")]

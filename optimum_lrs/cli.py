@@ -116,12 +116,12 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _streamable(args: argparse.Namespace, config) -> bool:
-    """A local safetensors checkpoint compressed with uniform allocation streams from disk, block by block;
-    GGUF files, Hub ids and global allocations load the whole model."""
+    """A local safetensors checkpoint compressed with uniform allocation or CAP (its layer policies) streams from
+    disk, block by block; GGUF files, Hub ids and the other allocations load the whole model."""
     from .streaming import INDEX_NAME
 
     local = Path(args.model)
-    return (not args.gguf_file and config.allocation == "uniform"
+    return (not args.gguf_file and (config.allocation == "uniform" or config.cap_refits_candidates)
             and any((local / name).is_file() for name in ("model.safetensors", INDEX_NAME)))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from . import stage1_cache
 from .activations import InputStatistics, dense_statistics
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import check_allocation, check_budget, kept_parameters
+from .allocation.cap.streamed import StreamedCap
 from .allocation.uniform import allocate_uniform, stage1_rank_cap, uniform_rank, uniform_shares
 from .block_matching import match_block
 from .calibration import calibration_windows
@@ -256,7 +258,7 @@ def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: d
 
 def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
                         calibration: torch.Tensor | None, blocks: list[tuple[str, nn.Module]], propagate: bool = True,
-                        stream: Any = None) -> dict[str, dict]:
+                        stream: Any = None, scratch: Path | None = None) -> dict[str, dict]:
     """Block after block (docs/design.md, "Pipelines"). With `propagate` each block is calibrated on what the
     compressed blocks before it output (`pipeline="sequential"`); without, on the dense blocks' outputs, which
     gives exactly the one-shot statistics of `input_rms` (tests compare the two) with one block's activations
@@ -268,7 +270,9 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     inputs. After the last block the dense layers go back, the allocation runs over all candidates, and every
     layer is built from the statistics it saw. A `stream`
     (`streaming.StreamedBlocks`) reads each block's weights before it is compressed and writes and drops the
-    block afterwards. Without calibration (no activation statistics, uniform allocation) no block runs.
+    block afterwards; with a global allocation (CAP) it is read again for the allocation's forwards
+    (`cap.streamed`, its pools saved in directory `scratch`) and for the final layers. Without calibration (no
+    activation statistics, uniform allocation) no block runs.
     """
     dense = sum(m.weight.numel() for m in targets.values())
     shares = uniform_shares({name: m.weight.numel() for name, m in targets.items()}, budget)
@@ -279,8 +283,9 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     inputs = None
     if calibration is not None:
         starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
-        inputs = first_block_inputs(model, blocks[0][1], calibration, CALIBRATION_BATCH, starts)
+        inputs = first_block_inputs(model, blocks, calibration, CALIBRATION_BATCH, starts)
     entries, held, carry = {}, [], 0
+    streamed = None if final or stream is None else StreamedCap(scratch, model, blocks, stream)
     for prefix, block in progress(blocks, desc="compress blocks", unit="block", disable=not ranks.writes or None):
         if stream is not None:
             stream.load(prefix, block)
@@ -316,30 +321,67 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
             if propagate and inputs is not None:
                 for c, layer in zip(candidates, built):
                     model.set_submodule(c.name, layer)
+            if streamed is not None:
+                streamed.add(config, candidates, layers, allocation)
         if inputs is not None:
             outputs = inputs.forward(block) if propagate else reference
             if propagate:
                 num, den = map(sum, zip(*ranks.gather(relative_error(outputs, reference))))
                 note += f", block output error {(num / den) ** 0.5 if den else 0.0:.4f}"
-            inputs = BlockInputs(outputs, inputs.kwargs)
+            inputs = inputs.advance(outputs)
         if ranks.writes:
             logger.info(note)
-        if stream is not None:
+        if stream is not None and final:
             stream.done(prefix, block)
+        elif stream is not None:  # read again for the allocation's forwards and the final layers
+            for c in candidates:
+                model.set_submodule(c.name, targets[c.name])
+            stream.drop(block)
     if final:
         check_budget(budget - carry, budget, config.allocation, config.param_ratio)
         return entries
     for c in held:
         model.set_submodule(c.name, targets[c.name])
-    problem = AllocationProblem(held, budget, config, model=model, calibration=calibration, consumable=True)
+    problem = AllocationProblem(held, budget, config, model=model, calibration=calibration, consumable=True,
+                                streamed=streamed)
     allocation = allocate(problem)
-    mine = ranks.share({c.name: targets[c.name] for c in held})
-    built = ranks.merge({c.name: build_layer(c, allocation[c.name], targets[c.name], config)
-                         for c in progress(held, desc="extract factors", unit="layer") if c.name in mine},
-                        [c.name for c in held])
-    entries = {c.name: _install(model, c, allocation[c.name], layer) for c, layer in zip(held, built)}
-    if config.block_matching_steps:
-        _match_after_allocation(model, blocks, targets, calibration, config, propagate)
+    return _build_after_allocation(model, config, held, allocation, targets, calibration, blocks, propagate, stream,
+                                   streamed)
+
+
+def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held: list[LayerCandidates],
+                            allocation: dict[str, LayerAllocation], dense: dict[str, nn.Linear],
+                            calibration: torch.Tensor | None, blocks: list[tuple[str, nn.Module]], propagate: bool,
+                            stream: Any = None, streamed: Any = None) -> dict[str, dict]:
+    """Build every layer of a global allocation, block after block; with `block_matching_steps`, each block's
+    compressed layers are then matched to its dense outputs (on the compressed blocks' outputs with `propagate`).
+    With a `stream` each block is read first and written afterwards; `streamed` (CAP's pools on disk) gives each
+    layer's start and second moment."""
+    ranks = Ranks()
+    inputs = None
+    if config.block_matching_steps and calibration is not None:
+        starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
+        inputs = first_block_inputs(model, blocks, calibration, CALIBRATION_BATCH, starts)
+    entries = {}
+    for prefix, block in progress(blocks, desc="extract factors", unit="block", disable=not ranks.writes or None):
+        if stream is not None:
+            stream.load(prefix, block)
+        candidates = [c for c in held if c.name.startswith(f"{prefix}.")]
+        keep = {c.name: allocation[c.name] if streamed is None else streamed.start(c, allocation[c.name], dense[c.name])
+                for c in candidates}
+        reference = None if inputs is None else inputs.forward(block)  # the dense block's outputs
+        mine = ranks.share({c.name: dense[c.name] for c in candidates})
+        built = ranks.merge({c.name: build_layer(c, keep[c.name], dense[c.name], config)
+                             for c in candidates if c.name in mine}, [c.name for c in candidates])
+        entries.update({c.name: _install(model, c, keep[c.name], layer) for c, layer in zip(candidates, built)})
+        if inputs is not None:
+            note = _match(block, prefix, {c.name: layer for c, layer in zip(candidates, built)}, inputs, reference,
+                          config, ranks).removeprefix(",")
+            if ranks.writes:
+                logger.info("%s%s", prefix, note)
+            inputs = inputs.advance(inputs.forward(block) if propagate else reference)
+        if stream is not None:
+            stream.done(prefix, block)
     return entries
 
 
@@ -348,30 +390,9 @@ def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear]
     """Block output matching of one block's compressed `layers` (full names) towards `reference`; its log note."""
     relative = {name[len(prefix) + 1:]: layer for name, layer in layers.items()}
     batches = sum(ranks.gather(len(inputs.hidden)))
-    before, after = match_block(block, relative, inputs.hidden, inputs.kwargs, reference, config.block_matching_steps,
+    before, after = match_block(block, relative, inputs.hidden, inputs.block_kwargs, reference, config.block_matching_steps,
                                 ranks, batches)
     return f", first batch's block output error {before:.4f} -> {after:.4f} by matching"
-
-
-def _match_after_allocation(model: nn.Module, blocks: list[tuple[str, nn.Module]], dense: dict[str, nn.Linear],
-                            calibration: torch.Tensor, config: LowRankSparseConfig, propagate: bool) -> None:
-    """Block output matching once a global allocation has built every layer: one more pass over the blocks, each
-    block's dense layers swapped back in for its reference outputs, then its compressed ones matched to them."""
-    ranks = Ranks()
-    starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
-    inputs = first_block_inputs(model, blocks[0][1], calibration, CALIBRATION_BATCH, starts)
-    for prefix, block in progress(blocks, desc="match blocks", unit="block", disable=not ranks.writes or None):
-        names = [n for n in dense if n.startswith(f"{prefix}.")]
-        layers = {n: model.get_submodule(n) for n in names}
-        for n in names:
-            model.set_submodule(n, dense[n])
-        reference = inputs.forward(block)
-        for n in names:
-            model.set_submodule(n, layers[n])
-        note = _match(block, prefix, layers, inputs, reference, config, ranks).removeprefix(",")
-        if ranks.writes:
-            logger.info("%s%s", prefix, note)
-        inputs = BlockInputs(inputs.forward(block) if propagate else reference, inputs.kwargs)
 
 
 def _add_weight_error(total: list[float], dense: nn.Linear, layer: LowRankSparseLinear, scale: torch.Tensor | None) -> None:
@@ -442,14 +463,14 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
 
 @torch.no_grad()
 def compress_blocks(model: nn.Module, config: LowRankSparseConfig, stream: Any,
-                    start: Callable[[list[tuple[str, nn.Module]]], list[str]]) -> list[str]:
+                    start: Callable[[list[tuple[str, nn.Module]]], list[str]], scratch: Path | None = None) -> list[str]:
     """The block-by-block pipeline over a model built on the meta device whose weights `stream` reads block by
     block (`streaming.compress_checkpoint`). `start(blocks)` materialises what lies outside the blocks and returns its
-    tensor names, which this returns."""
+    tensor names, which this returns. `scratch`: an empty directory for CAP's pools."""
     targets, budget = _targets_and_budget(model, config, check_weights=False)  # checked as each block loads
     blocks = decoder_blocks(model, targets)
     rest = start(blocks)
     calibration = _calibration(model, config)
     _record(model, config, _compress_by_blocks(model, config, targets, budget, calibration, blocks,
-                                               propagate=config.pipeline == "sequential", stream=stream))
+                                               propagate=config.pipeline == "sequential", stream=stream, scratch=scratch))
     return rest

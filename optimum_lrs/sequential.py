@@ -2,12 +2,15 @@
 
 The sequential pipeline (`pipeline="sequential"`) compresses block after block, each on the hidden states
 that the already compressed blocks before it produce, as SparseGPT, OATS and llm-compressor's sequential
-pipeline do. What is held between blocks is those hidden states and the keyword arguments the model passed
-its first block (attention mask, rotary embeddings, ...), which are the same for every block of a forward.
+pipeline do. What is held between blocks is those hidden states and the keyword arguments the model passes
+each block (attention mask, rotary embeddings, ...), caught once by running the model's body with every block
+stood in for (`BlockStandIn`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +18,6 @@ import torch
 from torch import nn
 
 from .activations import model_body
-
-
-class _InputsCaught(Exception):
-    """Raised by the hook on the first block: the rest of the model's forward is not needed."""
 
 
 def decoder_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -59,18 +58,66 @@ def block_of(name: str, blocks: list[tuple[str, nn.Module]]) -> str:
     return next(prefix for prefix, _ in blocks if name.startswith(f"{prefix}."))
 
 
+class BlockStandIn(nn.Module):
+    """Takes a decoder block's place in the model's own forward without running it: keeps what the block is
+    given (hidden states, keyword arguments) and hands on `output` where set, else its input. The block is not a
+    submodule (its weights may be on the meta device); attributes the model's forward reads from its blocks
+    (`attention_type`, which picks a sliding-window or a full mask) come from it."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        self.output: torch.Tensor | None = None
+        self.given: tuple[torch.Tensor, dict[str, Any]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.given = hidden, kwargs
+        return hidden if self.output is None else self.output
+
+
+@contextlib.contextmanager
+def standing_in(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> Iterator[list[BlockStandIn]]:
+    """`model` with every block replaced by a `BlockStandIn` (put back afterwards)."""
+    stand_ins = [BlockStandIn(block) for _, block in blocks]
+    for (prefix, _), stand_in in zip(blocks, stand_ins):
+        model.set_submodule(prefix, stand_in)
+    try:
+        yield stand_ins
+    finally:
+        for prefix, block in blocks:
+            model.set_submodule(prefix, block)
+
+
 @dataclass
 class BlockInputs:
-    """The calibration hidden states entering the current block, one tensor per batch, and the keyword
-    arguments of each batch's block call."""
+    """The calibration hidden states entering block `position`, one tensor per batch, and per batch the keyword
+    arguments of every block's call (attention mask, rotary embeddings: the same tensors for every block of one
+    kind, but models that mix sliding-window and full attention give the two kinds different masks)."""
 
     hidden: list[torch.Tensor]
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)
+    position: int = 0
+
+    @property
+    def block_kwargs(self) -> list[dict[str, Any]]:
+        """Each batch's keyword arguments for the block at `position`."""
+        return [every[self.position] for every in self.kwargs]
 
     @torch.no_grad()
     def forward(self, block: nn.Module) -> list[torch.Tensor]:
-        """`block` applied to every batch: the next block's inputs."""
-        return [block_output(block, x, kwargs) for x, kwargs in zip(self.hidden, self.kwargs)]
+        """`block` (the one at `position`) applied to every batch: the next block's inputs."""
+        return [block_output(block, x, kwargs) for x, kwargs in zip(self.hidden, self.block_kwargs)]
+
+    def advance(self, hidden: list[torch.Tensor]) -> BlockInputs:
+        """The inputs of the next block, `hidden`."""
+        return BlockInputs(hidden, self.kwargs, self.position + 1)
 
 
 def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -80,29 +127,21 @@ def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any])
 
 
 @torch.no_grad()
-def first_block_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor, batch_size: int,
-                       starts: list[int] | None = None) -> BlockInputs:
-    """Run the model on `windows` (the batches beginning at `starts`: default all) up to its first decoder block
-    and keep what that block receives."""
+def first_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], windows: torch.Tensor,
+                       batch_size: int, starts: list[int] | None = None) -> BlockInputs:
+    """Run the model's body on `windows` (the batches beginning at `starts`: default all) with its blocks stood
+    in for, and keep what the first block receives and the keyword arguments every block receives."""
     caught = BlockInputs([])
-
-    def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        caught.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        caught.kwargs.append(kwargs)
-        raise _InputsCaught
-
-    body = model_body(model, {"first block": first})
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
+    body = model_body(model, {"first block": blocks[0][1]})
+    with standing_in(model, blocks) as stand_ins:
         for start in range(0, windows.shape[0], batch_size) if starts is None else starts:
-            try:
-                body(windows[start:start + batch_size], use_cache=False)
-            except _InputsCaught:
-                continue
-            raise RuntimeError(f"the calibration forward never reached the first decoder block {type(first).__name__}")
-    finally:
-        handle.remove()
+            body(windows[start:start + batch_size], use_cache=False)
+            if any(s.given is None for s in stand_ins):
+                raise RuntimeError(f"the calibration forward did not call every decoder block of {type(model).__name__}")
+            caught.hidden.append(stand_ins[0].given[0])
+            caught.kwargs.append([s.given[1] for s in stand_ins])
+            for s in stand_ins:
+                s.given = None
     return caught
 
 

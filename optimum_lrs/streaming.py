@@ -4,8 +4,10 @@ The model is built on the meta device (accelerate's `init_empty_weights`). The t
 blocks (embeddings, final norm, head) are read from the safetensors shards first; each block's tensors are read
 when the sequential pipeline reaches that block, and the compressed block is written as a shard of its own as
 soon as it is done, then dropped. Held at any time: the embeddings and head, the calibration hidden states,
-and about one block, whatever the depth. The output is written in a staging directory and renamed into place
-only when complete.
+and about one block, whatever the depth. With CAP the blocks are read once to build its candidate pools (saved
+in a temporary directory beside the output), once per policy step, and once for the final layers
+(`allocation.cap.streamed`). The output is written in a staging directory and renamed into place only when
+complete.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import ctypes
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +129,9 @@ class StreamedBlocks:
 
     def done(self, prefix: str, block: nn.Module) -> None:
         self.write({f"{prefix}.{k}": v for k, v in block.state_dict().items()})
+        self.drop(block)
+
+    def drop(self, block: nn.Module) -> None:
         block.to("meta")  # shapes stay (the model card reads them), the storage goes
 
     def finish(self, keys: list[str]) -> None:
@@ -176,11 +183,21 @@ def bound_heap() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 20))
 
 
+@contextlib.contextmanager
+def _scratch(output: Path, config: LowRankSparseConfig) -> Iterator[Path | None]:
+    """For CAP, a temporary directory beside `output` (on its disk) for the candidate pools, removed afterwards."""
+    if config.allocation == "uniform":
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.cap-pools-", dir=output.parent) as directory:
+        yield Path(directory)
+
+
 def compress_checkpoint(source: str | Path, output: str | Path, config: LowRankSparseConfig, tokenizer: Any = None,
                         overwrite: bool = False, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu", bounded_heap: bool | None = None) -> Path:
     """Compress the safetensors checkpoint in directory `source` into an optimum_lrs checkpoint in `output`,
-    reading and holding one decoder block at a time (uniform allocation, either pipeline).
+    reading and holding one decoder block at a time (uniform allocation or CAP, either pipeline).
 
     The result equals `from_pretrained(source, quantization_config=config)` followed by `save_pretrained`, tensor
     for tensor. `tokenizer`: the one to calibrate with and to save beside the model (default: the source's).
@@ -192,10 +209,13 @@ def compress_checkpoint(source: str | Path, output: str | Path, config: LowRankS
     source, output = Path(source), Path(output)
     if not isinstance(config, LowRankSparseConfig):
         raise TypeError(f"compress_checkpoint expects a LowRankSparseConfig, got {type(config).__name__}")
-    if config.allocation != "uniform":
+    if config.allocation != "uniform" and not config.cap_refits_candidates:
         raise ValueError(
-            f"compress_checkpoint streams blocks with allocation='uniform' (got {config.allocation!r}): a global "
-            "allocation needs every layer at once; load the model with from_pretrained(..., quantization_config=config)"
+            f"compress_checkpoint streams blocks with allocation='uniform', or 'cap' with its layer policies on refit "
+            f"candidates (got allocation={config.allocation!r}, cap_policy={config.cap_policy!r}, "
+            f"cap_candidates={config.cap_candidates!r}, sparse_selection={config.sparse_selection!r}): this "
+            "allocation reads every layer's Stage 1 pools at once; load the model with "
+            "from_pretrained(..., quantization_config=config)"
         )
     check_output_dir(output, overwrite)
     if not source.is_dir():
@@ -230,7 +250,8 @@ def compress_checkpoint(source: str | Path, output: str | Path, config: LowRankS
             model.tie_weights()
             return rest
 
-        rest = compress_blocks(model, config, streamed, start)
+        with _scratch(output, config) as scratch:
+            rest = compress_blocks(model, config, streamed, start, scratch)
         streamed.finish(rest)
         if not writes:
             return output

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -46,7 +55,20 @@ def tiny_gemma() -> GemmaForCausalLM:
     return GemmaForCausalLM(cfg).eval()
 
 
+def tiny_gemma2() -> Gemma2ForCausalLM:
+    """A random 2-layer gemma 2: a sliding-window block (window 8, shorter than the test windows) then a full one,
+    so that the two blocks get different attention masks, and soft-capped logits."""
+    torch.manual_seed(4)
+    cfg = Gemma2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=8, final_logit_softcapping=30.0,
+    )
+    return Gemma2ForCausalLM(cfg).eval()
+
+
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+# Models whose blocks are not all called alike (per-block attention masks), for the block pipeline's tests.
+MIXED_ATTENTION = {"gemma2": tiny_gemma2}
 
 
 @pytest.fixture(scope="session", params=sorted(BUILDERS))

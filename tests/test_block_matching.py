@@ -22,19 +22,24 @@ def config(**fields) -> LowRankSparseConfig:
                                calibration_num_samples=8, **fields)
 
 
+def layers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+
 def block_errors(dense: torch.nn.Module, compressed: torch.nn.Module) -> list[float]:
     """Each compressed block's relative output error against the dense block, both fed the dense model's
     hidden states (what one-shot matching targets)."""
-    dense_blocks = [b for _, b in decoder_blocks(dense, {n: m for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n})]
+    blocks = decoder_blocks(dense, layers_of(dense))
+    dense_blocks = [b for _, b in blocks]
     comp_blocks = [b for _, b in decoder_blocks(compressed, {n: m for n, m in compressed.named_modules() if isinstance(m, LowRankSparseLinear)})]
-    inputs = first_block_inputs(dense, dense_blocks[0], WINDOWS, 4)
+    inputs = first_block_inputs(dense, blocks, WINDOWS, 4)
     errors = []
     with torch.no_grad():
         for d, c in zip(dense_blocks, comp_blocks):
             reference, outputs = inputs.forward(d), inputs.forward(c)
             errors.append(sum((o - r).square().sum().item() for o, r in zip(outputs, reference))
                           / sum(r.square().sum().item() for r in reference))
-            inputs.hidden = reference
+            inputs = inputs.advance(reference)
     return errors
 
 
@@ -72,11 +77,11 @@ def test_match_block_reports_the_error_before_and_after():
     model = copy.deepcopy(dense)
     compress_(model, config())
     block = model.model.layers[0]
-    inputs = first_block_inputs(dense, dense.model.layers[0], WINDOWS, 4)
+    inputs = first_block_inputs(dense, decoder_blocks(dense, layers_of(dense)), WINDOWS, 4)
     with torch.no_grad():
         targets = inputs.forward(dense.model.layers[0])
     layers = {n: m for n, m in block.named_modules() if isinstance(m, LowRankSparseLinear)}
-    before, after = match_block(block, layers, inputs.hidden, inputs.kwargs, targets, 10)
+    before, after = match_block(block, layers, inputs.hidden, inputs.block_kwargs, targets, 10)
     assert 0 < after < before
     assert all(block.get_submodule(n) is m for n, m in layers.items())  # the layers themselves are back
 

@@ -13,7 +13,7 @@ from optimum_lrs import compress as compress_module
 from optimum_lrs.activations import input_rms
 from optimum_lrs.sequential import decoder_blocks
 
-from .conftest import BUILDERS
+from .conftest import BUILDERS, MIXED_ATTENTION
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
 
@@ -29,17 +29,21 @@ def compressed(build, cfg: LowRankSparseConfig) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("arch", sorted(BUILDERS))
+ARCHITECTURES = {**BUILDERS, **MIXED_ATTENTION}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("allocation", ["uniform", "global_greedy", "cap"])
 def test_one_shot_block_by_block_equals_the_whole_model_pass_bit_for_bit(arch, allocation, monkeypatch):
-    """Fed the dense blocks' outputs, the block-by-block machinery (first block's inputs caught, blocks run one at
+    """Fed the dense blocks' outputs, the block-by-block machinery (blocks' inputs caught, blocks run one at
     a time, statistics per block, uniform shares per block) must rebuild exactly the model of one whole-model
-    statistics pass, which is what a model without findable decoder blocks still gets."""
+    statistics pass, which is what a model without findable decoder blocks still gets; gemma 2's blocks each
+    get their own attention mask (sliding window, full)."""
     calls = []
     original_first = compress_module.first_block_inputs
     monkeypatch.setattr(compress_module, "first_block_inputs", lambda *a: calls.append(1) or original_first(*a))
     by_blocks_cfg = config(allocation, "one_shot")
-    by_blocks = compressed(BUILDERS[arch], by_blocks_cfg)
+    by_blocks = compressed(ARCHITECTURES[arch], by_blocks_cfg)
     assert calls == [1]
 
     def no_blocks(*_):
@@ -47,7 +51,7 @@ def test_one_shot_block_by_block_equals_the_whole_model_pass_bit_for_bit(arch, a
 
     monkeypatch.setattr(compress_module, "decoder_blocks", no_blocks)
     whole_cfg = config(allocation, "one_shot")
-    whole = compressed(BUILDERS[arch], whole_cfg)
+    whole = compressed(ARCHITECTURES[arch], whole_cfg)
     assert calls == [1]
     a, b = whole.state_dict(), by_blocks.state_dict()
     assert a.keys() == b.keys()
@@ -55,7 +59,7 @@ def test_one_shot_block_by_block_equals_the_whole_model_pass_bit_for_bit(arch, a
     allocated = whole.config.quantization_config.compressed_modules
     assert len(allocated) == 14 and allocated == by_blocks.config.quantization_config.compressed_modules
     with pytest.raises(ValueError, match="no blocks"):  # propagated statistics cannot do without blocks
-        compressed(BUILDERS[arch], config(allocation, "sequential"))
+        compressed(ARCHITECTURES[arch], config(allocation, "sequential"))
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))

@@ -76,6 +76,38 @@ def test_streamed_compression_equals_in_memory_compression_tensor_for_tensor(sha
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+@pytest.mark.parametrize("pipeline,matching", [("one_shot", 0), ("sequential", 2)])
+def test_streamed_cap_equals_in_memory_cap_with_one_block_at_a_time(sharded_dense, pipeline, matching, tmp_path,
+                                                                     monkeypatch):
+    """CAP over streamed blocks (pools on disk, every step's samples block by block) finds the allocation CAP finds
+    in memory and writes the same tensors; no more than one block is ever materialised, and the pools' scratch
+    directory is gone afterwards."""
+    cfg = dict(allocation="cap", pipeline=pipeline, block_matching_steps=matching, cap_steps=3)
+    in_memory = AutoModelForCausalLM.from_pretrained(sharded_dense, quantization_config=settings(**cfg))
+    in_memory.save_pretrained(tmp_path / "memory")
+    materialised = []
+    original_load = StreamedBlocks.load
+
+    def counting_load(self, prefix, block):
+        original_load(self, prefix, block)
+        materialised.append(sum(1 for b in self.model.model.layers if next(b.parameters()).device.type != "meta"))
+
+    monkeypatch.setattr(StreamedBlocks, "load", counting_load)
+    (tmp_path / "out").mkdir()
+    compress_checkpoint(sharded_dense, tmp_path / "out" / "streamed", settings(**cfg))
+    blocks = len(in_memory.model.layers)
+    # one read per block to build the pools, one per block for each step, one for the final layers
+    assert materialised == [1] * blocks * (3 + 2)
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "out" / "streamed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    allocated = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "streamed").config.quantization_config
+    assert allocated.compressed_modules == in_memory.config.quantization_config.compressed_modules
+    uniform = AutoModelForCausalLM.from_pretrained(sharded_dense, quantization_config=settings(pipeline=pipeline))
+    assert allocated.compressed_modules != uniform.config.quantization_config.compressed_modules  # CAP moved budget
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["streamed"]
+
+
 def test_a_shard_that_vanishes_mid_stream_fails_naming_it_and_leaves_no_output(sharded_dense, tmp_path, monkeypatch):
     work = tmp_path / "dense"
     work.mkdir()
@@ -93,11 +125,26 @@ def test_a_shard_that_vanishes_mid_stream_fails_naming_it_and_leaves_no_output(s
     with pytest.raises(CheckpointError, match=f"{last.name}.*changed while it was being compressed"):
         compress_checkpoint(work, tmp_path / "out", settings())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+    lost = last.read_bytes() if last.exists() else (sharded_dense / last.name).read_bytes()
+    last.write_bytes(lost)
+    calls = []
+
+    def lose_the_shard_during_cap_steps(self, prefix, block):  # after the pools are built
+        calls.append(prefix)
+        original_load(self, prefix, block)
+        if len(calls) == 2 * len(self.model.model.layers):
+            last.unlink()
+
+    monkeypatch.setattr(StreamedBlocks, "load", lose_the_shard_during_cap_steps)
+    with pytest.raises(CheckpointError, match=f"{last.name}.*changed while it was being compressed"):
+        compress_checkpoint(work, tmp_path / "out", settings(allocation="cap", cap_steps=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no output, no staging, no pools
 
 
 def test_what_streaming_cannot_do_is_refused_before_any_work(sharded_dense, tmp_path):
-    with pytest.raises(ValueError, match="allocation='uniform'.*from_pretrained"):
-        compress_checkpoint(sharded_dense, tmp_path / "o", settings(allocation="cap"))
+    for refused in (dict(allocation="global_greedy"), dict(allocation="cap", cap_policy="candidate")):
+        with pytest.raises(ValueError, match="allocation='uniform', or 'cap' with its layer policies.*from_pretrained"):
+            compress_checkpoint(sharded_dense, tmp_path / "o", settings(**refused))
     with pytest.raises(ValueError, match="no model.safetensors"):
         compress_checkpoint(tmp_path, tmp_path / "o", settings())
     assert not (tmp_path / "o").exists()

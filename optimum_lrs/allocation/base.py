@@ -111,6 +111,9 @@ class AllocationProblem:
     # Per-layer budgets fixed beforehand by a pipeline that allocates block by block (uniform allocation
     # over the whole model's shapes); None: the allocator shares `budget` among `candidates` itself.
     shares: dict[str, int] | None = None
+    # CAP over blocks read from disk (`cap.streamed.StreamedCap`, holding the pools built block by block): the
+    # model's blocks are on the meta device between reads.
+    streamed: Any = None
 
     @property
     def dense_params(self) -> int:

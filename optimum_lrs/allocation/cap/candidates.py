@@ -168,12 +168,13 @@ class PoolStore:
         self.files[c.name], self.sizes[c.name] = path, pool.sizes
         c.input_moment = None
 
-    def get(self, c: LayerCandidates, dense: nn.Linear) -> CandidatePool:
-        """Layer `c`'s pool, ready for prefix samples; `c.input_moment` is restored too."""
+    def get(self, c: LayerCandidates, dense: nn.Linear, moment: bool = False) -> CandidatePool:
+        """Layer `c`'s pool, ready for prefix samples; with `moment`, `c.input_moment` is restored too."""
         with safe_open(self.files[c.name], framework="pt", device=str(dense.weight.device)) as f:
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys() if moment or k != "input_moment"}
             count = int(f.metadata()["count"])
-        c.input_moment = t.get("input_moment")
+        if moment:
+            c.input_moment = t.get("input_moment")
         if "level" in t:
             order = RowLevels(t["level"], count, dense.weight.detach(), c.column_scale, t["order_u"], t["order_v"])
         else:

@@ -45,6 +45,8 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     cfg, model, calib = problem.config, problem.model, problem.calibration
     if model is None or calib is None:
         raise ValueError("allocation='cap' needs the model and calibration tokens")
+    if problem.streamed is not None:
+        return problem.streamed.allocate(problem)
     targets = {c.name: model.get_submodule(c.name) for c in problem.candidates}
     refit = cfg.cap_refits_candidates
     if refit:
