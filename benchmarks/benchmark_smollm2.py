@@ -12,16 +12,14 @@ llm-compressor pins an older transformers, so it runs in its own venv (--peer-py
 """
 
 import argparse
-import copy
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import PeakRSS, add_eval_args, c4_texts, compressed_variant, header, prepare, stage1, stage1_caps
-from safetensors.torch import load_file, save_file
+from common import PeakRSS, add_eval_args, c4_texts, compressed_variant, header, peer_variant, prepare, stage1, stage1_caps
+from safetensors.torch import save_file
 
 from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.activations import input_rms
@@ -30,20 +28,6 @@ from optimum_lrs.compress import find_target_modules
 from optimum_lrs.model_card import allocation_table, plot_allocation
 
 HERE = Path(__file__).resolve().parent
-
-
-def run_peer(python, method, ratio, calib_file, threads):
-    """One llm-compressor run in the peer venv; returns its timing and the pruned weights."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "pruned.safetensors"
-        proc = subprocess.run(
-            [python, str(HERE / "peer_llmcompressor.py"), "--method", method, "--sparsity", str(1 - ratio),
-             "--calibration", str(calib_file), "--output", str(out), "--threads", str(threads)],
-            capture_output=True, text=True,
-        )
-        if proc.returncode:
-            raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1]), load_file(out)
 
 
 def main() -> None:
@@ -115,12 +99,7 @@ def main() -> None:
                       f"(+{shared['seconds']:.0f} s Stage 1), peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
                 del variant
             for peer in args.peers:
-                info, weights = run_peer(args.peer_python, peer, ratio, calib_file, args.threads)
-                pruned = copy.deepcopy(model)
-                missing = set(pruned.state_dict()) & set(weights)
-                if len(missing) != len(weights):
-                    raise RuntimeError(f"{peer} returned {len(weights)} tensors, {len(missing)} match the model")
-                pruned.load_state_dict(weights, strict=False)
+                pruned, info = peer_variant(model, args.peer_python, peer, ratio, calib_file, args.threads)
                 run = {"method": peer, "ratio": ratio, "perplexity": ppl(pruned), "seconds": info["seconds"],
                        "total_seconds": info["seconds"], "peak_rss_bytes": info["peak_rss_bytes"],
                        "kept_fraction": info["kept_fraction"]}

@@ -8,12 +8,14 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_lrs import LowRankSparseConfig
@@ -46,6 +48,27 @@ def c4_texts() -> list[str]:
 def c4_calibration(tokenizer, config: LowRankSparseConfig) -> torch.Tensor:
     """The calibration windows the package would draw from the C4 sample with `config`'s settings."""
     return calibration_windows(c4_texts(), tokenizer, config.calibration_seq_len, config.calibration_num_samples, config.seed)
+
+
+def peer_variant(model, python: str, method: str, ratio: float, calibration_file: Path, threads: int):
+    """`model` pruned by llm-compressor's `method` (wanda, sparsegpt) keeping `ratio` of the linear weights, run in
+    the peer venv's `python` (benchmarks/peer_llmcompressor.py) on the windows in `calibration_file`; returns the
+    pruned copy and the run's seconds, peak RSS and kept fraction."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pruned.safetensors"
+        proc = subprocess.run(
+            [python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--method", method,
+             "--sparsity", str(1 - ratio), "--calibration", str(calibration_file), "--output", str(out),
+             "--threads", str(threads)], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
+        info, weights = json.loads(proc.stdout.strip().splitlines()[-1]), load_file(out)
+    pruned = copy.deepcopy(model)
+    matching = set(pruned.state_dict()) & set(weights)
+    if len(matching) != len(weights):
+        raise RuntimeError(f"{method} returned {len(weights)} tensors, {len(matching)} match the model")
+    pruned.load_state_dict(weights, strict=False)
+    return pruned, info
 
 
 class PeakRSS:

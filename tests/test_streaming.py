@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -85,12 +86,16 @@ def test_streamed_cap_equals_in_memory_cap_with_one_block_at_a_time(sharded_dens
     cfg = dict(allocation="cap", pipeline=pipeline, block_matching_steps=matching, cap_steps=3)
     in_memory = AutoModelForCausalLM.from_pretrained(sharded_dense, quantization_config=settings(**cfg))
     in_memory.save_pretrained(tmp_path / "memory")
-    materialised = []
+    materialised, linears = [], []
     original_load = StreamedBlocks.load
+    ours = {id(m) for m in in_memory.modules()}
 
     def counting_load(self, prefix, block):
         original_load(self, prefix, block)
         materialised.append(sum(1 for b in self.model.model.layers if next(b.parameters()).device.type != "meta"))
+        # dense layers alive anywhere (a replaced one kept by reference would hold its block's weights)
+        linears.append(sum(1 for o in gc.get_objects() if type(o) is torch.nn.Linear and id(o) not in ours
+                           and o.weight.device.type != "meta" and o.out_features != self.model.config.vocab_size))
 
     monkeypatch.setattr(StreamedBlocks, "load", counting_load)
     (tmp_path / "out").mkdir()
@@ -98,6 +103,7 @@ def test_streamed_cap_equals_in_memory_cap_with_one_block_at_a_time(sharded_dens
     blocks = len(in_memory.model.layers)
     # one read per block to build the pools, one per block for each step, one for the final layers
     assert materialised == [1] * blocks * (3 + 2)
+    assert max(linears) == 7, linears  # one block's
     a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "out" / "streamed")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
