@@ -73,12 +73,15 @@ def test_two_ranks_write_the_bytes_one_process_writes(dense, one_process, tmp_pa
 
 
 @pytest.mark.parametrize("options", [
-    # CAP: the ranks share each block's Stage 1 and the final extraction, and all run the same policy steps
+    # CAP streamed from disk: the ranks share each block's Stage 1 and the final extraction, each keeps the pools
+    # in its own scratch directory, and all run the same policy steps
     ("--allocation", "cap", "--set", "cap_steps=2"),
+    # the per-candidate policy loads the whole model (not streamed): the in-memory global allocation over ranks
+    ("--allocation", "cap", "--set", "cap_steps=2", "--set", "cap_policy=candidate"),
     # each layer's X^T X is summed from both ranks' batches in one order, so the fit sees the same matrix; each
     # matching step's batch lives on one rank, which sends its gradient, and all ranks take the same step
     ("--set", "objective=second_moment", "--set", "pipeline=sequential", "--set", "block_matching_steps=3"),
-], ids=["cap", "second_moment_sequential_block_matching"])
+], ids=["cap_streamed", "cap_in_memory", "second_moment_sequential_block_matching"])
 def test_two_ranks_agree_with_one_process(dense, tmp_path, options):
     one = compress(dense, tmp_path / "one", *options)
     two = compress(dense, tmp_path / "two", *options, ranks=2)
