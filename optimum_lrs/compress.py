@@ -313,7 +313,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
                 entries[c.name] = _install(model, c, allocation[c.name], layer)
                 del targets[c.name]
             note += f", weight error {(error[0] / max(error[1], 1e-30)) ** 0.5:.4f}"
-            if config.block_matching_steps and inputs is not None:
+            if config.matching_steps and inputs is not None:
                 note += _match(block, prefix, dict(zip(layers, built)), inputs, reference, config, ranks)
         else:
             held += candidates
@@ -359,7 +359,7 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
     layer's start and second moment."""
     ranks = Ranks()
     inputs = None
-    if config.block_matching_steps and calibration is not None:
+    if config.matching_steps and calibration is not None:
         starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
         inputs = first_block_inputs(model, blocks, calibration, CALIBRATION_BATCH, starts)
     entries = {}
@@ -392,7 +392,7 @@ def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear]
     """Block output matching of one block's compressed `layers` (full names) towards `reference`; its log note."""
     relative = {name[len(prefix) + 1:]: layer for name, layer in layers.items()}
     batches = sum(ranks.gather(len(inputs.hidden)))
-    before, after = match_block(block, relative, inputs.hidden, inputs.block_kwargs, reference, config.block_matching_steps,
+    before, after = match_block(block, relative, inputs.hidden, inputs.block_kwargs, reference, config.matching_steps,
                                 ranks, batches)
     return f", first batch's block output error {before:.4f} -> {after:.4f} by matching"
 
@@ -451,8 +451,11 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     try:
         blocks = decoder_blocks(model, targets)
     except ValueError:
-        if (config.pipeline == "sequential" or config.block_matching_steps) and calibration is not None:
+        if (config.pipeline == "sequential" or config.matching_required) and calibration is not None:
             raise
+        if config.matching_steps and calibration is not None:
+            logger.info("no decoder blocks found in this %s: compressed without block matching (whole-model "
+                        "statistics)", type(model).__name__)
         blocks = None  # one-shot statistics need no blocks: the whole model in one pass
     if blocks is None:
         entries = _compress_one_shot(model, config, targets, budget, calibration)

@@ -28,6 +28,8 @@ CAP_GRADIENTS = ("probability", "logit")
 CAP_POLICIES = ("layer", "layer_type", "candidate")
 CAP_CANDIDATES = ("refit", "rpca")
 CAP_BASELINES = ("moving_average", "leave_one_out")
+# Block matching steps of block_matching_steps="auto" (the lr / steps sweep: docs/research-notes.md).
+AUTO_MATCHING_STEPS = 8
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSE_VALUES = ("residual", "rpca")
 SPARSE_SELECTIONS = ("allocation", "matrix", "row")
@@ -195,9 +197,11 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             style; `optimum_lrs.second_moment`). Needs `activation_aware` and a refit `sparse_selection`.
         block_matching_steps: after each decoder block is compressed, this many Adam steps (one calibration
             batch each) on its layers' kept values (U, V, the sparse values at fixed positions) towards the
-            dense block's outputs on the block's calibration inputs (`optimum_lrs.block_matching`); 0 (default)
-            leaves the layer-wise fit as it is. With a global allocation the blocks are matched in one more
-            pass after it. Needs calibration tokens and decoder blocks.
+            dense block's outputs on the block's calibration inputs (`optimum_lrs.block_matching`); 0 leaves the
+            layer-wise fit as it is. With a global allocation the blocks are matched in one more pass after it.
+            An integer needs calibration tokens and decoder blocks. `"auto"` (default): 8 steps where the
+            compression calibrates anyway (activation-aware or loss-driven) and finds the decoder blocks, else
+            none, so that `activation_aware=False` with uniform allocation stays calibration-free.
         cache_dir: directory for Stage 1 results, one file per layer keyed by the weight's content and
             the RPCA settings; a rerun (after a crash or with another budget) reuses finished layers.
             Never serialised.
@@ -274,7 +278,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         refine_iterations: int | None = None,
         pipeline: str = "one_shot",
         objective: str = "rms",
-        block_matching_steps: int = 0,
+        block_matching_steps: int | str = "auto",
         cache_dir: str | None = None,
         calibration_data: Any = None,
         calibration_seq_len: int = 512,
@@ -360,7 +364,10 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if objective == "second_moment" and sparse_selection == "allocation":
             _fail("objective", '"rms" with sparse_selection="allocation" (the second-moment fit re-picks S)', objective)
         self.objective = objective
-        self.block_matching_steps = _check_int("block_matching_steps", block_matching_steps, 0)
+        if block_matching_steps != "auto" and (isinstance(block_matching_steps, bool)
+                                               or not isinstance(block_matching_steps, int) or block_matching_steps < 0):
+            _fail("block_matching_steps", '"auto" or an integer >= 0', block_matching_steps)
+        self.block_matching_steps = block_matching_steps
         if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
             _fail("cache_dir", "None or a directory path", cache_dir)
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
@@ -474,7 +481,17 @@ class LowRankSparseConfig(QuantizationConfigMixin):
     @property
     def needs_calibration(self) -> bool:
         """True when compression runs the model on calibration tokens (loss-driven or activation-aware)."""
-        return self.allocation in LOSS_DRIVEN_METHODS or self.activation_aware or self.block_matching_steps > 0
+        return self.allocation in LOSS_DRIVEN_METHODS or self.activation_aware or self.matching_required
+
+    @property
+    def matching_required(self) -> bool:
+        """True when the user asked for block matching by a step count (calibration and blocks must be there)."""
+        return self.block_matching_steps != "auto" and self.block_matching_steps > 0
+
+    @property
+    def matching_steps(self) -> int:
+        """The block matching steps to run where calibration inputs and decoder blocks are there."""
+        return AUTO_MATCHING_STEPS if self.block_matching_steps == "auto" else self.block_matching_steps
 
     @property
     def stage1_reads_uniform_rank(self) -> bool:

@@ -47,7 +47,7 @@ def block_errors(dense: torch.nn.Module, compressed: torch.nn.Module) -> list[fl
 def test_matching_lowers_every_blocks_output_error_and_keeps_the_budget(arch):
     dense = BUILDERS[arch]()
     plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
-    compress_(plain, config())
+    compress_(plain, config(block_matching_steps=0))
     compress_(matched, config(block_matching_steps=12))
     before, after = block_errors(dense, plain), block_errors(dense, matched)
     assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
@@ -66,7 +66,7 @@ def test_matching_keeps_the_start_when_the_steps_would_make_the_block_worse(monk
     monkeypatch.setattr("optimum_lrs.block_matching.LEARNING_RATE", 10.0)
     dense = tiny_llama()
     plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
-    compress_(plain, config())
+    compress_(plain, config(block_matching_steps=0))
     compress_(matched, config(block_matching_steps=3))
     a, b = plain.state_dict(), matched.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -100,7 +100,7 @@ def test_matching_is_deterministic():
 def test_matching_after_a_global_allocation_lowers_every_blocks_output_error(allocation):
     dense = tiny_llama()
     plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
-    compress_(plain, config(allocation=allocation, cap_steps=2))
+    compress_(plain, config(allocation=allocation, cap_steps=2, block_matching_steps=0))
     compress_(matched, config(allocation=allocation, cap_steps=2, block_matching_steps=12))
     assert plain.config.quantization_config.compressed_modules == matched.config.quantization_config.compressed_modules
     before, after = block_errors(dense, plain), block_errors(dense, matched)
@@ -114,3 +114,26 @@ def test_matching_needs_decoder_blocks(monkeypatch):
     monkeypatch.setattr(compress_module, "decoder_blocks", no_blocks)
     with pytest.raises(ValueError, match="no decoder blocks"):
         compress_(tiny_llama(), config(block_matching_steps=4))
+    # "auto" (the default) compresses such a model without matching: whole-model statistics
+    auto, none = tiny_llama(), tiny_llama()
+    compress_(auto, config())
+    compress_(none, config(block_matching_steps=0))
+    a, b = auto.state_dict(), none.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_matching_runs_eight_steps_where_the_compression_calibrates_and_none_where_it_does_not():
+    explicit, auto = tiny_llama(), tiny_llama()
+    compress_(explicit, config(block_matching_steps=8))
+    compress_(auto, config())
+    a, b = explicit.state_dict(), auto.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert auto.config.quantization_config.block_matching_steps == "auto"
+    free = LowRankSparseConfig(param_ratio=0.5, activation_aware=False)  # uniform: calibration-free
+    assert not free.needs_calibration and free.matching_steps == 8
+    assert LowRankSparseConfig(activation_aware=False, block_matching_steps=2).needs_calibration
+    plain, calibration_free = tiny_llama(), tiny_llama()
+    compress_(calibration_free, free)
+    compress_(plain, LowRankSparseConfig(param_ratio=0.5, activation_aware=False, block_matching_steps=0))
+    a, b = plain.state_dict(), calibration_free.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

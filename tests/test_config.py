@@ -22,6 +22,7 @@ BAD_VALUES = [
     ("activation_aware", 1), ("activation_aware", "yes"), ("refine_iterations", -1), ("refine_iterations", 1.5),
     ("refine_iterations", "3"), ("sparse_selection", "column"), ("pipeline", "parallel"), ("pipeline", None),
     ("objective", "hessian"), ("objective", None), ("block_matching_steps", -1), ("block_matching_steps", 2.0),
+    ("block_matching_steps", "eight"), ("block_matching_steps", None),
     ("cache_dir", ""), ("cache_dir", 3), ("base_model", ""), ("base_model", 3),
     ("evaluation", {"perplexity": float("nan")}), ("evaluation", [1]), ("evaluation", {"ok": True}),
     ("calibration_data", 42), ("calibration_data", [1, 2]), ("calibration_data", []),

@@ -127,7 +127,7 @@ def test_compression_with_the_second_moment_objective_lowers_every_layers_output
         models[objective] = copy.deepcopy(dense)
         compress_(models[objective], LowRankSparseConfig(
             param_ratio=0.5, objective=objective, calibration_data=WINDOWS, calibration_seq_len=32,
-            calibration_num_samples=8))
+            calibration_num_samples=8, block_matching_steps=0))  # the layer-wise fit alone
     rms, fitted = layer_output_errors(dense, models["rms"]), layer_output_errors(dense, models["second_moment"])
     assert all(fitted[n] <= rms[n] * (1 + 1e-5) for n in rms), {n: (rms[n], fitted[n]) for n in rms}
     assert sum(fitted.values()) < 0.9 * sum(rms.values())
