@@ -147,7 +147,7 @@ def test_uniform_init_with_no_steps_is_the_uniform_allocation(policy):
     # the refits then fit W itself; both from the same (uncapped) Stage 1: "auto" caps each at its own uniform rank
     kw = dict(param_ratio=0.5, calibration_data=CALIB, activation_aware=False, rpca_max_rank=None)
     uniform = compress_(tiny_llama(), LowRankSparseConfig(**kw))
-    cap = compress_(tiny_llama(), cap_config(**kw, cap_policy=policy, cap_steps=0))
+    cap = compress_(tiny_llama(), cap_config(**kw, cap_policy=policy, cap_steps=0, block_matching_steps=0))
     assert _counts(cap) == _counts(uniform)
     if policy == "candidate":
         with torch.no_grad():
