@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -256,6 +256,13 @@ def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: d
             for c in progress(candidates, desc="extract factors", unit="layer")}
 
 
+def _first_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], calibration: torch.Tensor,
+                        ranks: Ranks) -> BlockInputs:
+    """The first block's inputs for this rank's calibration batches."""
+    starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
+    return first_block_inputs(model, blocks, calibration, CALIBRATION_BATCH, starts)
+
+
 def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
                         calibration: torch.Tensor | None, blocks: list[tuple[str, nn.Module]], propagate: bool = True,
                         stream: Any = None, scratch: Path | None = None) -> dict[str, dict]:
@@ -282,8 +289,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     ranks.check_same_run(config, calibration, max(len(layers) for layers in by_block.values()))
     inputs = None
     if calibration is not None:
-        starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
-        inputs = first_block_inputs(model, blocks, calibration, CALIBRATION_BATCH, starts)
+        inputs = _first_block_inputs(model, blocks, calibration, ranks)
     entries, held, carry = {}, [], 0
     streamed = None if final or stream is None else StreamedCap(scratch, model, blocks, stream)
     for prefix, block in progress(blocks, desc="compress blocks", unit="block", disable=not ranks.writes or None):
@@ -360,8 +366,7 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
     ranks = Ranks()
     inputs = None
     if config.matching_steps and calibration is not None:
-        starts = ranks.batches(list(range(0, calibration.shape[0], CALIBRATION_BATCH)))
-        inputs = first_block_inputs(model, blocks, calibration, CALIBRATION_BATCH, starts)
+        inputs = _first_block_inputs(model, blocks, calibration, ranks)
     entries = {}
     for prefix, block in progress(blocks, desc="extract factors", unit="block", disable=not ranks.writes or None):
         if stream is not None:
