@@ -14,6 +14,7 @@ from torch import nn
 
 from .distributed import Ranks
 from .layer import LowRankSparseLinear
+from .precision import full_precision, search_autocast
 from .sequential import block_output
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class _TrainableFactors(nn.Module):
         self.bias = None if layer.bias is None else layer.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = (self.u @ self.v).flatten().index_add(0, self.positions, self.values).view(self.shape)
+        with full_precision(x.device):  # W~ in float32; autocast casts it for the product
+            weight = (self.u @ self.v).flatten().index_add(0, self.positions, self.values).view(self.shape)
         return F.linear(x.float(), weight, self.bias).to(x.dtype)
 
     def write_back(self, layer: LowRankSparseLinear) -> None:
@@ -74,10 +76,13 @@ def match_block(block: nn.Module, layers: dict[str, LowRankSparseLinear], hidden
     params = [p for m in stand_ins.values() for p in m.parameters()]
     start = [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=LEARNING_RATE)
+    device = params[0].device
 
-    def loss(i: int) -> torch.Tensor:
+    def loss(i: int) -> torch.Tensor:  # the block in bfloat16 where the device has it natively (precision.py)
         target = targets[i].float()
-        return (block_output(block, hidden[i], kwargs[i]).float() - target).square().mean() / target.square().mean().clamp_min(1e-30)
+        with search_autocast(device):
+            output = block_output(block, hidden[i], kwargs[i])
+        return (output.float() - target).square().mean() / target.square().mean().clamp_min(1e-30)
 
     try:
         before = after = float("nan")

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from ...precision import search_autocast
 from ...progress import progress
 from ..base import AllocationProblem, LayerAllocation, register_allocator
 from ..uniform import allocate_uniform
@@ -31,7 +32,8 @@ def run_policy(policy: Policy, losses_of: Losses, problem: AllocationProblem) ->
         start = (step * cfg.cap_batch_size) % calib.shape[0]
         batch = calib[torch.arange(start, start + cfg.cap_batch_size) % calib.shape[0]]
         tokens, keeps = zip(*(policy.sample(generator) for _ in range(cfg.cap_samples)))
-        losses = torch.tensor(losses_of(batch, list(keeps)))
+        with search_autocast(calib.device):  # the losses steer the policy: bfloat16 where native (precision.py)
+            losses = torch.tensor(losses_of(batch, list(keeps)))
         policy.update(list(tokens), losses)
         history.append(losses.mean().item())
         logger.info("CAP step %d: mean sampled loss %.4f, spread %.4f", step, history[-1], losses.std(unbiased=False).item())

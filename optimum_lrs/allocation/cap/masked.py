@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...precision import full_precision
 from .candidates import CandidatePool
 from .policy import Indexed, Prefix
 
@@ -26,7 +27,8 @@ class MaskedLinear(nn.Module):
         self.keep: Prefix | Indexed | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.prefix_weight(self.keep) if isinstance(self.keep, Prefix) else self.indexed_weight(self.keep)
+        with full_precision(x.device):  # W~ in float32 (into the workspace); autocast casts it for the product
+            weight = self.prefix_weight(self.keep) if isinstance(self.keep, Prefix) else self.indexed_weight(self.keep)
         return F.linear(x, weight.to(x.dtype), self.dense.bias)
 
     def indexed_weight(self, sample: Indexed) -> torch.Tensor:
