@@ -55,7 +55,7 @@ def main() -> None:
     }
     print(f"perplexity: {ppl:.2f}")
 
-    model.push_to_hub(args.repo)
+    optimum_lrs.push_to_hub(model, args.repo)  # model card and allocation plot, then the checkpoint
     quantizer.tokenizer.push_to_hub(args.repo)
     print(f"pushed to {args.repo}")
 

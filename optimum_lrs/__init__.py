@@ -7,8 +7,8 @@ with transformers, so that `from_pretrained` can compress on load and reload com
 from .checkpoint import CheckpointError, register_model_type
 from .config import LowRankSparseConfig
 from .layer import LowRankSparseLinear
-from .lora import LowRankSparseLoraLinear, lora_target_modules, register_with_peft
-from .model_card import install_push_to_hub, model_card
+from .lora import LowRankSparseLoraConfig, LowRankSparseLoraLinear, load_adapter, lora_target_modules
+from .model_card import model_card, push_to_hub
 from .modeling import LRSModelForCausalLM
 from .optimum_quantizer import LRSQuantizer
 from .quantizer import LRSHfQuantizer, compress_, register, set_sparse_format
@@ -19,8 +19,6 @@ __version__ = "0.1.0"
 
 register()
 register_model_type()
-register_with_peft()
-install_push_to_hub()
 
 __all__ = [
     "CheckpointError",
@@ -29,12 +27,15 @@ __all__ = [
     "LRSQuantizer",
     "LowRankSparseConfig",
     "LowRankSparseLinear",
+    "LowRankSparseLoraConfig",
     "LowRankSparseLoraLinear",
     "RPCAResult",
     "compress_",
     "compress_checkpoint",
+    "load_adapter",
     "lora_target_modules",
     "model_card",
+    "push_to_hub",
     "robust_pca",
     "set_sparse_format",
 ]

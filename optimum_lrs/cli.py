@@ -78,6 +78,7 @@ def _compress(args: argparse.Namespace) -> int:
     from .compress import is_hub_id
     from .config import LowRankSparseConfig
     from .distributed import Ranks, process_group_from_environment
+    from .model_card import push_to_hub
     from .optimum_quantizer import LRSQuantizer, check_output_dir
     from .streaming import compress_checkpoint
 
@@ -108,7 +109,7 @@ def _compress(args: argparse.Namespace) -> int:
             model = quantizer.quantize(args.output, compression_config=config, overwrite=args.overwrite,
                                        repo_id=args.push_to_hub)
         if args.push_to_hub and Ranks().writes:
-            model.push_to_hub(args.push_to_hub)
+            push_to_hub(model, args.push_to_hub)  # model card and plot first, then the checkpoint
             if quantizer.tokenizer is not None:
                 quantizer.tokenizer.push_to_hub(args.push_to_hub)
             logger.info("pushed to %s", args.push_to_hub)

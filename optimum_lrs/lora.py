@@ -1,9 +1,10 @@
 """PEFT LoRA on compressed layers.
 
-`import optimum_lrs` teaches PEFT's LoRA to wrap `LowRankSparseLinear`: every `LoraConfig` created
-afterwards carries the mapping in PEFT's custom-module registry (`LoraConfig._register_custom_module`),
-so `get_peft_model` and `PeftModel.from_pretrained` both work on a compressed model with no extra
-argument. The factor tensors stay frozen and in their dtype. Merging keeps the layer compressed:
+PEFT's LoRA wraps `LowRankSparseLinear` through its custom-module registry
+(`LoraConfig._register_custom_module`), which lives on the config object, not in adapter_config.json:
+`LowRankSparseLoraConfig` is a `LoraConfig` that carries the mapping, for `get_peft_model`, and
+`load_adapter` hands one to `PeftModel.from_pretrained` (its `config=` argument), since PEFT would build a plain
+`LoraConfig` from the file. PEFT's classes are left as they are. The factor tensors stay frozen and in their dtype. Merging keeps the layer compressed:
 the LoRA product `scale * B A` is a rank-r matrix, so it is appended to the low-rank factors
 (`U <- [U | scale B]`, `V <- [V ; A]`) and unmerging slices it off again, bit-exactly.
 """
@@ -11,10 +12,12 @@ the LoRA product `scale * B A` is a rank-r matrix, so it is appended to the low-
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
@@ -113,21 +116,27 @@ class LowRankSparseLoraLinear(nn.Module, LoraLayer):
 
 
 
-def register_with_peft() -> None:
-    """Make every `LoraConfig` map `LowRankSparseLinear` to `LowRankSparseLoraLinear`.
+@dataclass
+class LowRankSparseLoraConfig(LoraConfig):
+    """A `LoraConfig` (same arguments) whose LoRA wraps `LowRankSparseLinear` layers in `LowRankSparseLoraLinear`.
+    Saved as a plain LoRA adapter config; a mapping the user registers for the same class wins."""
 
-    PEFT builds a fresh `LoraConfig` from adapter_config.json when loading an adapter, so a
-    per-config registration would not survive `PeftModel.from_pretrained`; hooking `__post_init__`
-    does. A mapping the user registers for the same class still wins.
-    """
-    if getattr(LoraConfig, "_optimum_lrs_registered", False):
-        return
-    original = LoraConfig.__post_init__
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _map_compressed_layers(self)
 
-    def __post_init__(self: LoraConfig) -> None:
-        original(self)
-        if LowRankSparseLinear not in (self._custom_modules or {}):
-            self._register_custom_module({LowRankSparseLinear: LowRankSparseLoraLinear})
 
-    LoraConfig.__post_init__ = __post_init__
-    LoraConfig._optimum_lrs_registered = True
+def _map_compressed_layers(config: LoraConfig) -> LoraConfig:
+    """Register `LowRankSparseLinear -> LowRankSparseLoraLinear` on `config` unless it maps that class already."""
+    if LowRankSparseLinear not in (config._custom_modules or {}):
+        config._register_custom_module({LowRankSparseLinear: LowRankSparseLoraLinear})
+    return config
+
+
+def load_adapter(model: nn.Module, model_id: str | PathLike, **kwargs: Any) -> PeftModel:
+    """`PeftModel.from_pretrained(model, model_id, **kwargs)` for a compressed `model`: the adapter's config, which
+    PEFT reads as a plain `LoraConfig`, gets the compressed layers' mapping (`revision`, `subfolder` and `token`
+    reach both reads)."""
+    source = {k: kwargs[k] for k in ("revision", "subfolder", "token") if k in kwargs}
+    config = _map_compressed_layers(LoraConfig.from_pretrained(str(model_id), **source))
+    return PeftModel.from_pretrained(model, model_id, config=config, **kwargs)

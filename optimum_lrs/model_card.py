@@ -7,7 +7,6 @@ own push then keeps that card.
 
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 from pathlib import Path
@@ -136,25 +135,18 @@ def write_card(model: nn.Module, directory: str | Path, repo_id: str | None = No
     plot_allocation(allocation_table(model), directory / PLOT_NAME, title=f"{repo_id or ''} allocation".strip())
 
 
-def install_push_to_hub() -> None:
-    """Make `PreTrainedModel.push_to_hub` publish the card and plot first for optimum_lrs-compressed models."""
-    original = PreTrainedModel.push_to_hub
-    if getattr(original, "_optimum_lrs", False):
-        return
-
-    @functools.wraps(original)
-    def push_to_hub(self: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if lrs_config(self) is None:
-            return original(self, repo_id, *args, **kwargs)
-        token = kwargs.get("token")
-        api = HfApi()
-        repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            write_card(self, tmp, repo_id)
-            api.upload_folder(repo_id=repo_id, folder_path=tmp, token=token, revision=kwargs.get("revision"),
-                              commit_message="optimum-lrs model card and allocation plot")
-        logger.info("pushed the model card and allocation plot to %s", repo_id)
-        return original(self, repo_id, *args, **kwargs)
-
-    push_to_hub._optimum_lrs = True
-    PreTrainedModel.push_to_hub = push_to_hub
+def push_to_hub(model: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+    """`model.push_to_hub(repo_id, *args, **kwargs)` for a compressed model, with its model card and allocation plot
+    committed first (transformers' own push keeps a README it finds in the repo, but writes a template card where
+    there is none). Any other model is pushed as `model.push_to_hub` pushes it."""
+    if lrs_config(model) is None:
+        return model.push_to_hub(repo_id, *args, **kwargs)
+    token = kwargs.get("token")
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        write_card(model, tmp, repo_id)
+        api.upload_folder(repo_id=repo_id, folder_path=tmp, token=token, revision=kwargs.get("revision"),
+                          commit_message="optimum-lrs model card and allocation plot")
+    logger.info("pushed the model card and allocation plot to %s", repo_id)
+    return model.push_to_hub(repo_id, *args, **kwargs)

@@ -38,7 +38,7 @@ def test_push_to_hub_writes_card_and_reloads_identically(hub, compressed, tmp_pa
     run_client(hub, tmp_path / "home1", f"""
         import optimum_lrs
         from transformers import AutoModelForCausalLM
-        AutoModelForCausalLM.from_pretrained({str(compressed)!r}).push_to_hub("user/tiny-lrs")
+        optimum_lrs.push_to_hub(AutoModelForCausalLM.from_pretrained({str(compressed)!r}), "user/tiny-lrs")
     """)
     files = hub.files("user/tiny-lrs")
     assert {"config.json", "model.safetensors", "README.md", "allocation.png"} <= set(files)
@@ -68,11 +68,12 @@ def test_lora_adapter_of_compressed_model_round_trips(hub, compressed, tmp_path,
     torch.save(input_ids, tmp_path / "ids.pt")
     run_client(hub, tmp_path / "home1", f"""
         import torch, optimum_lrs
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
         from transformers import AutoModelForCausalLM
         torch.manual_seed(0)
         model = get_peft_model(AutoModelForCausalLM.from_pretrained({str(compressed)!r}),
-                               LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+                               optimum_lrs.LowRankSparseLoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False))
         model.push_to_hub("user/tiny-lrs-lora")
         with torch.no_grad():
             torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'pushed.pt')!r})
@@ -80,10 +81,9 @@ def test_lora_adapter_of_compressed_model_round_trips(hub, compressed, tmp_path,
     assert "adapter_config.json" in hub.files("user/tiny-lrs-lora")
     run_client(hub, tmp_path / "home2", f"""
         import torch, optimum_lrs
-        from peft import PeftModel
         from transformers import AutoModelForCausalLM
         base = AutoModelForCausalLM.from_pretrained({str(compressed)!r})
-        model = PeftModel.from_pretrained(base, "user/tiny-lrs-lora")
+        model = optimum_lrs.load_adapter(base, "user/tiny-lrs-lora")
         with torch.no_grad():
             torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'pulled.pt')!r})
     """)

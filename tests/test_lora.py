@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from optimum_lrs import (
+    LowRankSparseLoraConfig,
     LowRankSparseConfig,
     LowRankSparseLinear,
     LowRankSparseLoraLinear,
@@ -30,7 +31,7 @@ def load(path, dtype=None):
 
 
 def lora_config(**kwargs):
-    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **kwargs)
+    return LowRankSparseLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **kwargs)
 
 
 def factors(model):
@@ -70,7 +71,7 @@ def test_all_compressed_layers_helper(compressed_dir):
     model = load(compressed_dir)
     names = lora_target_modules(model)
     assert len(names) == 14
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=names))
+    peft_model = get_peft_model(model, LowRankSparseLoraConfig(r=2, target_modules=names))
     assert sum(isinstance(m, LowRankSparseLoraLinear) for m in peft_model.modules()) == 14
     with pytest.raises(ValueError, match="no LowRankSparseLinear"):
         lora_target_modules(tiny_llama())
@@ -97,9 +98,8 @@ def test_adapter_save_and_reload_in_fresh_process(compressed_dir, input_ids, tmp
     code = f"""
 import torch, optimum_lrs
 from transformers import AutoModelForCausalLM
-from peft import PeftModel
 base = AutoModelForCausalLM.from_pretrained({str(compressed_dir)!r})
-model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r}).eval()
+model = optimum_lrs.load_adapter(base, {str(tmp_path / 'adapter')!r}).eval()
 with torch.no_grad():
     torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
 """
@@ -182,3 +182,9 @@ def test_trainer_trains_the_peft_wrapped_model(compressed_dir, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: training moved it
+
+
+def test_plain_lora_config_gets_peft_error_naming_the_layer(compressed_dir):
+    """PEFT's classes are untouched by the import: a plain LoraConfig does not know compressed layers."""
+    with pytest.raises(ValueError, match="LowRankSparseLinear|not supported"):
+        get_peft_model(load(compressed_dir), LoraConfig(r=2, target_modules=["q_proj"]))
