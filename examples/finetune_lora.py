@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import optimum_lrs  # noqa: F401  (registers the optimum_lrs model type and PEFT support)
-from optimum_lrs import lora_target_modules
+import optimum_lrs  # noqa: F401  (registers the optimum_lrs model type)
+from optimum_lrs import LowRankSparseLoraConfig, lora_target_modules
 from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.evaluation import perplexity
 
@@ -52,8 +52,8 @@ def main() -> None:
     before = perplexity(model, tokenizer, eval_text, 512, args.eval_windows)
     print(f"held-out perplexity before: {before:.2f}")
 
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                             target_modules=lora_target_modules(model)))
+    model = get_peft_model(model, LowRankSparseLoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                          target_modules=lora_target_modules(model)))
     model.print_trainable_parameters()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
