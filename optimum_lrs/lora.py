@@ -4,9 +4,9 @@ PEFT's LoRA wraps `LowRankSparseLinear` through its custom-module registry
 (`LoraConfig._register_custom_module`), which lives on the config object, not in adapter_config.json:
 `LowRankSparseLoraConfig` is a `LoraConfig` that carries the mapping, for `get_peft_model`, and
 `load_adapter` hands one to `PeftModel.from_pretrained` (its `config=` argument), since PEFT would build a plain
-`LoraConfig` from the file. PEFT's classes are left as they are. The factor tensors stay frozen and in their dtype. Merging keeps the layer compressed:
-the LoRA product `scale * B A` is a rank-r matrix, so it is appended to the low-rank factors
-(`U <- [U | scale B]`, `V <- [V ; A]`) and unmerging slices it off again, bit-exactly.
+`LoraConfig` from the file. PEFT's classes are left as they are. The factor tensors stay frozen and in their
+dtype. Merging keeps the layer compressed: the LoRA product `scale * B A` is a rank-r matrix, so it is appended
+to the low-rank factors (`U <- [U | scale B]`, `V <- [V ; A]`) and unmerging slices it off again, bit-exactly.
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class LowRankSparseLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
-
 
 
 @dataclass

@@ -5,14 +5,17 @@ from .conftest import run_python
 CHECK = """
 import peft, transformers
 from peft.tuners.lora import LoraModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.hub import PushToHubMixin
 classes = [transformers.PreTrainedModel, PushToHubMixin, transformers.PretrainedConfig, peft.LoraConfig,
            peft.PeftConfig, peft.PeftModel, LoraModel]
 before = {c: dict(vars(c)) for c in classes}
 import optimum_lrs
-changed = [f"{c.__name__}.{k}" for c in classes for k in set(before[c]) | set(vars(c)) if before[c].get(k) is not vars(c).get(k)]
+changed = [f"{c.__name__}.{k}" for c in classes for k in set(before[c]) | set(vars(c))
+           if before[c].get(k) is not vars(c).get(k)]
 print("changed:", changed)
-assert "optimum_lrs" in transformers.AutoConfig.for_model.__func__.__globals__["CONFIG_MAPPING"]
+assert "optimum_lrs" in CONFIG_MAPPING and "optimum_lrs" in AUTO_QUANTIZER_MAPPING  # registries only
 """
 
 

@@ -8,9 +8,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from optimum_lrs import (
-    LowRankSparseLoraConfig,
     LowRankSparseConfig,
     LowRankSparseLinear,
+    LowRankSparseLoraConfig,
     LowRankSparseLoraLinear,
     lora_target_modules,
 )
