@@ -19,7 +19,6 @@ from .activations import InputStatistics, dense_statistics
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import check_allocation, check_budget, kept_parameters
 from .allocation.cap.streamed import StreamedCap
-from .allocation.outlier import outlier_ratios, outlier_shares
 from .allocation.uniform import allocate_uniform, stage1_rank_cap, uniform_rank, uniform_shares
 from .block_matching import match_block
 from .calibration import calibration_windows
@@ -29,7 +28,7 @@ from .distributed import Ranks
 from .progress import progress
 from .rpca import alternating_refit, robust_pca
 from .second_moment import second_moment_refit
-from .sequential import BlockInputs, block_of, decoder_blocks, first_block_inputs, relative_error
+from .sequential import BlockInputs, decoder_blocks, first_block_inputs, relative_error
 
 logger = logging.getLogger(__name__)
 
@@ -284,11 +283,6 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     """
     dense = sum(m.weight.numel() for m in targets.values())
     shares = uniform_shares({name: m.weight.numel() for name, m in targets.items()}, budget)
-    if config.outlier_spread and calibration is not None:
-        ratios = outlier_ratios(model, targets, [p for p, _ in blocks], calibration)
-        logger.info("outlier ratios per block: %s", {p: round(r, 5) for p, r in ratios.items()})
-        shares = outlier_shares({n: m.weight.numel() for n, m in targets.items()},
-                                {n: block_of(n, blocks) for n in targets}, ratios, budget, config.outlier_spread)
     final = config.allocation == "uniform"  # else the layers are built after the global allocation
     ranks = Ranks()
     by_block = {prefix: {n: m for n, m in targets.items() if n.startswith(f"{prefix}.")} for prefix, _ in blocks}
