@@ -1,0 +1,29 @@
+"""Checkpoints saved by earlier versions of the package (tests/fixtures/format*/, written by
+tests/fixtures/make_fixtures.py at the commit in each made_by.json) load with today's code and give the logits
+they gave when they were saved."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from optimum_lrs import LRSModelForCausalLM
+from optimum_lrs.layer import LowRankSparseLinear
+
+FIXTURES = sorted(p for p in (Path(__file__).parent / "fixtures").glob("format*/*") if p.is_dir())
+
+
+def test_fixtures_exist():
+    assert {p.name for p in FIXTURES} >= {"llama-bitmask", "qwen2-csr"}
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_saved_checkpoint_loads_with_its_outputs(fixture):
+    expected = load_file(fixture / "expected.safetensors")
+    model = LRSModelForCausalLM.from_pretrained(fixture).eval()
+    layers = [m for m in model.modules() if isinstance(m, LowRankSparseLinear)]
+    assert len(layers) == 14  # 7 per block, 2 blocks: nothing fell back to dense
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
