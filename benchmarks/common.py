@@ -50,16 +50,27 @@ def c4_calibration(tokenizer, config: LowRankSparseConfig) -> torch.Tensor:
     return calibration_windows(c4_texts(), tokenizer, config.calibration_seq_len, config.calibration_num_samples, config.seed)
 
 
-def peer_variant(model, python: str, method: str, ratio: float, calibration_file: Path, threads: int):
-    """`model` pruned by llm-compressor's `method` (wanda, sparsegpt) keeping `ratio` of the linear weights, run in
-    the peer venv's `python` (benchmarks/peer_llmcompressor.py) on the windows in `calibration_file`; returns the
-    pruned copy and the run's seconds, peak RSS and kept fraction."""
+# Peer methods: the script that runs each (in its own venv) and the library it comes from.
+PEERS = {"wanda": "llm-compressor", "sparsegpt": "llm-compressor",
+         "oats": "3BASiL repo", "3basil": "3BASiL repo", "3basil_tm": "3BASiL repo"}
+
+
+def peer_variant(model, python: str, method: str, ratio: float, calibration_file: Path, threads: int,
+                 repo: str | None = None):
+    """`model` compressed by a peer `method` keeping `ratio` of the linear weights, run in the peer venv's `python`
+    (benchmarks/peers/llmcompressor.py for llm-compressor's Wanda and SparseGPT, benchmarks/peers/threebasil.py with
+    the 3BASiL checkout `repo` for OATS and 3BASiL) on the windows in `calibration_file`; returns the compressed
+    copy and the run's seconds, peak RSS and kept fraction."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "pruned.safetensors"
-        proc = subprocess.run(
-            [python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--method", method,
-             "--sparsity", str(1 - ratio), "--calibration", str(calibration_file), "--output", str(out),
-             "--threads", str(threads)], capture_output=True, text=True)
+        out = Path(tmp) / "weights.safetensors"
+        common = ["--calibration", str(calibration_file), "--output", str(out), "--threads", str(threads)]
+        if PEERS[method] == "llm-compressor":
+            cmd = [python, str(Path(__file__).parent / "peers" / "llmcompressor.py"), "--method", method,
+                   "--sparsity", str(1 - ratio), *common]
+        else:
+            cmd = [python, str(Path(__file__).parent / "peers" / "threebasil.py"), "--method", method, "--ratio",
+                   str(ratio), "--repo", str(repo), *common]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
         info, weights = json.loads(proc.stdout.strip().splitlines()[-1]), load_file(out)

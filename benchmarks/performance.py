@@ -2,7 +2,8 @@
 
 Every figure is printed next to its comparison point measured in the same run (a full SVD, llm-compressor
 SparseGPT, the dense model), because absolute times on shared machines drift while ratios hold.
-Name one or more parts (or `all`); results are merged into OUT/performance.json (default docs/performance/).
+Name one or more parts (or `all`); results are merged into OUT/performance.json (default benchmarks/results/),
+each part with the command, commit, date, machine and versions of its run; `benchmarks/report.py` renders them.
 
     python benchmarks/performance.py rpca --threads 2
     python benchmarks/performance.py pipeline --threads 2 --peer-python /tmp/peervenv/bin/python
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import c4_texts, header, load_smollm2
+from common import c4_texts, header, load_smollm2, run_info
 from safetensors.torch import save_file
 
 from optimum_lrs import LowRankSparseConfig, compress_, robust_pca
@@ -170,7 +171,7 @@ def pipeline_part(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
             results["sparsegpt"] = _child_json([
-                args.peer_python, str(HERE / "peer_llmcompressor.py"), "--method", "sparsegpt", "--sparsity",
+                args.peer_python, str(HERE / "peers" / "llmcompressor.py"), "--method", "sparsegpt", "--sparsity",
                 str(1 - args.ratio), "--calibration", f"{tmp}/calib.safetensors", "--output", f"{tmp}/w.safetensors",
                 "--threads", str(args.threads)])
         print(f"llm-compressor sparsegpt: {json.dumps(results['sparsegpt'])}", flush=True)
@@ -466,7 +467,7 @@ def main() -> None:
     parser.add_argument("--peer-python", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 tokens for quality")
-    parser.add_argument("--out", default=str(HERE.parent / "docs" / "performance"))
+    parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.parts == ["_compress"]:
@@ -478,6 +479,10 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     parts = (["rpca", "quality", "pipeline", "bytes", "kernels", "inference", "training", "scaling"] if "all" in args.parts
              else args.parts)
+    if {"bytes", "inference", "training"} & set(parts) and not (model_dir / "config.json").exists():
+        print(f"compressing SmolLM2 with the defaults into {model_dir} (not timed)", flush=True)
+        _child_json([sys.executable, __file__, "_compress", "--threads", str(args.threads), "--ratio", str(args.ratio),
+                     "--save", str(model_dir)])
     for part in parts:
         print(f"\n## {part}\n")
         if part == "rpca":
@@ -497,7 +502,7 @@ def main() -> None:
             results[part] = training_part(args, model_dir)
         else:
             results[part] = scaling_part(args)
-        results[part]["date"] = time.strftime("%Y-%m-%d %H:%M")
+        results[part].update(run_info(args.threads))
         results_file.write_text(json.dumps(results, indent=1))
 
 

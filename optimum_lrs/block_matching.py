@@ -19,7 +19,7 @@ from .sequential import block_output
 
 logger = logging.getLogger(__name__)
 
-# Adam's step size on the factors (their entries are ~1e-2 on the models measured; docs/results.md).
+# Adam's step size on the factors (their entries are ~1e-2 on the models measured; docs/research-notes.md).
 LEARNING_RATE = 6e-4
 
 

@@ -140,7 +140,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             `sum r (m + n) + nnz(S)` over all compressed matrices; met globally to within 0.1%.
         allocation: how the budget is shared among layers; `"uniform"` gives every matrix the same ratio.
         lowrank_fraction: for `"uniform"`, the share of each matrix's budget spent on rank (the rest on
-            sparse entries); 0.2 measured best of 0.2 / 0.4 / 0.7 on SmolLM2-135M (docs/results.md).
+            sparse entries); 0.2 measured best of 0.2 / 0.4 / 0.7 on SmolLM2-135M (docs/research-notes.md).
         sparse_values: values of the kept sparse entries. `"rpca"` keeps RPCA's S (the paper);
             `"residual"` keeps the positions RPCA chose but stores `W - U'V'` there, which is exact on
             the support and so never worse in Frobenius norm.
@@ -153,7 +153,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             `||W - L - S||_F / ||W||_F`, and the growth factor of the penalty mu. `rpca_tol` None: 1e-2 when
             the final layers are refit (`sparse_selection` "row"/"matrix": only the start of the refits comes
             from Stage 1; on SmolLM2 at 50% 10.4 instead of 19 iterations per matrix, perplexity 66.21 vs 67.39
-            at 1e-4; 1e-1 loses quality, docs/results.md), 1e-4 with `"allocation"`, which keeps RPCA's S as it is.
+            at 1e-4; 1e-1 loses quality, docs/research-notes.md), 1e-4 with `"allocation"`, which keeps RPCA's S as it is.
         rpca_solver: how each RPCA iteration thresholds singular values: `"gram"` (default) from the
             eigendecomposition of the smaller Gram matrix, same iterates as `"svd"` (a full SVD per
             iteration) to ~1e-5 and 2-3x faster on CPU (docs/performance.md).
@@ -162,7 +162,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             leading uniform-rank triplets and S's size (`allocation="uniform"` with re-picked sparse entries,
             and `"cap"` refitting its candidates), the cap is that rank: Stage 1 3.5x faster, per-layer errors
             after the refits within 0.3% (SmolLM2 at 50%: uniform 65.33 vs 66.54 uncapped; CAP over three seeds
-            64.28 vs 65.27 mean perplexity, at 0.8x the time; docs/results.md). Uncapped for global_greedy and
+            64.28 vs 65.27 mean perplexity, at 0.8x the time; docs/research-notes.md). Uncapped for global_greedy and
             the other CAP variants, which read all of Stage 1. None: never capped; an int: the same cap everywhere.
         sparse_format: how each compressed layer stores S's positions, in memory and in the checkpoint:
             `"bitmask"` (default; one bit per weight position: 0.53x the dense bytes at 50% in float32,
@@ -172,7 +172,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         activation_aware: run Stage 1 on `W diag(d)`, d_j the RMS of input feature j over the calibration
             tokens, and score candidates in that space (the Wanda / OATS insight: an entry matters as
             much as the activation it multiplies); the factors are unscaled afterwards. On by default:
-            it cuts SmolLM2-135M perplexity at 50% from 761 to 208 (docs/results.md); False is the
+            it cuts SmolLM2-135M perplexity at 50% from 761 to 208 (docs/research-notes.md); False is the
             paper's raw-weight Stage 1. Needs calibration tokens (a tokenizer, or token ids).
         sparse_selection: which sparse entries a layer keeps once its rank and nnz are allocated.
             `"allocation"` keeps the allocator's own candidates (the paper); `"matrix"` keeps the `nnz`
@@ -183,13 +183,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             M - L and refitting L as the best rank-r approximation of M - S before the final pick
             (None: 20, or 0 with `"allocation"`; one rank-r fit and one selection per iteration and layer).
             On SmolLM2-135M at 50%: 3 -> perplexity 84.6, 10 -> 72.5, 20 -> 67.4, 30 -> 66.8, 60 -> 65.0
-            (docs/results.md); 20 costs about 90 s for its 210 matrices on 2 cores.
+            (docs/research-notes.md); 20 costs about 90 s for its 210 matrices on 2 cores.
         pipeline: how the calibration tokens reach each layer. `"one_shot"` (default): every layer's statistics
             are the dense model's (taken block by block, or in one whole-model pass where decoder blocks
             cannot be found). `"sequential"`: decoder blocks are compressed in order, each calibrated on the
             hidden states the already compressed blocks before it produce, so that a block's statistics include
             the error of those before it (SparseGPT's and llm-compressor's scheme; with a global allocation, the
-            blocks before are compressed provisionally at the uniform counts). docs/results.md has both measured.
+            blocks before are compressed provisionally at the uniform counts). docs/research-notes.md has both measured.
         objective: what each layer's final fit minimises. `"rms"` (default): ||(W - L - S) diag(d)||_F with d
             the inputs' per-feature RMS (the `activation_aware` scale). `"second_moment"`: the output error
             ||(W - L - S) X||_F over the calibration inputs X, from X^T X: after the refits, L by a whitened SVD
@@ -215,10 +215,10 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             antithetic pairs, and each step moves the means by `cap_lr` (RMS) along the REINFORCE estimate.
             `"layer_type"`: the same with the rank and the sparse count of a layer free apart. `"candidate"`:
             the paper's one Bernoulli probability per candidate, s <- s - cap_lr (L - b) (m - s) / (s (1 - s)),
-            projected onto the budget; on SmolLM2 it moved 0.01% of the budget (docs/results.md).
+            projected onto the budget; on SmolLM2 it moved 0.01% of the budget (docs/research-notes.md).
         cap_lr, cap_sigma: step size (None: the paper's 0.05 for `"candidate"`; 0.02 in log-count units, RMS
             over the variables, for the count policies: on SmolLM2 at 50% 0.05 drifted to 69.1 perplexity
-            against uniform's 67.4, 0.02 gave 64.3 and 67.2 for two seeds, docs/results.md) and, for the
+            against uniform's 67.4, 0.02 gave 64.3 and 67.2 for two seeds, docs/research-notes.md) and, for the
             count policies, the spread of the sampled counts (0.1: about +-10% per layer).
         cap_candidates (count policies, when the final layers are refit): what a sampled count keeps.
             `"refit"` (default): each layer is first refit at the uniform counts, as the final layer would

@@ -1,10 +1,10 @@
 """Peer compression with llm-compressor (Wanda or SparseGPT, one-shot, unstructured), run in its own venv.
 
-llmcompressor pins an older transformers than optimum-lrs, so benchmark_smollm2.py runs this script
+llmcompressor pins an older transformers than optimum-lrs, so quality.py and performance.py run this script
 with the peer venv's python and the same calibration windows, then evaluates the saved weights with
 optimum-lrs's own perplexity code. Prints one JSON line: wall seconds and peak RSS of the compression.
 
-    PEER_PYTHON -- benchmarks/peer_llmcompressor.py --method sparsegpt --sparsity 0.5 \
+    PEER_PYTHON -- benchmarks/peers/llmcompressor.py --method sparsegpt --sparsity 0.5 \
         --calibration calib.safetensors --output pruned.safetensors --threads 2
 """
 
