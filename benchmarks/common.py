@@ -58,14 +58,14 @@ PEERS = {"wanda": "llm-compressor", "sparsegpt": "llm-compressor",
 def peer_variant(model, python: str, method: str, ratio: float, calibration_file: Path, threads: int,
                  repo: str | None = None):
     """`model` compressed by a peer `method` keeping `ratio` of the linear weights, run in the peer venv's `python`
-    (benchmarks/peers/llmcompressor.py for llm-compressor's Wanda and SparseGPT, benchmarks/peers/threebasil.py with
+    (benchmarks/peers/llm_compressor.py for llm-compressor's Wanda and SparseGPT, benchmarks/peers/threebasil.py with
     the 3BASiL checkout `repo` for OATS and 3BASiL) on the windows in `calibration_file`; returns the compressed
     copy and the run's seconds, peak RSS and kept fraction."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "weights.safetensors"
         common = ["--calibration", str(calibration_file), "--output", str(out), "--threads", str(threads)]
         if PEERS[method] == "llm-compressor":
-            cmd = [python, str(Path(__file__).parent / "peers" / "llmcompressor.py"), "--method", method,
+            cmd = [python, str(Path(__file__).parent / "peers" / "llm_compressor.py"), "--method", method,
                    "--sparsity", str(1 - ratio), *common]
         else:
             cmd = [python, str(Path(__file__).parent / "peers" / "threebasil.py"), "--method", method, "--ratio",

