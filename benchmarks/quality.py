@@ -11,7 +11,7 @@ the command, date, machine and versions.
     python benchmarks/quality.py --ratios 0.5 --set allocation=cap --variant one_shot pipeline=one_shot ...
 
 `--peer wanda --peer sparsegpt` also runs llm-compressor at every ratio, in its own venv (`--peer-python`, made as
-docs/benchmarks.md says), and `--peer oats` / `3basil` / `3basil_tm` the 3BASiL repo's code (`--threebasil-python`,
+docs/benchmarks.md says), and `--peer oats` / `3basil` / `3basil_tm` the 3BASiL repo's code (`--peer oats:0.5`: at 0.5 only) (`--threebasil-python`,
 `--threebasil-repo`; benchmarks/peers/threebasil.py), all on the calibration windows our compression draws with the
 --set settings.
 
@@ -47,6 +47,17 @@ def load(args):
     return AutoModelForCausalLM.from_pretrained(args.model, **source), AutoTokenizer.from_pretrained(args.model, **source)
 
 
+def peer_arg(text: str) -> tuple[str, list[float] | None]:
+    """`--peer NAME` (at every ratio) or `NAME:R1,R2` (at those ratios only: the slow peers)."""
+    name, _, ratios = text.partition(":")
+    if name not in PEERS:
+        raise argparse.ArgumentTypeError(f"unknown peer {name!r}; choose from {sorted(PEERS)}")
+    try:
+        return name, [float(r) for r in ratios.split(",")] if ratios else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--peer {text!r}: ratios must be numbers, e.g. oats:0.5") from None
+
+
 def block_shares(model) -> dict[str, float]:
     """Kept parameters over dense ones per decoder block (the module name up to its block index): where the
     allocation put the budget."""
@@ -68,8 +79,9 @@ def main() -> None:
                         help="config field for every variant")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="a named variant and its config fields")
-    parser.add_argument("--peer", action="append", default=[], choices=list(PEERS),
-                        help="llm-compressor method run at every ratio on the same calibration windows (SmolLM2 only)")
+    parser.add_argument("--peer", action="append", default=[], type=peer_arg, metavar="NAME[:RATIO,...]",
+                        help=f"peer method ({', '.join(PEERS)}) on the same calibration windows, at every ratio or "
+                             "only at those after a colon (SmolLM2 only)")
     parser.add_argument("--peer-python", default="/tmp/peervenv/bin/python", help="python of the llm-compressor venv")
     parser.add_argument("--threebasil-python", default="/tmp/threebasil-venv/bin/python", help="python of the 3BASiL venv")
     parser.add_argument("--threebasil-repo", default="/tmp/3BASiL", help="checkout of mazumder-lab/3BASiL")
@@ -111,7 +123,9 @@ def main() -> None:
         save_file({"input_ids": windows.contiguous()}, windows_file)
         results["peer_calibration"] = list(windows.shape)
     for ratio in args.ratios:
-        for peer in args.peer:
+        for peer, only in args.peer:
+            if only is not None and ratio not in only:
+                continue
             python = args.peer_python if PEERS[peer] == "llm-compressor" else args.threebasil_python
             pruned, info = peer_variant(model, python, peer, ratio, windows_file, args.threads, args.threebasil_repo)
             record({"variant": f"{peer} ({PEERS[peer]})", "peer": True, "ratio": ratio, "seconds": info["seconds"],
