@@ -226,10 +226,10 @@ def readme_summary() -> str:
             "|---" * (len(ours) + len(peers) + 1) + "|"]
     for x in ratios:
         best = min((cell[(v, x)] for v in ours), key=lambda r: r["wikitext2"])
-        cells = [f"**{ppl(c['wikitext2'])} / {ppl(c['c4_heldout'])}**" if c is best else
-                 f"{ppl(c['wikitext2'])} / {ppl(c['c4_heldout'])}" for c in (cell[(v, x)] for v in [*ours, *peers])]
+        cells = ["-" if c is None else f"**{ppl(c['wikitext2'])} / {ppl(c['c4_heldout'])}**" if c is best else
+                 f"{ppl(c['wikitext2'])} / {ppl(c['c4_heldout'])}" for c in (cell.get((v, x)) for v in [*ours, *peers])]
         rows.append(f"| {x:.0%} | {' | '.join(cells)} |")
-    best_peer = {x: min((cell[(p, x)] for p in peers), key=lambda r: r["wikitext2"]) for x in ratios}
+    best_peer = {x: min((cell[(p, x)] for p in peers if (p, x) in cell), key=lambda r: r["wikitext2"]) for x in ratios}
     quality = {v: [cell[(v, x)][t] / best_peer[x][t] for x in ratios for t in ("wikitext2", "c4_heldout")] for v in ours}
     time = {v: [cell[(v, x)]["seconds"] / best_peer[x]["seconds"] for x in ratios] for v in ours}
     gain = [cell[("cap", x)]["wikitext2"] / cell[("defaults", x)]["wikitext2"] for x in ratios]
