@@ -21,7 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
 from optimum_lrs.calibration import calibration_windows
-from optimum_lrs.compress import build_layer, decompose, find_target_modules, rpca_rank_cap
+from optimum_lrs.extract import build_layer
+from optimum_lrs.stage1.decompose import decompose, rpca_rank_cap
+from optimum_lrs.targets import find_target_modules
 from optimum_lrs.evaluation import perplexity
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 from optimum_lrs import LowRankSparseConfig, compress_, robust_pca
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
 from optimum_lrs.calibration import calibration_windows
-from optimum_lrs.checkpoint import read_headers
-from optimum_lrs.layer import LowRankSparseLinear
+from optimum_lrs.io.checkpoint import read_headers
+from optimum_lrs.nn.linear import LowRankSparseLinear
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,7 +60,7 @@ def rpca_part(args) -> dict:
     """The default RPCA (gram solver, rank cap of `rpca_max_rank="auto"` at `--ratio`), the uncapped one and
     the exact one (uncapped, an SVD per iteration) vs one full SVD, per distinct shape, at the default
     config's tolerance (what compression runs)."""
-    from optimum_lrs.compress import rpca_rank_cap
+    from optimum_lrs.stage1.decompose import rpca_rank_cap
 
     config = LowRankSparseConfig(param_ratio=args.ratio)
     tol = config.rpca_tol
@@ -308,7 +308,7 @@ def kernels_part(args) -> dict:
     product alone (tile or per-byte kernel), the rebuilt weight's product, `z = x V^T` by torch (what the
     layer computes before its kernel call from 9 rows on), the low-rank part by torch alone."""
     from optimum_lrs import kernels
-    from optimum_lrs.layer import DENSE_REBUILD_TOKENS
+    from optimum_lrs.nn.linear import DENSE_REBUILD_TOKENS
 
     rows = []
     print(f"(CSR rebuilds from {DENSE_REBUILD_TOKENS} tokens on; kernels: {kernels.bitmask_library()})")
@@ -383,7 +383,7 @@ def scaling_part(args) -> dict:
     Stage 1 (`rpca_max_rank="auto"` at 50%, `rpca_tol` 1e-2) is measured at every size.
     """
     from optimum_lrs.allocation.uniform import stage1_rank_cap
-    from optimum_lrs.rpca import _orthonormal_triplets, _triplets_above
+    from optimum_lrs.stage1.rpca import _orthonormal_triplets, _triplets_above
 
     config = LowRankSparseConfig(param_ratio=0.5)
     rows = []

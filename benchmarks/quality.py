@@ -11,7 +11,7 @@ the command, date, machine and versions.
     python benchmarks/quality.py --ratios 0.5 --set allocation=cap --variant one_shot pipeline=one_shot ...
 
 `--peer wanda --peer sparsegpt` also runs llm-compressor at every ratio, in its own venv (`--peer-python`, made as
-docs/benchmarks.md says), and `--peer oats` / `3basil` / `3basil_tm` the 3BASiL repo's code (`--peer oats:0.5`: at 0.5 only) (`--threebasil-python`,
+docs/benchmarks.md says), and `--peer oats` / `3basil` / `3basil_tm` the 3BASiL repo's code (`--threebasil-python`,
 `--threebasil-repo`; benchmarks/peers/threebasil.py), all on the calibration windows our compression draws with the
 --set settings.
 
@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_lrs import LowRankSparseConfig, compress_
 from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.evaluation import perplexity
-from optimum_lrs.layer import LowRankSparseLinear
+from optimum_lrs.nn.linear import LowRankSparseLinear
 
 
 def load(args):

@@ -25,7 +25,8 @@ from torch import nn
 from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.allocation import LayerAllocation
 from optimum_lrs.allocation.uniform import uniform_rank
-from optimum_lrs.compress import _stage1, build_layer
+from optimum_lrs.extract import build_layer
+from optimum_lrs.stage1.decompose import layer_candidates
 
 # (name, out_features, in_features) of one decoder block, and the block count
 LLAMA3 = {
@@ -42,7 +43,7 @@ def matrix_seconds(rows: int, cols: int, config: LowRankSparseConfig) -> float:
     layer = nn.Linear(cols, rows, bias=False)
     scale = torch.rand(cols) + 0.5
     start = time.perf_counter()
-    c = _stage1("m", layer, config, scale, config.param_ratio)
+    c = layer_candidates("m", layer, config, scale, config.param_ratio)
     rank = uniform_rank(c, config.param_ratio, config.lowrank_fraction)
     nnz = int(config.param_ratio * rows * cols) - rank * (rows + cols)
     build_layer(c, LayerAllocation(rank, nnz), layer, config)

@@ -4,15 +4,15 @@ Importing the package registers the `optimum_lrs` quantization method and checkp
 with transformers, so that `from_pretrained` can compress on load and reload compressed checkpoints.
 """
 
-from .checkpoint import CheckpointError, register_model_type
+from .io.checkpoint import CheckpointError, register_model_type
 from .config import LowRankSparseConfig
-from .layer import LowRankSparseLinear
-from .lora import LowRankSparseLoraConfig, LowRankSparseLoraLinear, load_adapter, lora_target_modules
-from .model_card import model_card, push_to_hub
+from .nn.linear import LowRankSparseLinear
+from .integrations.peft import LowRankSparseLoraConfig, LowRankSparseLoraLinear, load_adapter, lora_target_modules
+from .io.model_card import model_card, push_to_hub
 from .modeling import LRSModelForCausalLM
-from .optimum_quantizer import LRSQuantizer
-from .quantizer import LRSHfQuantizer, compress_, register, set_sparse_format
-from .rpca import RPCAResult, robust_pca
+from .integrations.optimum import LRSQuantizer
+from .integrations.transformers import LRSHfQuantizer, compress_, register, set_sparse_format
+from .stage1.rpca import RPCAResult, robust_pca
 from .streaming import compress_checkpoint
 
 __version__ = "0.1.0"

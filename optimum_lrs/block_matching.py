@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import Ranks
-from .layer import LowRankSparseLinear
+from .nn.linear import LowRankSparseLinear
 from .precision import full_precision, search_autocast
 from .sequential import block_output
 

@@ -14,14 +14,12 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .layer import SPARSE_FORMATS
-from .rpca import RPCA_SOLVERS
+from .nn.linear import SPARSE_FORMATS
+from .stage1.rpca import RPCA_SOLVERS
 
 QUANT_METHOD = "optimum_lrs"
 FORMAT_VERSION = 1
 
-ALLOCATION_METHODS = ("uniform", "global_greedy", "cap")
-LOSS_DRIVEN_METHODS = ("cap",)  # methods that need the model's loss on calibration tokens
 CAP_INITS = ("energy", "uniform", "layer_max")
 CAP_RANK_BY = ("expected_count", "probability", "probability_per_cost")
 CAP_GRADIENTS = ("probability", "logit")
@@ -194,7 +192,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
             the inputs' per-feature RMS (the `activation_aware` scale). `"second_moment"`: the output error
             ||(W - L - S) X||_F over the calibration inputs X, from X^T X: after the refits, L by a whitened SVD
             and S by pruning with second-order updates of the kept values, alternated (SparseGPT / SVD-LLM
-            style; `optimum_lrs.second_moment`). Needs `activation_aware` and a refit `sparse_selection`.
+            style; `optimum_lrs.stage1.second_moment`). Needs `activation_aware` and a refit `sparse_selection`.
         block_matching_steps: after each decoder block is compressed, this many Adam steps (one calibration
             batch each) on its layers' kept values (U, V, the sparse values at fixed positions) towards the
             dense block's outputs on the block's calibration inputs (`optimum_lrs.block_matching`); 0 leaves the
@@ -317,8 +315,10 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format_version = FORMAT_VERSION
         self.param_ratio = _check_real("param_ratio", param_ratio, 0.0, 1.0, True, True)
-        if allocation not in ALLOCATION_METHODS:
-            _fail("allocation", f"one of {ALLOCATION_METHODS}", allocation)
+        from .allocation import ALLOCATORS  # the registry is the one list of methods
+
+        if allocation not in ALLOCATORS:
+            _fail("allocation", f"one of the registered methods {tuple(ALLOCATORS)}", allocation)
         self.allocation = allocation
         self.lowrank_fraction = _check_real("lowrank_fraction", lowrank_fraction, 0.0, 1.0, False, False)
         if sparse_values not in SPARSE_VALUES:
@@ -481,7 +481,9 @@ class LowRankSparseConfig(QuantizationConfigMixin):
     @property
     def needs_calibration(self) -> bool:
         """True when compression runs the model on calibration tokens (loss-driven or activation-aware)."""
-        return self.allocation in LOSS_DRIVEN_METHODS or self.activation_aware or self.matching_required
+        from .allocation import LOSS_DRIVEN
+
+        return self.allocation in LOSS_DRIVEN or self.activation_aware or self.matching_required
 
     @property
     def matching_required(self) -> bool:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
 from .config import QUANT_METHOD, LowRankSparseConfig
-from .quantizer import compress_
+from .integrations.transformers import compress_
 
 
 def _is_compressed_checkpoint(model_id_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> bool:

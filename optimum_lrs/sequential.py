@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import model_body
+from .stage1.activations import model_body
 
 
 def decoder_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:

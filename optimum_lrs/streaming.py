@@ -31,16 +31,15 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .checkpoint import CheckpointError, mark_compressed
-from .compress import compress_blocks
+from .io.checkpoint import INDEX_NAME, CheckpointError, mark_compressed, read_weight_map
+from .pipeline import compress_blocks
 from .config import LowRankSparseConfig
 from .distributed import Ranks
-from .model_card import write_card
-from .optimum_quantizer import check_output_dir, staged_output
+from .io.model_card import write_card
+from .integrations.optimum import check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
@@ -51,10 +50,7 @@ class ShardReader:
         self.directory = directory
         index, single = directory / INDEX_NAME, directory / "model.safetensors"
         if index.is_file():
-            try:
-                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+            self.weight_map = read_weight_map(index)
         elif single.is_file():
             with self._open(single, "the header") as f:
                 self.weight_map = dict.fromkeys(f.keys(), single.name)

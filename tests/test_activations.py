@@ -3,8 +3,8 @@
 import torch
 
 from optimum_lrs import LowRankSparseConfig
-from optimum_lrs.activations import input_rms
-from optimum_lrs.compress import find_target_modules
+from optimum_lrs.stage1.activations import input_rms
+from optimum_lrs.targets import find_target_modules
 
 from .conftest import tiny_llama, tiny_qwen2
 

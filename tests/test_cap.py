@@ -11,7 +11,7 @@ from optimum_lrs.allocation.cap import project_to_budget
 from optimum_lrs.allocation.cap.candidates import CandidatePool, RowLevels
 from optimum_lrs.allocation.cap.masked import MaskedLinear, NextTokenLoss
 from optimum_lrs.allocation.cap.policy import Indexed, Prefix
-from optimum_lrs.compress import decompose
+from optimum_lrs.stage1.decompose import decompose
 
 from .conftest import tiny_llama
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from optimum_lrs.cli import main
+from optimum_lrs.integrations.cli import main
 
 from .conftest import REPO
 

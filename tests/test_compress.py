@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from optimum_lrs import LowRankSparseConfig, compress_
 from optimum_lrs.allocation import LayerAllocation
-from optimum_lrs.compress import build_layer, decompose, rpca_rank_cap
+from optimum_lrs.extract import build_layer
+from optimum_lrs.stage1.decompose import decompose, rpca_rank_cap
 
 from .conftest import tiny_llama
 

@@ -75,7 +75,7 @@ def test_defaults_and_accepted_forms():
 def test_rpca_rank_cap_auto_follows_what_the_allocation_reads():
     """"auto" caps Stage 1 at the uniform rank where the allocation reads no more than that (uniform, CAP on
     refit candidates)."""
-    from optimum_lrs.compress import rpca_rank_cap
+    from optimum_lrs.stage1.decompose import rpca_rank_cap
 
     # 576 x 576 at 50%: 0.2 * (165888 + 1) // (576 + 576) = 28 triplets, what `allocate_uniform` keeps.
     assert rpca_rank_cap(LowRankSparseConfig(), (576, 576), 0.5) == 28
@@ -128,3 +128,17 @@ def test_config_json_round_trip(tmp_path, dense_checkpoint):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert loaded.model_type == raw["lrs_base_model_type"]
     assert LowRankSparseConfig.from_dict(loaded.quantization_config).compressed_modules == saved["compressed_modules"]
+
+
+def test_a_newly_registered_allocator_is_accepted_by_the_config():
+    from optimum_lrs.allocation import ALLOCATORS, register_allocator
+    from optimum_lrs.allocation.uniform import allocate_uniform
+
+    register_allocator("uniform_again")(allocate_uniform)
+    try:
+        assert LowRankSparseConfig(allocation="uniform_again").allocation == "uniform_again"
+        assert not LowRankSparseConfig(allocation="uniform_again", activation_aware=False).needs_calibration
+    finally:
+        del ALLOCATORS["uniform_again"]
+    with pytest.raises(ValueError, match="registered methods"):
+        LowRankSparseConfig(allocation="uniform_again")

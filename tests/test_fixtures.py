@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from optimum_lrs import LRSModelForCausalLM
-from optimum_lrs.layer import LowRankSparseLinear
+from optimum_lrs.nn.linear import LowRankSparseLinear
 
 FIXTURES = sorted(p for p in (Path(__file__).parent / "fixtures").glob("format*/*") if p.is_dir())
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import LowRankSparseLinear, kernels
-from optimum_lrs.layer import BITMASK_KERNEL_MAX_DENSITY, DENSE_REBUILD_TOKENS, pack_bits
+from optimum_lrs.nn.linear import BITMASK_KERNEL_MAX_DENSITY, DENSE_REBUILD_TOKENS, pack_bits
 
 needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
 

@@ -95,7 +95,7 @@ def test_cli_killed_while_writing_leaves_no_output_directory(dense_with_tokenize
     out = tmp_path / "model"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "optimum_lrs.cli", "--quiet", "compress", str(dense_with_tokenizer),
+    proc = subprocess.Popen([sys.executable, "-m", "optimum_lrs.integrations.cli", "--quiet", "compress", str(dense_with_tokenizer),
                              "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not list(tmp_path.glob(".model.partial-*")):

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import robust_pca
-from optimum_lrs.rpca import alternating_refit, best_low_rank, default_lambda, largest_entries, top_triplets
+from optimum_lrs.stage1.rpca import alternating_refit, best_low_rank, default_lambda, largest_entries, top_triplets
 
 
 def planted(m: int, n: int, rank: int, density: float, seed: int = 0):

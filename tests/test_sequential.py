@@ -10,7 +10,7 @@ from torch import nn
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
 from optimum_lrs import compress as compress_module
-from optimum_lrs.activations import input_rms
+from optimum_lrs.stage1.activations import input_rms
 from optimum_lrs.sequential import decoder_blocks
 
 from .conftest import BUILDERS, MIXED_ATTENTION

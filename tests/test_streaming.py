@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from optimum_lrs import LowRankSparseConfig
-from optimum_lrs.checkpoint import CheckpointError
+from optimum_lrs.io.checkpoint import CheckpointError
 from optimum_lrs.streaming import StreamedBlocks, compress_checkpoint
 
 from .conftest import BUILDERS, REPO, run_python, train_tokenizer

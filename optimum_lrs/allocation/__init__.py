@@ -3,6 +3,7 @@
 from . import cap, global_greedy, uniform  # noqa: F401  (register the methods)
 from .base import (
     ALLOCATORS,
+    LOSS_DRIVEN,
     AllocationProblem,
     LayerAllocation,
     LayerCandidates,
@@ -10,4 +11,4 @@ from .base import (
     register_allocator,
 )
 
-__all__ = ["ALLOCATORS", "AllocationProblem", "LayerAllocation", "LayerCandidates", "allocate", "register_allocator"]
+__all__ = ["ALLOCATORS", "LOSS_DRIVEN", "AllocationProblem", "LayerAllocation", "LayerCandidates", "allocate", "register_allocator"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..rpca import RPCAResult
+from ..stage1.rpca import RPCAResult
 
 if TYPE_CHECKING:
     from ..config import LowRankSparseConfig
@@ -122,12 +122,18 @@ class AllocationProblem:
 
 Allocator = Callable[[AllocationProblem], dict[str, LayerAllocation]]
 
+# The one list of allocation methods: `LowRankSparseConfig(allocation=...)` accepts exactly these names.
 ALLOCATORS: dict[str, Allocator] = {}
+# The registered methods that evaluate the model's loss on calibration tokens (they need calibration).
+LOSS_DRIVEN: set[str] = set()
 
 
-def register_allocator(name: str) -> Callable[[Allocator], Allocator]:
+def register_allocator(name: str, needs_loss: bool = False) -> Callable[[Allocator], Allocator]:
+    """Register `fn` as allocation method `name`; `needs_loss`: it runs the model on calibration tokens."""
     def wrap(fn: Allocator) -> Allocator:
         ALLOCATORS[name] = fn
+        if needs_loss:
+            LOSS_DRIVEN.add(name)
         return fn
 
     return wrap

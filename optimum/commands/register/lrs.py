@@ -1,7 +1,7 @@
 """`optimum-cli lrs ...`: optimum loads every module of the `optimum.commands.register` namespace package.
 
 Kept lightweight (optimum imports it on every optimum-cli start): the command is built from
-`optimum_lrs.cli`, which imports torch and transformers only when a command runs.
+`optimum_lrs.integrations.cli`, which imports torch and transformers only when a command runs.
 """
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
@@ -12,12 +12,12 @@ class LRSCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser) -> None:
-        from optimum_lrs.cli import add_arguments
+        from optimum_lrs.integrations.cli import add_arguments
 
         add_arguments(parser)
 
     def run(self) -> None:
-        from optimum_lrs.cli import run
+        from optimum_lrs.integrations.cli import run
 
         status = run(self.args)
         if status:

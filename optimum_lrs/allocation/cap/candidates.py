@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ...layer import index_dtype_for
-from ...rpca import alternating_refit, top_triplets
+from ...nn.linear import index_dtype_for
+from ...stage1.rpca import alternating_refit, top_triplets
 from ..base import AllocationProblem, LayerAllocation, LayerCandidates
 
 

@@ -41,7 +41,7 @@ def run_policy(policy: Policy, losses_of: Losses, problem: AllocationProblem) ->
     return policy.extract()
 
 
-@register_allocator("cap")
+@register_allocator("cap", needs_loss=True)
 @torch.no_grad()
 def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     cfg, model, calib = problem.config, problem.model, problem.calibration

@@ -24,10 +24,10 @@ from transformers.quantizers.auto import (
     AUTO_QUANTIZER_MAPPING,
 )
 
-from .checkpoint import assert_materialised, mark_compressed, replace_with_empty_layers
-from .compress import compress_model
-from .config import QUANT_METHOD, LowRankSparseConfig
-from .layer import SPARSE_FORMATS, LowRankSparseLinear
+from ..io.checkpoint import assert_materialised, mark_compressed, replace_with_empty_layers
+from ..pipeline import compress_model
+from ..config import QUANT_METHOD, LowRankSparseConfig
+from ..nn.linear import SPARSE_FORMATS, LowRankSparseLinear
 
 
 class LRSHfQuantizer(HfQuantizer):

@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .layer import LowRankSparseLinear
+from ..nn.linear import LowRankSparseLinear
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

@@ -104,7 +104,7 @@ class LowRankSparseLinear(nn.Module):
     `sparse_col_indices` (narrowest integer dtype that indexes `in_features`) and `sparse_row_offsets`
     (narrowest dtype that holds nnz), multiplied with torch's CSR kernels; for `"bitmask"`, one bit per
     position in `sparse_bitmask`, the smallest layout when S is denser than ~1/16 (float32), multiplied on
-    CPU by the C kernels of `optimum_lrs.kernels` (without them, by a dense weight rebuilt in each forward).
+    CPU by the C kernels of `optimum_lrs.nn.kernels` (without them, by a dense weight rebuilt in each forward).
     From `DENSE_REBUILD_TOKENS` input rows on, a forward without gradient multiplies by a transiently rebuilt
     dense weight, except for bitmask layers on the kernels with S at most `BITMASK_KERNEL_MAX_DENSITY` dense.
     There is deliberately no `.weight`: transformers, PEFT and accelerate treat a `.weight` as a dense

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("optimum_lrs.cli")
+logger = logging.getLogger("optimum_lrs.integrations.cli")
 
 
 class UsageError(Exception):
@@ -75,12 +75,12 @@ def _calibration_texts(path: Path) -> list[str]:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .compress import is_hub_id
-    from .config import LowRankSparseConfig
-    from .distributed import Ranks, process_group_from_environment
-    from .model_card import push_to_hub
-    from .optimum_quantizer import LRSQuantizer, check_output_dir
-    from .streaming import compress_checkpoint
+    from ..targets import is_hub_id
+    from ..config import LowRankSparseConfig
+    from ..distributed import Ranks, process_group_from_environment
+    from ..io.model_card import push_to_hub
+    from .optimum import LRSQuantizer, check_output_dir
+    from ..streaming import compress_checkpoint
 
     if not Path(args.model).exists() and not is_hub_id(args.model):
         raise UsageError(f"{args.model}: neither a local directory nor a Hub model id")
@@ -119,7 +119,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _streamable(args: argparse.Namespace, config) -> bool:
     """A local safetensors checkpoint compressed with uniform allocation or CAP (its layer policies) streams from
     disk, block by block; GGUF files, Hub ids and the other allocations load the whole model."""
-    from .streaming import INDEX_NAME
+    from ..io.checkpoint import INDEX_NAME
 
     local = Path(args.model)
     return (not args.gguf_file and (config.allocation == "uniform" or config.cap_refits_candidates)
@@ -132,7 +132,7 @@ def _load_saved(directory: Path):
     if not (directory / "config.json").is_file():
         raise UsageError(f"{directory}: no config.json; not a saved model directory")
     model = AutoModelForCausalLM.from_pretrained(directory)
-    from .model_card import lrs_config
+    from ..io.model_card import lrs_config
 
     if lrs_config(model) is None:
         raise UsageError(f"{directory}: not an optimum_lrs compressed model")
@@ -142,8 +142,8 @@ def _load_saved(directory: Path):
 def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from .evaluation import perplexity
-    from .model_card import write_card
+    from ..evaluation import perplexity
+    from ..io.model_card import write_card
 
     if not args.text.is_file():
         raise UsageError(f"--text {args.text}: no such file")
@@ -167,7 +167,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .model_card import allocation_table, plot_allocation
+    from ..io.model_card import allocation_table, plot_allocation
 
     model = _load_saved(args.directory)
     rows = allocation_table(model)
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as hf_logging
 
-        from .progress import set_progress_bars
+        from ..progress import set_progress_bars
 
         set_progress_bars(False)
         disable_progress_bars()

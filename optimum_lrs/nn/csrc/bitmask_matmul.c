@@ -1,5 +1,5 @@
 /* Products with a sparse matrix S stored as a row-padded bitmask plus its values in row-major order,
- * the `sparse_format="bitmask"` layout of LowRankSparseLinear (optimum_lrs/layer.py):
+ * the `sparse_format="bitmask"` layout of LowRankSparseLinear (optimum_lrs/nn/linear.py):
  *
  *   mask:   uint8 (m, nb), nb = ceil(n / 8); column j of row i is bit j % 8 (least significant first)
  *           of byte mask[i * nb + j / 8]; padding bits are 0.

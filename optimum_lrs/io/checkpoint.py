@@ -21,13 +21,14 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .config import QUANT_METHOD, LowRankSparseConfig
-from .layer import FACTOR_NAMES, LowRankSparseLinear, factor_names, index_dtype_for
+from ..config import QUANT_METHOD, LowRankSparseConfig
+from ..nn.linear import FACTOR_NAMES, LowRankSparseLinear, factor_names, index_dtype_for
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = QUANT_METHOD
 BASE_MODEL_TYPE_KEY = "lrs_base_model_type"
+INDEX_NAME = "model.safetensors.index.json"
 
 _SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -46,6 +47,11 @@ class LRSConfigLoader(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
+        # The config is read before transformers parses the shard index, which it does without naming the file
+        # when the index is damaged: check it here for a local directory.
+        local = Path(str(kwargs.get("name_or_path", "")))
+        if (local / INDEX_NAME).is_file():
+            read_weight_map(local / INDEX_NAME)
         base = config_dict.get(BASE_MODEL_TYPE_KEY)
         if base not in CONFIG_MAPPING:
             raise ValueError(
@@ -196,17 +202,26 @@ def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, fil
                                                f"(files: {sorted({h.file for h in headers.values()})})")
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> shard map of a safetensors index file, or a `CheckpointError` naming the file."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise TypeError("weight_map is not a mapping of tensor names to shard files")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({exc}); the checkpoint is damaged: "
+                              "save or download it again") from exc
+    return weight_map
+
+
 def check_index(files: list[str], headers: dict[str, TensorInfo]) -> None:
     """A sharded checkpoint's index must agree with the shards' headers, tensor by tensor."""
     if not files:
         return
-    index = Path(files[0]).parent / "model.safetensors.index.json"
+    index = Path(files[0]).parent / INDEX_NAME
     if not index.is_file():
         return
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+    weight_map = read_weight_map(index)
     for key, shard in weight_map.items():
         _expect(key in headers, f"{index}: maps tensor {key!r} to {shard}, but no listed shard holds it")
         actual = Path(headers[key].file).name

@@ -20,10 +20,10 @@ from typing import Any
 from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .config import LowRankSparseConfig
-from .distributed import Ranks
-from .model_card import write_card
-from .quantizer import compress_
+from ..config import LowRankSparseConfig
+from ..distributed import Ranks
+from ..io.model_card import write_card
+from .transformers import compress_
 
 logger = logging.getLogger(__name__)
 

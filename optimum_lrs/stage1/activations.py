@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import Ranks
-from .progress import progress
+from ..distributed import Ranks
+from ..progress import progress
 
 # Floor on a feature's RMS relative to the layer's mean RMS: a feature never active still gets a finite
 # unscale factor (its column is then weighted down, not divided by zero).

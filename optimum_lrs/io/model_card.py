@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 from transformers import PreTrainedModel
 
-from .layer import LowRankSparseLinear
+from ..nn.linear import LowRankSparseLinear
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ TAGS = ["optimum-lrs", "low-rank", "sparse", "compressed"]
 
 def lrs_config(model: nn.Module) -> Any:
     """The model's LowRankSparseConfig, or None when the model is not compressed by optimum_lrs."""
-    from .config import LowRankSparseConfig
+    from ..config import LowRankSparseConfig
 
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     return config if isinstance(config, LowRankSparseConfig) and config.is_compressed else None

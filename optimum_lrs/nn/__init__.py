@@ -1,0 +1,1 @@
+"""The factorised layer and the kernels behind its forward."""

@@ -1,0 +1,104 @@
+"""Which layers a config compresses, and the parameter budget: the checks that need no Stage 1."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+
+from .config import LowRankSparseConfig
+from .nn.linear import LowRankSparseLinear
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a Hub repo id ("org/name"), False for a local path or an empty name."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name or "")) and not os.path.exists(name)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A module name matches a plain name when it is that name or ends with `.name`."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def skipped_modules(model: nn.Module, config: LowRankSparseConfig) -> list[str]:
+    """Modules never compressed: the LM head / output embedding, tied weights, and the user's list."""
+    return HfQuantizer.get_modules_to_not_convert(model, config.modules_to_not_convert, add_default_skips=True)
+
+
+def find_target_modules(model: nn.Module, config: LowRankSparseConfig) -> dict[str, nn.Linear]:
+    """The linear layers `config` selects, after removing the ones that must stay dense."""
+    skips = skipped_modules(model, config)
+
+    def is_skipped(name: str) -> bool:
+        return any(_matches(name, s) or name.startswith(s + ".") for s in skips)
+
+    def is_selected(name: str) -> bool:
+        t = config.target_modules
+        if t is None:
+            return True
+        if isinstance(t, str):
+            return re.fullmatch(t, name) is not None
+        return any(_matches(name, p) for p in t)
+
+    targets, unsupported = {}, set()
+    for name, module in model.named_modules():
+        if not name or not is_selected(name):
+            continue
+        if type(module).__name__ == "Conv1D" and not is_skipped(name):  # GPT-2-style transposed linear layers
+            unsupported.add(type(module).__name__)
+        named_explicitly = isinstance(config.target_modules, list) and name in config.target_modules
+        if is_skipped(name):
+            if named_explicitly:
+                raise ValueError(
+                    f"target_modules names {name!r}, which must stay dense (LM head, output embedding or tied weight)"
+                )
+            continue
+        if isinstance(module, nn.Linear):
+            targets[name] = module
+        elif named_explicitly:
+            raise ValueError(
+                f"target_modules names {name!r}, a {type(module).__name__}; only torch.nn.Linear layers can be compressed"
+            )
+    if not targets:
+        hint = (f"; the model's {sorted(unsupported)} layers (GPT-2 style) are not supported, only torch.nn.Linear"
+                if unsupported else "")
+        raise ValueError(
+            f"no linear layer to compress: target_modules={config.target_modules!r} matched none outside the "
+            f"always-dense modules {sorted(skips)}{hint}"
+        )
+    return targets
+
+
+def check_weight(name: str, module: nn.Linear) -> None:
+    """Refuse a weight that cannot give a correct factorisation (before any expensive work)."""
+    if module.weight.device.type == "meta":
+        raise ValueError(f"cannot compress {name}: its weight is on the meta device (not loaded)")
+    if not torch.isfinite(module.weight).all():
+        raise ValueError(f"cannot compress {name}: its weight has NaN or infinite entries")
+
+
+def targets_and_budget(model: nn.Module, config: LowRankSparseConfig, check_weights: bool = True
+                        ) -> tuple[dict[str, nn.Linear], int]:
+    """The layers to compress and the parameter budget, after the checks that need no Stage 1."""
+    if config.is_compressed:
+        raise ValueError(
+            "this LowRankSparseConfig already carries a compressed_modules allocation (it describes a compressed "
+            "checkpoint); pass a fresh config to compress a dense model"
+        )
+    if any(isinstance(m, LowRankSparseLinear) for m in model.modules()):
+        raise ValueError("the model already contains LowRankSparseLinear layers; it is compressed already")
+    targets = find_target_modules(model, config)
+    if check_weights:
+        for name, module in targets.items():
+            check_weight(name, module)
+    dense = sum(m.weight.numel() for m in targets.values())
+    budget = round(config.param_ratio * dense)
+    if budget < len(targets):
+        raise ValueError(
+            f"param_ratio={config.param_ratio} keeps {budget} of {dense} parameters, fewer than one per "
+            f"compressed layer ({len(targets)}); raise param_ratio"
+        )
+    return targets, budget
