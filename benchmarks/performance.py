@@ -237,7 +237,8 @@ def inference_part(args, model_dir: Path) -> dict:
     """Prefill of 512 tokens and greedy decoding of 64 tokens with `generate`, batch 1 and 8, dense vs compressed
     (bitmask, the default layout, with the C kernels; CSR; and `dequantize()`d back to dense layers holding U V + S).
     """
-    from optimum_lrs import LRSModelForCausalLM, kernels, set_sparse_format
+    from optimum_lrs import LRSModelForCausalLM, set_sparse_format
+    from optimum_lrs.nn import kernels
 
     if kernels.bitmask_library() is None:
         raise RuntimeError("the bitmask kernels did not build here; this part measures them")
@@ -307,7 +308,7 @@ def kernels_part(args) -> dict:
     length; CSR: a rebuilt dense weight from `DENSE_REBUILD_TOKENS` on); the parts force one path each: S's
     product alone (tile or per-byte kernel), the rebuilt weight's product, `z = x V^T` by torch (what the
     layer computes before its kernel call from 9 rows on), the low-rank part by torch alone."""
-    from optimum_lrs import kernels
+    from optimum_lrs.nn import kernels
     from optimum_lrs.nn.linear import DENSE_REBUILD_TOKENS
 
     rows = []

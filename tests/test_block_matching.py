@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
-from optimum_lrs import compress as compress_module
+from optimum_lrs import pipeline as compress_module
 from optimum_lrs.block_matching import match_block
 from optimum_lrs.sequential import decoder_blocks, first_block_inputs
 

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimum_lrs import LowRankSparseLinear, kernels
+from optimum_lrs import LowRankSparseLinear
+from optimum_lrs.nn import kernels
 from optimum_lrs.nn.linear import BITMASK_KERNEL_MAX_DENSITY, DENSE_REBUILD_TOKENS, pack_bits
 
 needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
@@ -182,7 +183,7 @@ def test_input_gradient_through_the_kernels_matches_dense(tokens):
 def _fallback_run(env: dict[str, str]) -> subprocess.CompletedProcess:
     script = (
         "import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
-        "from optimum_lrs import kernels, LowRankSparseLinear\n"
+        "from optimum_lrs import LowRankSparseLinear\nfrom optimum_lrs.nn import kernels\n"
         "assert kernels.bitmask_library() is None\n"
         "g = torch.Generator().manual_seed(0)\n"
         "s = torch.randn(12, 20, generator=g) * (torch.rand(12, 20, generator=g) < 0.4)\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
-from optimum_lrs import second_moment as sm
+from optimum_lrs.stage1 import second_moment as sm
 from optimum_lrs.stage1.activations import InputStatistics, dense_statistics
 from optimum_lrs.targets import find_target_modules
 from optimum_lrs.stage1.rpca import alternating_refit, best_low_rank

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
-from optimum_lrs import compress as compress_module
+from optimum_lrs import pipeline as compress_module
+from optimum_lrs.stage1 import decompose as decompose_module
 from optimum_lrs.stage1.activations import input_rms
 from optimum_lrs.sequential import decoder_blocks
 
@@ -67,13 +68,13 @@ def test_each_block_is_calibrated_on_the_compressed_blocks_before_it(arch, monke
     """The activation scales Stage 1 used for block b are the input RMS of b's layers in the model whose blocks
     before b are the final compressed ones and whose block b is still dense."""
     seen = {}
-    original = compress_module.decompose
+    original = decompose_module.decompose
 
     def recording(name, module, cfg, column_scale=None, max_rank=None):
         seen[name] = column_scale.clone()
         return original(name, module, cfg, column_scale, max_rank)
 
-    monkeypatch.setattr(compress_module, "decompose", recording)
+    monkeypatch.setattr(decompose_module, "decompose", recording)
     dense = BUILDERS[arch]()
     model = copy.deepcopy(dense)
     compress_(model, config("uniform", "sequential"))
