@@ -272,14 +272,14 @@ def inference_part(args, model_dir: Path) -> dict:
 def training_part(args, model_dir: Path) -> dict:
     """One LoRA training step (r=8 on q_proj and v_proj, AdamW; 2 x 256 tokens): dense vs the compressed model in
     the bitmask (C kernels: forward and input gradient) and CSR layouts, timed in turn within each round."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from optimum_lrs import LRSModelForCausalLM, set_sparse_format
+    from optimum_lrs import LowRankSparseLoraConfig, LRSModelForCausalLM, set_sparse_format
 
     def peft_model(fmt: str):
         base = load_smollm2()[0] if fmt == "dense" else set_sparse_format(
             LRSModelForCausalLM.from_pretrained(model_dir), fmt)
-        return get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).train()
+        return get_peft_model(base, LowRankSparseLoraConfig(r=8, target_modules=["q_proj", "v_proj"])).train()
 
     ids = torch.randint(0, 40000, (2, 256), generator=torch.Generator().manual_seed(0))
     steps = {}

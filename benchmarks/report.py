@@ -95,9 +95,15 @@ def peers_section(data: dict) -> str:
         "that peer's):", against_best_peer(data)])
 
 
+def recorded(data: dict, name: str) -> dict | None:
+    """Part `name` of performance.json, or None when it was measured before results recorded their command."""
+    part = data.get(name, {})
+    return part if "command" in part else None
+
+
 def inference_section(data: dict) -> str:
-    part = data.get("inference", {})
-    if "command" not in part:  # a part measured before results recorded their command is not shown
+    part = recorded(data, "inference")
+    if part is None:
         return ""
     rows = ["| case | batch | dense s | bitmask / dense | CSR / dense | dequantized / dense |", "|---|---|---|---|---|---|"]
     rows += [f"| {r['case']} | {r['batch']} | {r['dense']:.2f} | {r['bitmask_ratio']:.2f}x | {r['csr_ratio']:.2f}x | "
@@ -110,8 +116,8 @@ def inference_section(data: dict) -> str:
 
 
 def bytes_section(data: dict) -> str:
-    part = data.get("bytes", {})
-    if "command" not in part:  # a part measured before results recorded their command is not shown
+    part = recorded(data, "bytes")
+    if part is None:
         return ""
     rows = ["| layout | bytes in memory | saved bytes | / dense |", "|---|---|---|---|"]
     rows += [f"| {fmt} | {v['in_memory_bytes']:,} | {v['saved_bytes']:,} | {v['saved_ratio']:.3f}x |"
@@ -124,8 +130,8 @@ def bytes_section(data: dict) -> str:
 
 
 def training_section(data: dict) -> str:
-    part = data.get("training", {})
-    if "command" not in part:  # a part measured before results recorded their command is not shown
+    part = recorded(data, "training")
+    if part is None:
         return ""
     dense = part["step_seconds"]["dense"]
     rows = ["| model | seconds per step | / dense |", "|---|---|---|"]
