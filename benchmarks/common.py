@@ -1,4 +1,4 @@
-"""Shared setup of the SmolLM2-135M benchmarks: the model, the data, Stage 1 once, and building variants."""
+"""Shared setup of the benchmarks: SmolLM2-135M, the data, the peers, run information and peak memory."""
 
 from __future__ import annotations
 
@@ -17,14 +17,6 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from optimum_lrs import LowRankSparseConfig
-from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
-from optimum_lrs.calibration import calibration_windows
-from optimum_lrs.extract import build_layer
-from optimum_lrs.stage1.decompose import decompose, rpca_rank_cap
-from optimum_lrs.targets import find_target_modules
-from optimum_lrs.evaluation import perplexity
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -45,11 +37,6 @@ def wikitext() -> str:
 
 def c4_texts() -> list[str]:
     return [json.loads(line)["text"] for line in (SHARED_DATA / "c4_calibration.jsonl").read_text().splitlines()]
-
-
-def c4_calibration(tokenizer, config: LowRankSparseConfig) -> torch.Tensor:
-    """The calibration windows the package would draw from the C4 sample with `config`'s settings."""
-    return calibration_windows(c4_texts(), tokenizer, config.calibration_seq_len, config.calibration_num_samples, config.seed)
 
 
 # Peer methods: the script that runs each (in its own venv) and the library it comes from.
@@ -126,59 +113,10 @@ def add_eval_args(parser) -> None:
     parser.add_argument("--threads", type=int, default=2)
 
 
-def prepare(args):
-    """Set the thread count; load SmolLM2 and WikiText-2; return the model, tokenizer and a perplexity function."""
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_smollm2()
-    text = wikitext()
-    return model, tokenizer, lambda m: perplexity(m, tokenizer, text, args.seq_len, args.windows)
-
-
 def header(args) -> str:
     return (f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
             f"transformers {transformers.__version__}\n# WikiText-2 test, first {args.windows} windows of "
             f"{args.seq_len} tokens\n")
 
 
-def stage1(model, config: LowRankSparseConfig, scales: dict | None = None) -> tuple[dict, list[LayerCandidates], float]:
-    """RPCA of every targeted layer (activation-aware when `scales` are given), once: the candidates every
-    variant is built from. Capped as compression caps it for `config` (`rpca_max_rank` at its `param_ratio`),
-    so candidates serve the variants whose `stage1_caps` are the same."""
-    targets = find_target_modules(model, config)
-    start = time.perf_counter()
-    scales = scales or {}
-    caps = stage1_caps(targets, config)
-    candidates = [decompose(name, module, config, scales.get(name), caps[name]) for name, module in targets.items()]
-    return targets, candidates, time.perf_counter() - start
-
-
-def stage1_caps(targets: dict, config: LowRankSparseConfig) -> dict[str, int | None]:
-    """Each target's RPCA rank cap under `config` (None: uncapped), as `compress_` sets it."""
-    return {name: rpca_rank_cap(config, tuple(m.weight.shape), config.param_ratio) for name, m in targets.items()}
-
-
-def compressed_variant(model, targets, candidates, config, budget, calibration=None):
-    """A copy of `model` compressed by `config`'s allocation from the shared candidates, and the allocation time."""
-    start = time.perf_counter()
-    problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration)
-    allocation = allocate(problem)
-    seconds = time.perf_counter() - start
-    variant = copy.deepcopy(model)
-    for c in candidates:
-        variant.set_submodule(c.name, build_layer(c, allocation[c.name], targets[c.name], config))
-    return variant, seconds, problem
-
-
-def magnitude_pruned(model, names, ratio):
-    """Per-matrix magnitude pruning keeping `ratio` of each weight: the simplest peer at equal parameters."""
-    pruned = copy.deepcopy(model)
-    with torch.no_grad():
-        for name in names:
-            w = pruned.get_submodule(name).weight
-            keep = round(ratio * w.numel())
-            threshold = w.abs().flatten().kthvalue(w.numel() - keep).values
-            w.mul_(w.abs() > threshold)
-    return pruned
-
-
-__all__ = ["PeakRSS", "run_info", "add_eval_args", "c4_calibration", "c4_texts", "compressed_variant", "header", "magnitude_pruned", "prepare", "stage1", "wikitext"]
+__all__ = ["PEERS", "PeakRSS", "add_eval_args", "c4_texts", "header", "load_smollm2", "peer_variant", "run_info", "wikitext"]
