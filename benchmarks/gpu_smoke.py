@@ -24,7 +24,7 @@ import torch
 from common import run_info
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
+from optimum_lrs import CalibrationConfig, LowRankSparseConfig, LowRankSparseLinear, compress_
 
 
 def load_model() -> tuple[torch.nn.Module, str]:
@@ -82,9 +82,9 @@ def main() -> int:
     failed = False
     for allocation in args.allocations:
         for pipeline in args.pipelines:
-            config = LowRankSparseConfig(param_ratio=args.ratio, allocation=allocation, pipeline=pipeline,
-                                         calibration_data=ids.repeat(4, 4)[:, :512].contiguous(), calibration_seq_len=512,
-                                         calibration_num_samples=8)
+            config = LowRankSparseConfig(param_ratio=args.ratio, allocation=allocation,
+                                         calibration=CalibrationConfig(pipeline=pipeline, seq_len=512, num_samples=8),
+                                         calibration_data=ids.repeat(4, 4)[:, :512].contiguous())
             entry = {"allocation": allocation, "pipeline": pipeline}
             try:
                 cpu, cpu_s = run(model, "cpu", config)

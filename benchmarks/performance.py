@@ -57,13 +57,13 @@ def peak_rss() -> int:
 
 
 def rpca_part(args) -> dict:
-    """The default RPCA (gram solver, rank cap of `rpca_max_rank="auto"` at `--ratio`), the uncapped one and
+    """The default RPCA (gram solver, rank cap of `RPCAConfig(max_rank="auto")` at `--ratio`), the uncapped one and
     the exact one (uncapped, an SVD per iteration) vs one full SVD, per distinct shape, at the default
     config's tolerance (what compression runs)."""
     from optimum_lrs.stage1.decompose import rpca_rank_cap
 
     config = LowRankSparseConfig(param_ratio=args.ratio)
-    tol = config.rpca_tol
+    tol = config.rpca.tol
     print(f"rpca_tol {tol:g}, rank cap at param_ratio {args.ratio}\n")
     model, _ = load_smollm2()
     layers = [model.model.layers[i] for i in (0, 15, 29)]
@@ -107,8 +107,8 @@ def quality_part(args) -> dict:
     dense, tokenizer = load_smollm2()
     text = wikitext()
     result = {"windows": args.windows}
-    variants = {"default": {}, "uncapped": {"rpca_max_rank": None},
-                "exact": {"rpca_max_rank": None, "rpca_solver": "svd"}}
+    variants = {"default": {}, "uncapped": {"rpca": {"max_rank": None}},
+                "exact": {"rpca": {"max_rank": None, "solver": "svd"}}}
     for name, settings in variants.items():
         model = copy.deepcopy(dense)
         config = LowRankSparseConfig(param_ratio=args.ratio, calibration_data=c4_texts(), tokenizer=tokenizer, **settings)
@@ -381,7 +381,7 @@ def scaling_part(args) -> dict:
     Full RPCA runs up to 2048 give the iteration counts and the cost of a whole iteration relative to its
     singular value thresholding step; at every size that step and the final re-orthonormalisation are
     timed on their own, so that 4096 is projected from measured parts without a long run. The default
-    Stage 1 (`rpca_max_rank="auto"` at 50%, `rpca_tol` 1e-2) is measured at every size.
+    Stage 1 (`RPCAConfig(max_rank="auto")` at 50%, `tol` 1e-2) is measured at every size.
     """
     from optimum_lrs.allocation.uniform import stage1_rank_cap
     from optimum_lrs.stage1.rpca import _orthonormal_triplets, _triplets_above
@@ -405,8 +405,8 @@ def scaling_part(args) -> dict:
             overhead = (last["rpca_s"] - last["final_s"]) / (last["iterations"] * last["iteration_s"])
             iters = max(r["iterations"] for r in rows)
             total = iters * step_s * overhead + final_s
-        cap = stage1_rank_cap((n, n), 0.5, config.lowrank_fraction)
-        default_s, default = timed(lambda w=w: robust_pca(w, tol=config.rpca_tol, max_rank=cap), repeats=1)
+        cap = stage1_rank_cap((n, n), 0.5, config.allocation.lowrank_fraction)
+        default_s, default = timed(lambda w=w: robust_pca(w, tol=config.rpca.tol, max_rank=cap), repeats=1)
         rows.append({"n": n, "svd_s": svd_s, "iteration_s": step_s, "final_s": final_s, "iterations": iters,
                      "rpca_s": total, "measured": n <= 2048, "cap": cap, "default_s": default_s,
                      "default_iterations": default.iterations})
@@ -439,7 +439,7 @@ def scaling_part(args) -> dict:
     # The default (capped) Stage 1 costs ~ m n k per product with k = the cap ~ 0.1 m n / (m + n): an m x n
     # matrix costs what an n_eq x n_eq one does with n_eq^3 = 20 m n k (k = n / 20 when square).
     da, db = _fit([r["n"] for r in rows], [r["default_s"] for r in rows])
-    n_eq = (20 * 4096 * 11008 * stage1_rank_cap((4096, 11008), 0.5, config.lowrank_fraction)) ** (1 / 3)
+    n_eq = (20 * 4096 * 11008 * stage1_rank_cap((4096, 11008), 0.5, config.allocation.lowrank_fraction)) ** (1 / 3)
     default_7b = 32 * (4 * da * 4096 ** db + 3 * da * n_eq ** db)
     candidates_7b = 32 * (4 * (4096 + 4096 ** 2) + 3 * (4096 + 4096 * 11008))  # every triplet + a dense-size S
     greedy_7b = ga * candidates_7b ** gb

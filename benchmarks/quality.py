@@ -6,9 +6,9 @@ the C4 sample that calibration never sees (its last --heldout documents). Result
 the command, date, machine and versions.
 
     python benchmarks/quality.py --ratios 0.3 0.5 0.6 --threads 2 \\
-        --variant one_shot pipeline=one_shot --variant sequential pipeline=sequential \\
+        --variant one_shot calibration.pipeline=one_shot --variant sequential calibration.pipeline=sequential \\
         --out benchmarks/results/pipeline_uniform.json
-    python benchmarks/quality.py --ratios 0.5 --set allocation=cap --variant one_shot pipeline=one_shot ...
+    python benchmarks/quality.py --ratios 0.5 --set allocation=cap --variant one_shot calibration.pipeline=one_shot ...
 
 `--peer wanda --peer sparsegpt` also runs llm-compressor at every ratio, in its own venv (`--peer-python`, made as
 docs/benchmarks.md says), and `--peer oats` / `3basil` / `3basil_tm` the 3BASiL repo's code (`--threebasil-python`,
@@ -27,6 +27,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -118,8 +119,8 @@ def main() -> None:
     windows_file = Path(scratch.name) / "calibration.safetensors"
     if args.peer:  # the windows our compression draws with the common settings
         defaults = LowRankSparseConfig.from_overrides(args.common)
-        windows = calibration_windows(calibration, tokenizer, defaults.calibration_seq_len,
-                                      defaults.calibration_num_samples, defaults.seed)
+        windows = calibration_windows(calibration, tokenizer, defaults.calibration.seq_len,
+                                      defaults.calibration.num_samples, defaults.seed)
         save_file({"input_ids": windows.contiguous()}, windows_file)
         results["peer_calibration"] = list(windows.shape)
     for ratio in args.ratios:
@@ -133,7 +134,7 @@ def main() -> None:
             del pruned
         for name, *pairs in args.variant:
             config = LowRankSparseConfig.from_overrides([*args.common, *pairs], param_ratio=ratio)
-            config.calibration_data, config.tokenizer = calibration, tokenizer
+            config.inputs = replace(config.inputs, calibration_data=calibration, tokenizer=tokenizer)
             variant = copy.deepcopy(model)
             start = time.perf_counter()
             with PeakRSS() as mem:

@@ -44,7 +44,7 @@ def matrix_seconds(rows: int, cols: int, config: LowRankSparseConfig) -> float:
     scale = torch.rand(cols) + 0.5
     start = time.perf_counter()
     c = layer_candidates("m", layer, config, scale, config.param_ratio)
-    rank = uniform_rank(c, config.param_ratio, config.lowrank_fraction)
+    rank = uniform_rank(c, config.param_ratio, config.allocation.lowrank_fraction)
     nnz = int(config.param_ratio * rows * cols) - rank * (rows + cols)
     build_layer(c, LayerAllocation(rank, nnz), layer, config)
     return time.perf_counter() - start

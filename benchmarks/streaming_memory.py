@@ -11,7 +11,7 @@ inside a cgroup whose memory limit is below the checkpoint's size. Results to --
 
     python benchmarks/streaming_memory.py --depths 2 8 16 40 --in-memory-depths 2 8 --threads 2 \\
         --work /tmp/lrs-scaling --out benchmarks/results/streaming_memory.json
-    python benchmarks/streaming_memory.py --set allocation=cap --set cap_steps=2 --depths 2 8 16 40 \\
+    python benchmarks/streaming_memory.py --set allocation=cap --set allocation.steps=2 --depths 2 8 16 40 \\
         --in-memory-depths 2 8 --malloc MALLOC_MMAP_THRESHOLD_=1048576 --threads 2 --work /tmp/lrs-scaling \\
         --out benchmarks/results/streaming_memory_cap.json
 
@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 HERE = Path(__file__).resolve()
-CHEAP = ["rpca_max_iter=4", "refine_iterations=2", "calibration_num_samples=4", "calibration_seq_len=128"]
+CHEAP = ["rpca.max_iter=4", "refit.iterations=2", "calibration.num_samples=4", "calibration.seq_len=128"]
 CGROUP = Path("/sys/fs/cgroup/memory")
 
 

@@ -50,7 +50,7 @@ def main() -> None:
     print(f"compressed and saved to {args.output} in {time.perf_counter() - start:.0f} s")
 
     ppl = perplexity(model, quantizer.tokenizer, args.text.read_text(), args.seq_len, args.windows)
-    model.config.quantization_config.evaluation = {
+    model.config.quantization_config.compressed.evaluation = {
         "perplexity": round(ppl, 2), "dataset": args.text.name, "seq_len": args.seq_len, "windows": args.windows,
     }
     print(f"perplexity: {ppl:.2f}")

@@ -5,7 +5,8 @@ with transformers, so that `from_pretrained` can compress on load and reload com
 """
 
 from .io.checkpoint import CheckpointError, register_model_type
-from .config import LowRankSparseConfig
+from .allocation import CapAllocation, GlobalGreedyAllocation, UniformAllocation, register_allocator
+from .config import CalibrationConfig, LowRankSparseConfig, RefitConfig, RPCAConfig
 from .nn.linear import LowRankSparseLinear
 from .integrations.peft import LowRankSparseLoraConfig, LowRankSparseLoraLinear, load_adapter, lora_target_modules
 from .io.model_card import model_card, push_to_hub
@@ -21,7 +22,10 @@ register()
 register_model_type()
 
 __all__ = [
+    "CalibrationConfig",
+    "CapAllocation",
     "CheckpointError",
+    "GlobalGreedyAllocation",
     "LRSHfQuantizer",
     "LRSModelForCausalLM",
     "LRSQuantizer",
@@ -29,13 +33,17 @@ __all__ = [
     "LowRankSparseLinear",
     "LowRankSparseLoraConfig",
     "LowRankSparseLoraLinear",
+    "RPCAConfig",
     "RPCAResult",
+    "RefitConfig",
+    "UniformAllocation",
     "compress_",
     "compress_checkpoint",
     "load_adapter",
     "lora_target_modules",
     "model_card",
     "push_to_hub",
+    "register_allocator",
     "robust_pca",
     "set_sparse_format",
 ]

@@ -83,11 +83,11 @@ def calibration_windows(
         from_text = data is None or _texts_of(data) is not None
         prefix = leading_special_tokens(tokenizer) if from_text else []
         if len(prefix) >= seq_len:
-            raise ValueError(f"calibration_seq_len={seq_len} leaves no room after the tokenizer's {len(prefix)} leading special tokens")
+            raise ValueError(f"CalibrationConfig.seq_len={seq_len} leaves no room after the tokenizer's {len(prefix)} leading special tokens")
         span = seq_len - len(prefix)
         if ids.numel() < span:
             raise ValueError(
-                f"calibration data has {ids.numel()} tokens, fewer than one window of calibration_seq_len={seq_len}"
+                f"calibration data has {ids.numel()} tokens, fewer than one window of CalibrationConfig.seq_len={seq_len}"
             )
         generator = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, ids.numel() - span + 1, (num_samples,), generator=generator)

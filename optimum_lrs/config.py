@@ -1,65 +1,125 @@
-"""`LowRankSparseConfig`: the one object that says how a model is compressed and what came out.
+"""`LowRankSparseConfig`: how a model is compressed, and, once it is, what came out.
 
 It plays the part `BitsAndBytesConfig` plays for bitsandbytes: pass it to `from_pretrained` as
-`quantization_config`, and after compression it carries the per-layer allocation into
-`config.json`, which is what lets a saved model reload without recompressing.
+`quantization_config`. The recipe is a few top-level fields and small nested configs that validate themselves
+(the allocation method's own config, `RPCAConfig`, `RefitConfig`, `CalibrationConfig`); what a run reads but
+never saves (calibration data, tokenizer, cache directory) sits apart in `inputs`, and what compression wrote
+(the per-layer allocation that lets a checkpoint reload without recompressing) in `compressed`.
+docs/configuration.md describes every field.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import checks
+from .allocation.base import AllocationConfig, allocation_config
+from .allocation.cap.config import CapAllocation
+from .allocation.uniform import UniformAllocation
 from .nn.linear import SPARSE_FORMATS
+from .run import CompressionInputs, CompressionResult
 from .stage1.rpca import RPCA_SOLVERS
 
-QUANT_METHOD = "optimum_lrs"
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
 
-CAP_INITS = ("energy", "uniform", "layer_max")
-CAP_RANK_BY = ("expected_count", "probability", "probability_per_cost")
-CAP_GRADIENTS = ("probability", "logit")
-CAP_POLICIES = ("layer", "layer_type", "candidate")
-CAP_CANDIDATES = ("refit", "rpca")
-CAP_BASELINES = ("moving_average", "leave_one_out")
+QUANT_METHOD = "optimum_lrs"
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 # Block matching steps of block_matching_steps="auto" (the lr / steps sweep: docs/research-notes.md).
 AUTO_MATCHING_STEPS = 8
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class RPCAConfig:
+    """Stage 1's robust PCA, W = L + S by inexact ALM. `l1_weight` (lambda): None means 1 / sqrt(max(m, n)) per
+    matrix; `tol`: stopping tolerance on ||W - L - S||_F / ||W||_F (None: 1e-2 where the final layers are refit,
+    1e-4 where RPCA's S is kept as it is); `rho`: growth of the penalty mu; `solver`: `"gram"` (singular values
+    from the smaller Gram matrix) or `"svd"`; `max_rank`: at most this many singular triplets per iteration,
+    `"auto"` the uniform rank where the allocation reads no more than that, None never capped."""
+
+    l1_weight: float | None = None
+    max_iter: int = 50
+    tol: float | None = None
+    rho: float = 1.5
+    solver: str = "gram"
+    max_rank: int | str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if self.l1_weight is not None:
+            self.l1_weight = checks.real("RPCAConfig", "l1_weight", self.l1_weight, 0.0, float("inf"), True, True)
+        self.max_iter = checks.integer("RPCAConfig", "max_iter", self.max_iter, 1)
+        if self.tol is not None:
+            self.tol = checks.real("RPCAConfig", "tol", self.tol, 0.0, 1.0, True, True)
+        self.rho = checks.real("RPCAConfig", "rho", self.rho, 1.0, float("inf"), True, True)
+        checks.choice("RPCAConfig", "solver", self.solver, RPCA_SOLVERS)
+        if self.max_rank not in ("auto", None) and (
+                isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1):
+            checks.fail("RPCAConfig", "max_rank", '"auto", None or an integer >= 1', self.max_rank)
+
+
+SELECTIONS = ("allocation", "matrix", "row")
 SPARSE_VALUES = ("residual", "rpca")
-SPARSE_SELECTIONS = ("allocation", "matrix", "row")
-PIPELINES = ("sequential", "one_shot")
 OBJECTIVES = ("rms", "second_moment")
 
-# Fields that configure a run but must never reach config.json (user data, live objects).
-_RUNTIME_ONLY = ("calibration_data", "tokenizer", "cache_dir")
-# Keys of one entry of `compressed_modules`.
-_MODULE_ENTRY_KEYS = {"rank", "nnz", "rpca_iterations", "rpca_residual"}
+
+@dataclass
+class RefitConfig:
+    """What each layer keeps once its rank and sparse count are allocated. `selection`: `"row"` (default) the
+    same count of largest entries of M - L in every output row, `"matrix"` the largest over the matrix,
+    `"allocation"` the allocator's own RPCA candidates (the paper); `values`: `"residual"` stores W - U'V' on
+    the kept positions, `"rpca"` RPCA's S; `iterations`: alternating refits of L and S before the final pick
+    (None: 20, or 0 with `"allocation"`); `objective`: `"rms"` fits in the activation-scaled space,
+    `"second_moment"` minimises ||(W - L - S) X|| from X^T X; `block_matching_steps`: Adam steps per decoder
+    block on its kept values towards the dense block's outputs (`"auto"`: 8 where the run calibrates anyway)."""
+
+    selection: str = "row"
+    values: str = "residual"
+    iterations: int | None = None
+    objective: str = "rms"
+    block_matching_steps: int | str = "auto"
+
+    def __post_init__(self) -> None:
+        checks.choice("RefitConfig", "selection", self.selection, SELECTIONS)
+        checks.choice("RefitConfig", "values", self.values, SPARSE_VALUES)
+        if self.iterations is None:
+            self.iterations = 0 if self.selection == "allocation" else 20
+        self.iterations = checks.integer("RefitConfig", "iterations", self.iterations, 0)
+        if self.iterations and self.selection == "allocation":
+            checks.fail("RefitConfig", "iterations",
+                        '0 with selection="allocation" (a refit re-picks the sparse positions)', self.iterations)
+        checks.choice("RefitConfig", "objective", self.objective, OBJECTIVES)
+        if self.objective == "second_moment" and self.selection == "allocation":
+            checks.fail("RefitConfig", "objective", '"rms" with selection="allocation" (the second-moment fit '
+                        're-picks S)', self.objective)
+        steps = self.block_matching_steps
+        if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            checks.fail("RefitConfig", "block_matching_steps", '"auto" or an integer >= 0', steps)
 
 
-def _fail(field: str, allowed: str, value: Any) -> None:
-    raise ValueError(f"LowRankSparseConfig.{field} must be {allowed}, got {value!r}")
+PIPELINES = ("sequential", "one_shot")
 
 
-def _check_real(field: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> float:
-    """Validate a real number against an interval, naming the field and the interval on failure."""
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(field, f"a finite number in {interval}", value)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        _fail(field, f"in {interval}", value)
-    return float(value)
+@dataclass
+class CalibrationConfig:
+    """How many calibration windows of how many tokens, and how they reach each layer: `"one_shot"` (every
+    layer's statistics are the dense model's) or `"sequential"` (blocks in order, each calibrated on what the
+    already compressed blocks before it produce)."""
 
+    seq_len: int = 512
+    num_samples: int = 32
+    pipeline: str = "one_shot"
 
-def _check_int(field: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(field, f"an integer >= {low}", value)
-    return value
+    def __post_init__(self) -> None:
+        self.seq_len = checks.integer("CalibrationConfig", "seq_len", self.seq_len, 2)
+        self.num_samples = checks.integer("CalibrationConfig", "num_samples", self.num_samples, 1)
+        checks.choice("CalibrationConfig", "pipeline", self.pipeline, PIPELINES)
 
 
 def _check_names(field: str, value: Any, allow_regex: bool) -> list[str] | str | None:
@@ -67,392 +127,149 @@ def _check_names(field: str, value: Any, allow_regex: bool) -> list[str] | str |
         return None
     if isinstance(value, str):
         if not allow_regex:
-            _fail(field, "a list of module names or None", value)
+            checks.fail("LowRankSparseConfig", field, "a list of module names or None", value)
         if not value:
-            _fail(field, "a non-empty regular expression, a list of module names or None", value)
+            checks.fail("LowRankSparseConfig", field, "a non-empty regular expression, a list of module names or "
+                        "None", value)
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
         return list(value)
-    _fail(field, "a non-empty list of non-empty module names" + (", a regular expression" if allow_regex else "") + " or None", value)
+    checks.fail("LowRankSparseConfig", field, "a non-empty list of non-empty module names" +
+                (", a regular expression" if allow_regex else "") + " or None", value)
 
 
-def _check_calibration(value: Any) -> Any:
-    """Accept texts, token-id sequences, a 2-D tensor of ids or a `datasets.Dataset`; reject anything else now."""
+def _sub_config(cls: type, field: str, value: Any) -> Any:
     if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if type(value).__name__ in ("Dataset", "IterableDataset") and type(value).__module__.startswith("datasets"):
-        return value
-    if hasattr(value, "dim") and hasattr(value, "dtype"):  # torch tensor of token ids
-        if value.dim() != 2 or value.dtype.is_floating_point or value.numel() == 0:
-            _fail("calibration_data", "a non-empty 2-D integer tensor of token ids when a tensor", tuple(value.shape))
-        return value
-    if isinstance(value, (list, tuple)) and value:
-        if all(isinstance(v, str) for v in value):
-            return list(value)
-        if all(isinstance(v, (list, tuple)) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v) for v in value):
-            return [list(v) for v in value]
-    _fail(
-        "calibration_data",
-        "None, a text, a non-empty list of texts, a list of token-id lists, a 2-D tensor of token ids or a datasets.Dataset",
-        type(value).__name__,
-    )
-
-
-def _check_evaluation(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    ok = isinstance(value, dict) and all(
-        isinstance(k, str) and (isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)))
-        for k, v in value.items()
-    )
-    if not ok:
-        _fail("evaluation", "None or a dict of name -> finite number or text", value)
-    return dict(value)
-
-
-def _check_compressed_modules(value: Any) -> dict[str, dict[str, Any]] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        _fail("compressed_modules", "None or a dict of module name -> {rank, nnz, ...}", type(value).__name__)
-    out = {}
-    for name, entry in value.items():
-        if not isinstance(name, str) or not isinstance(entry, dict):
-            _fail("compressed_modules", "a dict of module name -> dict", {name: entry})
-        unknown = set(entry) - _MODULE_ENTRY_KEYS
-        if unknown or not {"rank", "nnz"} <= set(entry):
-            _fail("compressed_modules", f"entries with keys rank, nnz and optionally {sorted(_MODULE_ENTRY_KEYS - {'rank', 'nnz'})}", {name: entry})
-        _check_int(f"compressed_modules[{name!r}].rank", entry["rank"], 0)
-        _check_int(f"compressed_modules[{name!r}].nnz", entry["nnz"], 0)
-        out[name] = dict(entry)
-    return out
+        return cls()
+    if isinstance(value, cls):
+        return replace(value)  # a copy: the parent resolves defaults on it without touching the caller's
+    if isinstance(value, dict):
+        checks.known_keys(f"LowRankSparseConfig.{field}", value, {f.name for f in fields(cls)})
+        return cls(**value)
+    checks.fail("LowRankSparseConfig", field, f"None, a {cls.__name__} or a dict of its fields", value)
 
 
 class LowRankSparseConfig(QuantizationConfigMixin):
-    """Configuration of low-rank + sparse compression (CAP, arXiv 2505.03801).
+    """Configuration of low-rank + sparse compression (CAP, arXiv 2505.03801). docs/configuration.md has them all.
 
     Args:
         param_ratio: fraction of the targeted linear layers' dense parameter count to keep, counted as
             `sum r (m + n) + nnz(S)` over all compressed matrices; met globally to within 0.1%.
-        allocation: how the budget is shared among layers; `"uniform"` gives every matrix the same ratio.
-        lowrank_fraction: for `"uniform"`, the share of each matrix's budget spent on rank (the rest on
-            sparse entries); 0.2 measured best of 0.2 / 0.4 / 0.7 on SmolLM2-135M (docs/research-notes.md).
-        sparse_values: values of the kept sparse entries. `"rpca"` keeps RPCA's S (the paper);
-            `"residual"` keeps the positions RPCA chose but stores `W - U'V'` there, which is exact on
-            the support and so never worse in Frobenius norm.
-        target_modules: module names (suffixes such as `"q_proj"`) or one regular expression over full
-            module names; None targets every `nn.Linear` except the skipped ones.
-        modules_to_not_convert: extra module names to leave dense. The LM head, the output embedding and
-            tied weights are always left dense.
-        rpca_lambda: weight of the L1 term; None means `1 / sqrt(max(m, n))` per matrix.
-        rpca_max_iter, rpca_tol, rpca_rho: inexact-ALM iteration cap, stopping tolerance on
-            `||W - L - S||_F / ||W||_F`, and the growth factor of the penalty mu. `rpca_tol` None: 1e-2 when
-            the final layers are refit (`sparse_selection` "row"/"matrix": only the start of the refits comes
-            from Stage 1; on SmolLM2 at 50% 10.4 instead of 19 iterations per matrix, perplexity 66.21 vs 67.39
-            at 1e-4; 1e-1 loses quality, docs/research-notes.md), 1e-4 with `"allocation"`, which keeps RPCA's S as it is.
-        rpca_solver: how each RPCA iteration thresholds singular values: `"gram"` (default) from the
-            eigendecomposition of the smaller Gram matrix, same iterates as `"svd"` (a full SVD per
-            iteration) to ~1e-5 and 2-3x faster on CPU (docs/performance.md).
-        rpca_max_rank: at most this many singular triplets per RPCA iteration (a truncated SVT: L has rank
-            <= the cap, S takes the rest). `"auto"` (default): where the allocation reads only each layer's
-            leading uniform-rank triplets and S's size (`allocation="uniform"` with re-picked sparse entries,
-            and `"cap"` refitting its candidates), the cap is that rank: Stage 1 3.5x faster, per-layer errors
-            after the refits within 0.3% (SmolLM2 at 50%: uniform 65.33 vs 66.54 uncapped; CAP over three seeds
-            64.28 vs 65.27 mean perplexity, at 0.8x the time; docs/research-notes.md). Uncapped for global_greedy and
-            the other CAP variants, which read all of Stage 1. None: never capped; an int: the same cap everywhere.
-        sparse_format: how each compressed layer stores S's positions, in memory and in the checkpoint:
-            `"bitmask"` (default; one bit per weight position: 0.53x the dense bytes at 50% in float32,
-            multiplied on CPU by the package's C kernels, compiled on first use) or `"csr"` (column indices
-            + row pointer, 0.70x, multiplied with torch's sparse kernels: the layout for devices and
-            machines without those kernels). docs/performance.md has the measurements.
+        allocation: how the budget is shared among layers: an allocation config (`UniformAllocation`,
+            `CapAllocation`, `GlobalGreedyAllocation`, or any registered one) or a registered method's name
+            for its defaults (`"uniform"`, `"cap"`, `"global_greedy"`).
+        target_modules: module names (suffixes such as `"q_proj"`) or one regular expression over full module
+            names; None targets every `nn.Linear` except the LM head, the output embedding and tied weights.
+        modules_to_not_convert: extra module names to leave dense.
         activation_aware: run Stage 1 on `W diag(d)`, d_j the RMS of input feature j over the calibration
-            tokens, and score candidates in that space (the Wanda / OATS insight: an entry matters as
-            much as the activation it multiplies); the factors are unscaled afterwards. On by default:
-            it cuts SmolLM2-135M perplexity at 50% from 761 to 208 (docs/research-notes.md); False is the
-            paper's raw-weight Stage 1. Needs calibration tokens (a tokenizer, or token ids).
-        sparse_selection: which sparse entries a layer keeps once its rank and nnz are allocated.
-            `"allocation"` keeps the allocator's own candidates (the paper); `"matrix"` keeps the `nnz`
-            largest entries of M - L (M the possibly scaled weight, L the kept low-rank part), which is
-            optimal in Frobenius norm for that L; `"row"` keeps the same count in every output row (the
-            comparison group of Wanda; the default, measured best). The budget is unchanged either way.
-        refine_iterations: for `"matrix"`/`"row"`, alternate this many times between picking S from
-            M - L and refitting L as the best rank-r approximation of M - S before the final pick
-            (None: 20, or 0 with `"allocation"`; one rank-r fit and one selection per iteration and layer).
-            On SmolLM2-135M at 50%: 3 -> perplexity 84.6, 10 -> 72.5, 20 -> 67.4, 30 -> 66.8, 60 -> 65.0
-            (docs/research-notes.md); 20 costs about 90 s for its 210 matrices on 2 cores.
-        pipeline: how the calibration tokens reach each layer. `"one_shot"` (default): every layer's statistics
-            are the dense model's (taken block by block, or in one whole-model pass where decoder blocks
-            cannot be found). `"sequential"`: decoder blocks are compressed in order, each calibrated on the
-            hidden states the already compressed blocks before it produce, so that a block's statistics include
-            the error of those before it (SparseGPT's and llm-compressor's scheme; with a global allocation, the
-            blocks before are compressed provisionally at the uniform counts). docs/research-notes.md has both measured.
-        objective: what each layer's final fit minimises. `"rms"` (default): ||(W - L - S) diag(d)||_F with d
-            the inputs' per-feature RMS (the `activation_aware` scale). `"second_moment"`: the output error
-            ||(W - L - S) X||_F over the calibration inputs X, from X^T X: after the refits, L by a whitened SVD
-            and S by pruning with second-order updates of the kept values, alternated (SparseGPT / SVD-LLM
-            style; `optimum_lrs.stage1.second_moment`). Needs `activation_aware` and a refit `sparse_selection`.
-        block_matching_steps: after each decoder block is compressed, this many Adam steps (one calibration
-            batch each) on its layers' kept values (U, V, the sparse values at fixed positions) towards the
-            dense block's outputs on the block's calibration inputs (`optimum_lrs.block_matching`); 0 leaves the
-            layer-wise fit as it is. With a global allocation the blocks are matched in one more pass after it.
-            An integer needs calibration tokens and decoder blocks. `"auto"` (default): 8 steps where the
-            compression calibrates anyway (activation-aware or loss-driven) and finds the decoder blocks, else
-            none, so that `activation_aware=False` with uniform allocation stays calibration-free.
-        cache_dir: directory for Stage 1 results, one file per layer keyed by the weight's content and
-            the RPCA settings; a rerun (after a crash or with another budget) reuses finished layers.
-            Never serialised.
-        calibration_data, calibration_seq_len, calibration_num_samples, tokenizer: calibration inputs
-            (texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`). Never serialised.
-        cap_steps, cap_samples, cap_batch_size: CAP's policy-gradient loop: steps, masks sampled per step (all
-            scored on the step's batch) and calibration windows per loss evaluation.
-        cap_policy: what CAP's distribution is over. `"layer"` (default): each layer's kept share, log-normal
-            around a mean that starts at the uniform allocation (`cap_sigma` its spread in log-count units;
-            uniform's rank/sparse split kept); a sample keeps each layer's best candidates, samples come in
-            antithetic pairs, and each step moves the means by `cap_lr` (RMS) along the REINFORCE estimate.
-            `"layer_type"`: the same with the rank and the sparse count of a layer free apart. `"candidate"`:
-            the paper's one Bernoulli probability per candidate, s <- s - cap_lr (L - b) (m - s) / (s (1 - s)),
-            projected onto the budget; on SmolLM2 it moved 0.01% of the budget (docs/research-notes.md).
-        cap_lr, cap_sigma: step size (None: the paper's 0.05 for `"candidate"`; 0.02 in log-count units, RMS
-            over the variables, for the count policies: on SmolLM2 at 50% 0.05 drifted to 69.1 perplexity
-            against uniform's 67.4, 0.02 gave 64.3 and 67.2 for two seeds, docs/research-notes.md) and, for the
-            count policies, the spread of the sampled counts (0.1: about +-10% per layer).
-        cap_candidates (count policies, when the final layers are refit): what a sampled count keeps.
-            `"refit"` (default): each layer is first refit at the uniform counts, as the final layer would
-            be, and samples keep prefixes of that refit's triplets and re-picked entries, so the loss CAP
-            optimises is that of the model it will build. `"rpca"`: Stage 1's RPCA candidates, which the
-            refits then change (on SmolLM2 at 50% CAP lowered their loss while the final model got worse).
-        cap_refine_iterations (with `"refit"` candidates): how many of the `refine_iterations` alternating refits
-            run at the allocated counts, continuing from the candidates' refit (which runs the others at the
-            uniform counts), so that every layer gets as many refits as with uniform allocation. None: 5.
-        cap_baseline, cap_baseline_beta (`"candidate"` only): what each sampled loss is compared with.
-            `"leave_one_out"` (default): the mean loss of the step's other samples on the same batch, so that
-            only the masks' differences remain (needs `cap_samples >= 2`); `"moving_average"` (the paper): a
-            running mean over steps, `b <- beta b + (1 - beta) L` (beta 0.8, a window of about 5), which also
-            carries the difference in difficulty between the steps' batches into every candidate's update.
-        cap_init, cap_init_temperature (`"candidate"` only): initial keep-probabilities, a hard sigmoid of
-            (log score - log tau) / temperature with score = squared error removed per parameter relative to
-            the layer's energy. `"uniform"` (default) sets one tau per layer and candidate type so that every
-            layer starts at the uniform allocation's rank and sparse count; `"energy"` one tau for all layers
-            (a soft version of global_greedy's ranking, which measured far worse than uniform on SmolLM2,
-            docs/benchmarks.md). `"layer_max"` uses sigma_i / max sigma and |S_ij| / max |S| within each
-            layer and leaves the fit to the budget projection.
-        cap_rank_by: final extraction. `"expected_count"` (default, and the only one for `"layer"`): each layer
-            keeps its expected number of triplets and sparse entries, its most probable ones, so that zero
-            steps reproduce the initial allocation exactly. `"probability"` / `"probability_per_cost"`: one
-            global ranking of all candidates by s (or s / cost), kept until the budget (METHOD.md's literal
-            reading; ties between layers decide the per-layer counts).
-        cap_gradient, cap_normalize_advantage (`"candidate"` only): the update on s (`"probability"`, the
-            paper's) or on logit(s) (`"logit"`, bounded score m - s); advantages divided by the step's loss
-            std or not.
+            tokens (the Wanda / OATS insight); False is the paper's raw-weight Stage 1, calibration-free.
+        sparse_format: how S's positions are stored: `"bitmask"` (one bit per weight, the package's CPU
+            kernels) or `"csr"` (torch's sparse kernels, for devices).
+        factor_dtype: dtype of the stored factors; `"auto"` keeps the dense weight's.
         seed: seed of every random choice, so that a run repeats exactly.
-        factor_dtype: dtype of the stored factors; `"auto"` keeps the dtype of the dense weight.
-        base_model: Hub id of the dense model, for the model card; filled from the loaded model's id when
-            that is a Hub id.
-        evaluation: measured quality of the compressed model (e.g. {"perplexity": ..., "dataset": ...}),
-            written by `optimum-lrs eval --record` and shown on the model card.
-        compressed_modules: written by compression: module name -> {rank, nnz, rpca_iterations,
-            rpca_residual}. A config that carries it describes a compressed checkpoint.
+        rpca, refit, calibration: `RPCAConfig`, `RefitConfig`, `CalibrationConfig` (or dicts of their fields).
+        calibration_data, tokenizer, cache_dir, base_model: the run's inputs (`inputs`), never saved as such:
+            texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`; a tokenizer for texts; a directory for
+            Stage 1 results reused by a rerun; the dense model's Hub id for the model card (default: the model's
+            own id where it is a Hub id).
     """
 
     def __init__(
         self,
         param_ratio: float = 0.5,
-        allocation: str = "uniform",
-        lowrank_fraction: float = 0.2,
-        sparse_values: str = "residual",
+        allocation: AllocationConfig | str = "uniform",
         target_modules: list[str] | str | None = None,
         modules_to_not_convert: list[str] | None = None,
-        rpca_lambda: float | None = None,
-        rpca_max_iter: int = 50,
-        rpca_tol: float | None = None,
-        rpca_rho: float = 1.5,
-        rpca_solver: str = "gram",
-        rpca_max_rank: int | str | None = "auto",
-        sparse_format: str = "bitmask",
         activation_aware: bool = True,
-        sparse_selection: str = "row",
-        refine_iterations: int | None = None,
-        pipeline: str = "one_shot",
-        objective: str = "rms",
-        block_matching_steps: int | str = "auto",
-        cache_dir: str | None = None,
-        calibration_data: Any = None,
-        calibration_seq_len: int = 512,
-        calibration_num_samples: int = 32,
-        tokenizer: Any = None,
-        cap_steps: int = 8,
-        cap_samples: int = 4,
-        cap_batch_size: int = 1,
-        cap_policy: str = "layer",
-        cap_lr: float | None = None,
-        cap_sigma: float = 0.1,
-        cap_candidates: str = "refit",
-        cap_refine_iterations: int | None = None,
-        cap_baseline_beta: float = 0.8,
-        cap_baseline: str = "leave_one_out",
-        cap_init: str = "uniform",
-        cap_init_temperature: float = 1.0,
-        cap_rank_by: str = "expected_count",
-        cap_gradient: str = "probability",
-        cap_normalize_advantage: bool = False,
-        seed: int = 0,
+        sparse_format: str = "bitmask",
         factor_dtype: str = "auto",
+        seed: int = 0,
+        rpca: RPCAConfig | dict | None = None,
+        refit: RefitConfig | dict | None = None,
+        calibration: CalibrationConfig | dict | None = None,
+        *,
+        calibration_data: Any = None,
+        tokenizer: Any = None,
+        cache_dir: str | os.PathLike | None = None,
         base_model: str | None = None,
-        evaluation: dict[str, Any] | None = None,
-        compressed_modules: dict[str, dict[str, Any]] | None = None,
-        format_version: int = FORMAT_VERSION,
-        quant_method: str = QUANT_METHOD,
     ):
-        if quant_method != QUANT_METHOD:
-            _fail("quant_method", repr(QUANT_METHOD), quant_method)
-        if format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"LowRankSparseConfig.format_version {format_version!r} is not supported by this optimum_lrs "
-                f"(it reads format {FORMAT_VERSION}); install the optimum-lrs release that wrote the checkpoint"
-            )
         self.quant_method = QUANT_METHOD
-        self.format_version = FORMAT_VERSION
-        self.param_ratio = _check_real("param_ratio", param_ratio, 0.0, 1.0, True, True)
-        from .allocation import ALLOCATORS  # the registry is the one list of methods
-
-        if allocation not in ALLOCATORS:
-            _fail("allocation", f"one of the registered methods {tuple(ALLOCATORS)}", allocation)
-        self.allocation = allocation
-        self.lowrank_fraction = _check_real("lowrank_fraction", lowrank_fraction, 0.0, 1.0, False, False)
-        if sparse_values not in SPARSE_VALUES:
-            _fail("sparse_values", f"one of {SPARSE_VALUES}", sparse_values)
-        self.sparse_values = sparse_values
+        self.param_ratio = checks.real("LowRankSparseConfig", "param_ratio", param_ratio, 0.0, 1.0, True, True)
+        self.allocation = allocation_config(allocation)
         self.target_modules = _check_names("target_modules", target_modules, allow_regex=True)
         self.modules_to_not_convert = _check_names("modules_to_not_convert", modules_to_not_convert, allow_regex=False)
-        self.rpca_lambda = None if rpca_lambda is None else _check_real("rpca_lambda", rpca_lambda, 0.0, math.inf, True, True)
-        self.rpca_max_iter = _check_int("rpca_max_iter", rpca_max_iter, 1)
-        if rpca_tol is None:  # the refits re-fit both parts, so Stage 1 only has to give them a start
-            rpca_tol = 1e-4 if sparse_selection == "allocation" else 1e-2
-        self.rpca_tol = _check_real("rpca_tol", rpca_tol, 0.0, 1.0, True, True)
-        self.rpca_rho = _check_real("rpca_rho", rpca_rho, 1.0, math.inf, True, True)
-        if rpca_solver not in RPCA_SOLVERS:
-            _fail("rpca_solver", f"one of {RPCA_SOLVERS}", rpca_solver)
-        self.rpca_solver = rpca_solver
-        if rpca_max_rank not in ("auto", None) and (
-            isinstance(rpca_max_rank, bool) or not isinstance(rpca_max_rank, int) or rpca_max_rank < 1
-        ):
-            _fail("rpca_max_rank", '"auto", None or an integer >= 1', rpca_max_rank)
-        self.rpca_max_rank = rpca_max_rank
-        if sparse_format not in SPARSE_FORMATS:
-            _fail("sparse_format", f"one of {SPARSE_FORMATS}", sparse_format)
-        self.sparse_format = sparse_format
-        if not isinstance(activation_aware, bool):
-            _fail("activation_aware", "True or False", activation_aware)
-        self.activation_aware = activation_aware
-        if sparse_selection not in SPARSE_SELECTIONS:
-            _fail("sparse_selection", f"one of {SPARSE_SELECTIONS}", sparse_selection)
-        self.sparse_selection = sparse_selection
-        if refine_iterations is None:  # 20 alternating refits, where the selection allows any
-            refine_iterations = 0 if sparse_selection == "allocation" else 20
-        self.refine_iterations = _check_int("refine_iterations", refine_iterations, 0)
-        if self.refine_iterations and sparse_selection == "allocation":
-            _fail("refine_iterations", '0 when sparse_selection="allocation" (a refit re-picks the sparse positions)', refine_iterations)
-        if pipeline not in PIPELINES:
-            _fail("pipeline", f"one of {PIPELINES}", pipeline)
-        self.pipeline = pipeline
-        if objective not in OBJECTIVES:
-            _fail("objective", f"one of {OBJECTIVES}", objective)
-        if objective == "second_moment" and not activation_aware:
-            _fail("objective", '"rms" with activation_aware=False (the second moment comes from calibration inputs)', objective)
-        if objective == "second_moment" and sparse_selection == "allocation":
-            _fail("objective", '"rms" with sparse_selection="allocation" (the second-moment fit re-picks S)', objective)
-        self.objective = objective
-        if block_matching_steps != "auto" and (isinstance(block_matching_steps, bool)
-                                               or not isinstance(block_matching_steps, int) or block_matching_steps < 0):
-            _fail("block_matching_steps", '"auto" or an integer >= 0', block_matching_steps)
-        self.block_matching_steps = block_matching_steps
-        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
-            _fail("cache_dir", "None or a directory path", cache_dir)
-        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
-        self.calibration_data = _check_calibration(calibration_data)
-        self.calibration_seq_len = _check_int("calibration_seq_len", calibration_seq_len, 2)
-        self.calibration_num_samples = _check_int("calibration_num_samples", calibration_num_samples, 1)
-        if tokenizer is not None and not callable(tokenizer):
-            _fail("tokenizer", "None or a tokenizer (callable on text)", type(tokenizer).__name__)
-        self.tokenizer = tokenizer
-        self.cap_steps = _check_int("cap_steps", cap_steps, 0)
-        self.cap_samples = _check_int("cap_samples", cap_samples, 1)
-        self.cap_batch_size = _check_int("cap_batch_size", cap_batch_size, 1)
-        if cap_policy not in CAP_POLICIES:
-            _fail("cap_policy", f"one of {CAP_POLICIES}", cap_policy)
-        self.cap_policy = cap_policy
-        if cap_lr is None:  # the paper's 0.05 on probabilities; 0.02 log-count units for the count policies
-            cap_lr = 0.05 if cap_policy == "candidate" else 0.02
-        self.cap_lr = _check_real("cap_lr", cap_lr, 0.0, math.inf, False, True)
-        self.cap_sigma = _check_real("cap_sigma", cap_sigma, 0.0, math.inf, True, True)
-        self.cap_baseline_beta = _check_real("cap_baseline_beta", cap_baseline_beta, 0.0, 1.0, False, True)
-        if cap_baseline not in CAP_BASELINES:
-            _fail("cap_baseline", f"one of {CAP_BASELINES}", cap_baseline)
-        if cap_baseline == "leave_one_out" and self.cap_samples < 2:
-            _fail("cap_samples", 'at least 2 with cap_baseline="leave_one_out"', self.cap_samples)
-        self.cap_baseline = cap_baseline
-        if cap_init not in CAP_INITS:
-            _fail("cap_init", f"one of {CAP_INITS}", cap_init)
-        self.cap_init = cap_init
-        self.cap_init_temperature = _check_real("cap_init_temperature", cap_init_temperature, 0.0, math.inf, True, True)
-        if cap_rank_by not in CAP_RANK_BY:
-            _fail("cap_rank_by", f"one of {CAP_RANK_BY}", cap_rank_by)
-        self.cap_rank_by = cap_rank_by
-        if cap_gradient not in CAP_GRADIENTS:
-            _fail("cap_gradient", f"one of {CAP_GRADIENTS}", cap_gradient)
-        self.cap_gradient = cap_gradient
-        if not isinstance(cap_normalize_advantage, bool):
-            _fail("cap_normalize_advantage", "True or False", cap_normalize_advantage)
-        self.cap_normalize_advantage = cap_normalize_advantage
-        if cap_policy != "candidate" and self.cap_samples % 2:
-            _fail("cap_samples", f"even with cap_policy={cap_policy!r} (its samples come in antithetic pairs)", self.cap_samples)
-        if cap_candidates not in CAP_CANDIDATES:
-            _fail("cap_candidates", f"one of {CAP_CANDIDATES}", cap_candidates)
-        self.cap_candidates = cap_candidates
-        if cap_refine_iterations is None:  # see the docstring for the measurement
-            cap_refine_iterations = min(5, self.refine_iterations)
-        self.cap_refine_iterations = _check_int("cap_refine_iterations", cap_refine_iterations, 0)
-        if self.cap_refine_iterations > self.refine_iterations:
-            _fail("cap_refine_iterations", f"at most refine_iterations ({self.refine_iterations})", cap_refine_iterations)
-        if cap_policy != "candidate" and cap_rank_by != "expected_count":
-            _fail("cap_rank_by", f'"expected_count" with cap_policy={cap_policy!r} (it allocates counts)', cap_rank_by)
-        self.seed = _check_int("seed", seed, 0)
-        if factor_dtype not in FACTOR_DTYPES:
-            _fail("factor_dtype", f"one of {FACTOR_DTYPES}", factor_dtype)
-        self.factor_dtype = factor_dtype
-        if base_model is not None and (not isinstance(base_model, str) or not base_model):
-            _fail("base_model", "None or a Hub model id", base_model)
-        self.base_model = base_model
-        self.evaluation = _check_evaluation(evaluation)
-        self.compressed_modules = _check_compressed_modules(compressed_modules)
+        self.activation_aware = checks.flag("LowRankSparseConfig", "activation_aware", activation_aware)
+        self.sparse_format = checks.choice("LowRankSparseConfig", "sparse_format", sparse_format, SPARSE_FORMATS)
+        self.factor_dtype = checks.choice("LowRankSparseConfig", "factor_dtype", factor_dtype, FACTOR_DTYPES)
+        self.seed = checks.integer("LowRankSparseConfig", "seed", seed, 0)
+        self.refit = _sub_config(RefitConfig, "refit", refit)
+        self.rpca = _sub_config(RPCAConfig, "rpca", rpca)
+        if self.rpca.tol is None:  # the refits re-fit both parts, so Stage 1 only has to give them a start
+            self.rpca.tol = 1e-4 if self.refit.selection == "allocation" else 1e-2
+        self.calibration = _sub_config(CalibrationConfig, "calibration", calibration)
+        if self.refit.objective == "second_moment" and not activation_aware:
+            checks.fail("LowRankSparseConfig", "refit.objective", '"rms" with activation_aware=False (the second '
+                        'moment comes from calibration inputs)', self.refit.objective)
+        if isinstance(self.allocation, CapAllocation):
+            cap = self.allocation
+            if cap.refine_iterations is None:
+                cap.refine_iterations = min(5, self.refit.iterations)
+            if cap.refine_iterations > self.refit.iterations:
+                checks.fail("CapAllocation", "refine_iterations",
+                            f"at most RefitConfig.iterations ({self.refit.iterations})", cap.refine_iterations)
+        self.inputs = CompressionInputs(calibration_data, tokenizer, cache_dir, base_model)
+        self.compressed: CompressionResult | None = None
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        """Build from a dict, refusing keys this version does not know (a typo must not pass silently)."""
+        """Build from config.json's dict (format 2, or format 1, read into today's fields) or a user's dict,
+        refusing keys this version does not know (a typo must not pass silently)."""
+        from .io.format1 import upgrade
+
         if not isinstance(config_dict, dict):
             raise TypeError(f"LowRankSparseConfig.from_dict expects a dict, got {type(config_dict).__name__}")
-        known = set(cls._fields())
-        unknown = sorted(k for k in config_dict if k not in known)
-        if unknown:
-            raise ValueError(f"LowRankSparseConfig got unknown keys {unknown}; known keys are {sorted(known)}")
-        return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+        values = dict(config_dict)
+        if values.pop("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            checks.fail("LowRankSparseConfig", "quant_method", repr(QUANT_METHOD), config_dict["quant_method"])
+        version = values.pop("format_version", FORMAT_VERSION)
+        if version not in READABLE_FORMATS:
+            raise ValueError(
+                f"LowRankSparseConfig.format_version {version!r} is not supported by this optimum_lrs (it reads "
+                f"formats {READABLE_FORMATS}); install the optimum-lrs release that wrote the checkpoint")
+        values = upgrade(values, version)
+        compressed = values.pop("compressed", None)
+        checks.known_keys("LowRankSparseConfig", values, set(cls._fields()))
+        config, unused = super().from_dict(values, return_unused_kwargs=True, **kwargs)
+        config.compressed = None if compressed is None else CompressionResult.from_dict(compressed)
+        return (config, unused) if return_unused_kwargs else config
 
     @classmethod
     def from_overrides(cls, pairs: list[str], **fields: Any) -> LowRankSparseConfig:
-        """A config from `fields` updated by `KEY=VALUE` strings (the command line's `--set`): each VALUE is read
+        """A config from `fields` updated by `KEY=VALUE` strings (the command line's `--set`). KEY may be dotted
+        into a nested config (`rpca.tol=1e-3`, `allocation.steps=4` after `allocation=cap`); each VALUE is read
         as JSON where it parses (`0.5`, `null`, `true`, `["q_proj"]`) and as text otherwise (`cap`); unknown
         keys and bad values get the same errors as in code."""
+        fields = {k: dict(v) if isinstance(v, dict) else v for k, v in fields.items()}  # the caller's stay as given
         for pair in pairs:
             key, sep, text = pair.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set allocation=cap")
+            path = [part.strip() for part in key.split(".")]
+            if not sep or not all(path):
+                raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set allocation=cap or --set rpca.tol=1e-3")
             try:
                 value = json.loads(text)
             except ValueError:
                 value = text
-            fields[key.strip()] = value
+            node = fields
+            for part in path[:-1]:
+                if part == "allocation" and not isinstance(node.get(part), dict):
+                    node[part] = {"method": node.get(part, "uniform")}
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"--set {pair!r}: {part} is not a nested config")
+            if path == ["allocation"] and isinstance(fields.get("allocation"), dict) and isinstance(value, str):
+                fields["allocation"]["method"] = value
+            else:
+                node[path[-1]] = value
         return cls.from_dict(fields)
 
     @staticmethod
@@ -462,8 +279,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         return tuple(inspect.signature(LowRankSparseConfig.__init__).parameters)[1:]
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialisable fields only: calibration inputs and the tokenizer stay out of config.json."""
-        out = {k: getattr(self, k) for k in self._fields() if k not in _RUNTIME_ONLY}
+        """config.json's form: the recipe, then what compression wrote; the run's inputs stay out."""
+        out = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "param_ratio": self.param_ratio,
+               "allocation": self.allocation.to_dict(), "target_modules": self.target_modules,
+               "modules_to_not_convert": self.modules_to_not_convert, "activation_aware": self.activation_aware,
+               "sparse_format": self.sparse_format, "factor_dtype": self.factor_dtype, "seed": self.seed,
+               "rpca": asdict(self.rpca), "refit": asdict(self.refit), "calibration": asdict(self.calibration),
+               "compressed": None if self.compressed is None else asdict(self.compressed)}
         return json.loads(json.dumps(out))  # a deep, JSON-clean copy
 
     def __iter__(self):
@@ -481,34 +303,35 @@ class LowRankSparseConfig(QuantizationConfigMixin):
     @property
     def needs_calibration(self) -> bool:
         """True when compression runs the model on calibration tokens (loss-driven or activation-aware)."""
-        from .allocation import LOSS_DRIVEN
-
-        return self.allocation in LOSS_DRIVEN or self.activation_aware or self.matching_required
+        return self.allocation.loss_driven or self.activation_aware or self.matching_required
 
     @property
     def matching_required(self) -> bool:
         """True when the user asked for block matching by a step count (calibration and blocks must be there)."""
-        return self.block_matching_steps != "auto" and self.block_matching_steps > 0
+        return self.refit.block_matching_steps != "auto" and self.refit.block_matching_steps > 0
 
     @property
     def matching_steps(self) -> int:
         """The block matching steps to run where calibration inputs and decoder blocks are there."""
-        return AUTO_MATCHING_STEPS if self.block_matching_steps == "auto" else self.block_matching_steps
+        steps = self.refit.block_matching_steps
+        return AUTO_MATCHING_STEPS if steps == "auto" else steps
 
     @property
     def stage1_reads_uniform_rank(self) -> bool:
         """True when the allocation reads only each layer's leading uniform-rank triplets and S's size from
         Stage 1 (uniform allocation, or CAP refitting its candidates, both with re-picked sparse entries)."""
-        return (self.allocation == "uniform" and self.sparse_selection != "allocation") or self.cap_refits_candidates
+        return (isinstance(self.allocation, UniformAllocation) and self.refit.selection != "allocation") \
+            or self.cap_refits_candidates
 
     @property
     def cap_refits_candidates(self) -> bool:
-        """True when CAP's samples keep prefixes of each layer refit at the uniform counts (`cap_candidates`),
+        """True when CAP's samples keep prefixes of each layer refit at the uniform counts (`candidates="refit"`),
         which happens where the final layers are refit too, with the count policies."""
-        return (self.allocation == "cap" and self.cap_candidates == "refit" and self.cap_policy != "candidate"
-                and self.sparse_selection != "allocation")
+        cap = self.allocation
+        return (isinstance(cap, CapAllocation) and cap.candidates == "refit" and cap.policy != "candidate"
+                and self.refit.selection != "allocation")
 
     @property
     def is_compressed(self) -> bool:
         """True when this config describes an already compressed checkpoint."""
-        return self.compressed_modules is not None
+        return self.compressed is not None

@@ -11,7 +11,7 @@ from .nn.linear import LowRankSparseLinear
 from .stage1.rpca import alternating_refit
 from .stage1.second_moment import second_moment_refit
 
-# Alternations of the second-moment fit after the refits (`objective="second_moment"`): docs/research-notes.md.
+# Alternations of the second-moment fit after the refits (`refit.objective="second_moment"`): docs/research-notes.md.
 SECOND_MOMENT_ITERATIONS = 3
 
 
@@ -20,40 +20,40 @@ def build_layer(
 ) -> LowRankSparseLinear:
     """Extract the kept factors: U' = U_r sqrt(s_r), V' = sqrt(s_r) Vh_r, and the `nnz` largest |S| entries.
 
-    With `sparse_values="residual"` (or any `sparse_selection` but "allocation") the kept entries hold
-    `W - U'V'` instead of RPCA's (shrunk) S values. `sparse_selection` "matrix"/"row" re-picks the
-    positions from the residual, after `refine_iterations` alternating refits at the same rank and nnz, or
-    `cap_refine_iterations` from the factors in `keep.start` (an allocator that refit the layer already).
+    With `refit.values="residual"` (or any `refit.selection` but "allocation") the kept entries hold
+    `W - U'V'` instead of RPCA's (shrunk) S values. `refit.selection` "matrix"/"row" re-picks the
+    positions from the residual, after `refit.iterations` alternating refits at the same rank and nnz, or
+    `CapAllocation.refine_iterations` from the factors in `keep.start` (an allocator that refit the layer already).
     With the candidates' `input_moment`, `second_moment_refit` then lowers the output error from that split.
     """
     rpca, scale = candidates.rpca, candidates.column_scale
-    if keep.start is not None and config.sparse_selection != "allocation":
-        (u, v), iterations = keep.start, config.cap_refine_iterations
+    if keep.start is not None and config.refit.selection != "allocation":
+        (u, v), iterations = keep.start, config.allocation.refine_iterations
     else:
         rank_ids = torch.arange(keep.rank, device=rpca.s.device) if keep.rank_ids is None else keep.rank_ids
         root = rpca.s[rank_ids].sqrt()
         u = rpca.u[:, rank_ids] * root
         v = root[:, None] * rpca.vh[rank_ids]
-        iterations = config.refine_iterations
+        iterations = config.refit.iterations
     weight = source.weight.detach().float()
-    if config.sparse_selection == "allocation":
+    if config.refit.selection == "allocation":
         flat = rpca.sparse.flatten()
         kept = torch.topk(flat.abs(), keep.nnz, sorted=False).indices if keep.sparse_ids is None else keep.sparse_ids
     else:
         target = weight if scale is None else weight * scale
-        u, v, kept = alternating_refit(target, u, v, keep.nnz, iterations, config.sparse_selection == "row",
-                                       config.rpca_solver)
+        u, v, kept = alternating_refit(target, u, v, keep.nnz, iterations, config.refit.selection == "row",
+                                       config.rpca.solver)
     if scale is not None:
         v = v / scale
-        if config.sparse_selection == "allocation":
+        if config.refit.selection == "allocation":
             flat = (rpca.sparse / scale).flatten()
     kept = kept.sort().values  # row-major order is CSR order
-    if config.sparse_values == "residual" or config.sparse_selection != "allocation":
+    if config.refit.values == "residual" or config.refit.selection != "allocation":
         flat = (weight - u @ v).flatten()
     values = flat[kept]
     if candidates.input_moment is not None:
         u, v, kept, values = second_moment_refit(weight, u, v, kept, candidates.input_moment,
-                                                 SECOND_MOMENT_ITERATIONS, config.rpca_solver)
+                                                 SECOND_MOMENT_ITERATIONS, config.rpca.solver)
     out_features, in_features = candidates.out_features, candidates.in_features
     row_offsets = torch.zeros(out_features + 1, dtype=torch.long, device=kept.device)
     row_offsets[1:] = torch.bincount(kept // in_features, minlength=out_features).cumsum(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import json
 import os
 from pathlib import Path
@@ -70,10 +71,11 @@ class LRSModelForCausalLM:
             )
         if gguf_file is not None:
             model = cls.auto_model_class.from_pretrained(model_id_or_path, gguf_file=gguf_file, **kwargs)
-            if compression_config is not None and compression_config.needs_calibration and compression_config.tokenizer is None:
+            if compression_config is not None and compression_config.needs_calibration and compression_config.inputs.tokenizer is None:
                 # the GGUF file carries the tokenizer; the compression cannot find it from the directory alone
                 compression_config = copy.copy(compression_config)
-                compression_config.tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, gguf_file=gguf_file)
+                tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, gguf_file=gguf_file)
+                compression_config.inputs = replace(compression_config.inputs, tokenizer=tokenizer)
             return compress_(model, compression_config) if compression_config is not None else model
         if compression_config is not None:
             kwargs["quantization_config"] = compression_config

@@ -17,7 +17,7 @@ from .allocation.cap.streamed import StreamedCap
 from .allocation.uniform import allocate_uniform, uniform_shares
 from .block_matching import match_block
 from .calibration import calibration_windows
-from .config import LowRankSparseConfig
+from .config import CompressionResult, LowRankSparseConfig
 from .nn.linear import LowRankSparseLinear
 from .distributed import Ranks
 from .extract import build_layer
@@ -38,7 +38,7 @@ def _calibration(model: nn.Module, config: LowRankSparseConfig) -> torch.Tensor 
     """Calibration windows for loss-driven allocation or activation-aware Stage 1 (else None)."""
     if not config.needs_calibration:
         return None
-    data, tokenizer = config.calibration_data, config.tokenizer
+    data, tokenizer = config.inputs.calibration_data, config.inputs.tokenizer
     token_ids = isinstance(data, torch.Tensor) or (isinstance(data, list) and isinstance(data[0], list))
     if tokenizer is None and not token_ids:
         source = getattr(model, "name_or_path", "")
@@ -46,18 +46,18 @@ def _calibration(model: nn.Module, config: LowRankSparseConfig) -> torch.Tensor 
             tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as exc:
             raise ValueError(
-                f"allocation={config.allocation!r}, activation_aware={config.activation_aware} tokenizes calibration text but no tokenizer was given and none "
+                f"allocation={config.allocation.name!r}, activation_aware={config.activation_aware} tokenizes calibration text but no tokenizer was given and none "
                 f"loads from {source!r}; pass LowRankSparseConfig(tokenizer=...) or token ids as calibration_data"
             ) from exc
     windows = calibration_windows(
-        config.calibration_data, tokenizer, config.calibration_seq_len, config.calibration_num_samples, config.seed,
+        config.inputs.calibration_data, tokenizer, config.calibration.seq_len, config.calibration.num_samples, config.seed,
         vocab_size=model.get_input_embeddings().num_embeddings,
     )
     return windows.to(model.get_input_embeddings().weight.device)
 
 
 def _install(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, layer: LowRankSparseLinear) -> dict:
-    """Swap in layer `c`'s compressed form, free its candidate pools, and return its `compressed_modules` entry."""
+    """Swap in layer `c`'s compressed form, free its candidate pools, and return its `compressed.modules` entry."""
     model.set_submodule(c.name, layer)
     entry = {"rank": keep.rank, "nnz": keep.nnz, "rpca_iterations": c.rpca.iterations, "rpca_residual": c.rpca.residual}
     c.rpca = c.input_moment = None
@@ -75,7 +75,7 @@ def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: d
     ratio = budget / sum(m.weight.numel() for m in targets.values())
     scales, moments = {}, {}
     if config.activation_aware:
-        stats = dense_statistics(model, targets, calibration, CALIBRATION_BATCH, config.objective == "second_moment")
+        stats = dense_statistics(model, targets, calibration, CALIBRATION_BATCH, config.refit.objective == "second_moment")
         scales, moments = stats.scales(), stats.second_moments() if stats.grams is not None else {}
     candidates = [layer_candidates(name, module, config, scales.get(name), ratio, moments.get(name))
                   for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer")]
@@ -113,7 +113,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     """
     dense = sum(m.weight.numel() for m in targets.values())
     shares = uniform_shares({name: m.weight.numel() for name, m in targets.items()}, budget)
-    final = config.allocation == "uniform"  # else the layers are built after the global allocation
+    final = config.allocation.name == "uniform"  # else the layers are built after the global allocation
     ranks = Ranks()
     by_block = {prefix: {n: m for n, m in targets.items() if n.startswith(f"{prefix}.")} for prefix, _ in blocks}
     ranks.check_same_run(config, calibration, max(len(layers) for layers in by_block.values()))
@@ -126,7 +126,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
         if stream is not None:
             stream.load(prefix, block)
         layers = by_block.pop(prefix)  # this block's dense layers: held no longer than the block is processed
-        with InputStatistics(layers, config.objective == "second_moment", ranks) as stats:
+        with InputStatistics(layers, config.refit.objective == "second_moment", ranks) as stats:
             reference = None if inputs is None else inputs.forward(block)
         scales = stats.scales() if config.activation_aware else {}
         moments = stats.second_moments() if stats.grams is not None else {}
@@ -174,7 +174,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
                 model.set_submodule(c.name, targets[c.name])
             stream.drop(block)
     if final:
-        check_budget(budget - carry, budget, config.allocation, config.param_ratio)
+        check_budget(budget - carry, budget, config.allocation.name, config.param_ratio)
         return entries
     for c in held:
         model.set_submodule(c.name, targets[c.name])
@@ -244,9 +244,8 @@ def _add_weight_error(total: list[float], dense: nn.Linear, layer: LowRankSparse
 
 def _record(model: nn.Module, config: LowRankSparseConfig, entries: dict[str, dict]) -> None:
     """Write the allocation into `config` and log what was kept."""
-    config.compressed_modules = entries
-    if config.base_model is None and is_hub_id(getattr(model, "name_or_path", "")):
-        config.base_model = model.name_or_path
+    name = getattr(model, "name_or_path", "")
+    config.compressed = CompressionResult(entries, config.inputs.base_model or (name if is_hub_id(name) else None))
     layers = {name: model.get_submodule(name) for name in entries}
     kept = sum(e["rank"] * (layers[n].in_features + layers[n].out_features) + e["nnz"] for n, e in entries.items())
     dense = sum(m.in_features * m.out_features for m in layers.values())
@@ -262,7 +261,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     try:
         blocks = decoder_blocks(model, targets)
     except ValueError:
-        if (config.pipeline == "sequential" or config.matching_required) and calibration is not None:
+        if (config.calibration.pipeline == "sequential" or config.matching_required) and calibration is not None:
             raise
         if config.matching_steps and calibration is not None:
             logger.info("no decoder blocks found in this %s: compressed without block matching (whole-model "
@@ -272,7 +271,7 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
         entries = _compress_one_shot(model, config, targets, budget, calibration)
     else:
         entries = _compress_by_blocks(model, config, targets, budget, calibration, blocks,
-                                      propagate=config.pipeline == "sequential")
+                                      propagate=config.calibration.pipeline == "sequential")
     _record(model, config, entries)
     return model
 
@@ -288,5 +287,5 @@ def compress_blocks(model: nn.Module, config: LowRankSparseConfig, stream: Any,
     rest = start(blocks)
     calibration = _calibration(model, config)
     _record(model, config, _compress_by_blocks(model, config, targets, budget, calibration, blocks,
-                                               propagate=config.pipeline == "sequential", stream=stream, scratch=scratch))
+                                               propagate=config.calibration.pipeline == "sequential", stream=stream, scratch=scratch))
     return rest

@@ -39,8 +39,9 @@ def decoder_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[tupl
     if best is None:
         raise ValueError(
             f"cannot find the decoder blocks of this {type(model).__name__}: no nn.ModuleList holds any of the layers "
-            "to compress; pipeline='sequential' and block_matching_steps need them: pass "
-            "LowRankSparseConfig(pipeline='one_shot', block_matching_steps=0)"
+            "to compress; CalibrationConfig(pipeline='sequential') and RefitConfig.block_matching_steps need them: pass "
+            "LowRankSparseConfig(calibration=CalibrationConfig(pipeline='one_shot'), "
+            "refit=RefitConfig(block_matching_steps=0))"
         )
     blocks = [(f"{best}.{i}", block) for i, block in enumerate(model.get_submodule(best))]
     outside = [t for t in targets if not t.startswith(f"{best}.")]
@@ -48,7 +49,7 @@ def decoder_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[tupl
         raise ValueError(
             f"the block pipeline compresses the decoder blocks in {best!r} one by one, but target layers "
             f"{outside[:5]}{' ...' if len(outside) > 5 else ''} lie outside them; leave them out "
-            "(modules_to_not_convert / target_modules), or pass pipeline='one_shot' with block_matching_steps=0"
+            "(modules_to_not_convert / target_modules), or pass calibration.pipeline='one_shot' with refit.block_matching_steps=0"
         )
     return blocks
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 import ctypes
 import json
 import logging
@@ -182,7 +183,7 @@ def bound_heap() -> bool:
 @contextlib.contextmanager
 def _scratch(output: Path, config: LowRankSparseConfig) -> Iterator[Path | None]:
     """For CAP, a temporary directory beside `output` (on its disk) for the candidate pools, removed afterwards."""
-    if config.allocation == "uniform":
+    if config.allocation.name == "uniform":
         yield None
         return
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.cap-pools-", dir=output.parent) as directory:
@@ -205,11 +206,10 @@ def compress_checkpoint(source: str | Path, output: str | Path, config: LowRankS
     source, output = Path(source), Path(output)
     if not isinstance(config, LowRankSparseConfig):
         raise TypeError(f"compress_checkpoint expects a LowRankSparseConfig, got {type(config).__name__}")
-    if config.allocation != "uniform" and not config.cap_refits_candidates:
+    if config.allocation.name != "uniform" and not config.cap_refits_candidates:
         raise ValueError(
             f"compress_checkpoint streams blocks with allocation='uniform', or 'cap' with its layer policies on refit "
-            f"candidates (got allocation={config.allocation!r}, cap_policy={config.cap_policy!r}, "
-            f"cap_candidates={config.cap_candidates!r}, sparse_selection={config.sparse_selection!r}): this "
+            f"candidates (got allocation={config.allocation!r}, refit.selection={config.refit.selection!r}): this "
             "allocation reads every layer's Stage 1 pools at once; load the model with "
             "from_pretrained(..., quantization_config=config)"
         )
@@ -223,14 +223,14 @@ def compress_checkpoint(source: str | Path, output: str | Path, config: LowRankS
         logger.info("glibc's mmap threshold fixed at 1 MiB for this process (bounded_heap)")
     model_config = AutoConfig.from_pretrained(source)
     dtype = dtype or getattr(model_config, "dtype", None) or torch.float32
-    tokenizer = config.tokenizer if tokenizer is None else tokenizer
+    tokenizer = config.inputs.tokenizer if tokenizer is None else tokenizer
     if tokenizer is None:  # saved beside the model; where calibration needs one and none loads, the pipeline says so
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
             logger.warning("no tokenizer loads from %s (%s); none is saved with the compressed model", source, exc)
     config = copy.copy(config)  # compression writes the allocation into it: the caller's stays reusable
-    config.tokenizer = tokenizer
+    config.inputs = replace(config.inputs, tokenizer=tokenizer)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     model.name_or_path = str(source)

@@ -85,7 +85,7 @@ def targets_and_budget(model: nn.Module, config: LowRankSparseConfig, check_weig
     """The layers to compress and the parameter budget, after the checks that need no Stage 1."""
     if config.is_compressed:
         raise ValueError(
-            "this LowRankSparseConfig already carries a compressed_modules allocation (it describes a compressed "
+            "this LowRankSparseConfig already carries a compressed.modules allocation (it describes a compressed "
             "checkpoint); pass a fresh config to compress a dense model"
         )
     if any(isinstance(m, LowRankSparseLinear) for m in model.modules()):

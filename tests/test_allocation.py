@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, robust_pca
+from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, robust_pca, UniformAllocation
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
 from optimum_lrs.allocation.base import kept_parameters
 from optimum_lrs.allocation.uniform import uniform_rank
@@ -24,7 +24,7 @@ def test_uniform_meets_budget_and_shares_equally(ratio, fraction):
     cands = candidates(SHAPES)
     dense = sum(m * n for m, n in SHAPES)
     budget = round(ratio * dense)
-    problem = AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, lowrank_fraction=fraction))
+    problem = AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, allocation=UniformAllocation(lowrank_fraction=fraction)))
     result = allocate(problem)
     assert abs(kept_parameters(problem, result) - budget) <= 1e-3 * budget
     for c in cands:
@@ -44,7 +44,7 @@ def test_uniform_moves_slack_when_a_sparse_pool_runs_dry():
     trimmed[keep] = sparse.flatten()[keep]
     cands[0].rpca.sparse = trimmed.view_as(sparse)
     budget = round(0.5 * sum(m * n for m, n in SHAPES))
-    problem = AllocationProblem(cands, budget, LowRankSparseConfig(lowrank_fraction=0.0))
+    problem = AllocationProblem(cands, budget, LowRankSparseConfig(allocation=UniformAllocation(lowrank_fraction=0.0)))
     result = allocate(problem)
     assert result["layer0"].nnz <= 10
     assert abs(kept_parameters(problem, result) - budget) <= 1e-3 * budget
@@ -61,12 +61,12 @@ def test_uniform_never_exceeds_the_rank_compaction_keeps(ratio, fraction, dry):
         flat = cands[0].rpca.sparse.flatten()
         flat[flat.abs().argsort()[10:]] = 0.0
     budget = round(ratio * sum(m * n for m, n in SHAPES))
-    full = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, lowrank_fraction=fraction)))
+    full = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, allocation=UniformAllocation(lowrank_fraction=fraction))))
     for c in cands:
         keep = uniform_rank(c, budget / sum(m * n for m, n in SHAPES), fraction)
         assert full[c.name].rank <= keep
         c.compact(keep)
-    compacted = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, lowrank_fraction=fraction)))
+    compacted = allocate(AllocationProblem(cands, budget, LowRankSparseConfig(param_ratio=ratio, allocation=UniformAllocation(lowrank_fraction=fraction))))
     assert {k: (a.rank, a.nnz) for k, a in compacted.items()} == {k: (a.rank, a.nnz) for k, a in full.items()}
 
 

@@ -1,4 +1,4 @@
-"""Block output matching (`block_matching_steps`): Adam steps on a compressed block's kept values."""
+"""Block output matching (`RefitConfig.block_matching_steps`): Adam steps on a compressed block's kept values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
+from optimum_lrs import CalibrationConfig, CapAllocation, compress_, LowRankSparseConfig, LowRankSparseLinear, RefitConfig
 from optimum_lrs import pipeline as compress_module
 from optimum_lrs.block_matching import match_block
 from optimum_lrs.sequential import decoder_blocks, first_block_inputs
@@ -17,9 +17,11 @@ from .conftest import BUILDERS, tiny_llama
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
 
 
-def config(**fields) -> LowRankSparseConfig:
-    return LowRankSparseConfig(param_ratio=0.5, calibration_data=WINDOWS, calibration_seq_len=32,
-                               calibration_num_samples=8, **fields)
+def config(matching: int | str = "auto", pipeline: str = "one_shot", allocation: str = "uniform") -> LowRankSparseConfig:
+    allocation = CapAllocation(steps=2) if allocation == "cap" else allocation
+    return LowRankSparseConfig(param_ratio=0.5, allocation=allocation, calibration_data=WINDOWS,
+                               refit=RefitConfig(block_matching_steps=matching),
+                               calibration=CalibrationConfig(seq_len=32, num_samples=8, pipeline=pipeline))
 
 
 def layers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -47,11 +49,11 @@ def block_errors(dense: torch.nn.Module, compressed: torch.nn.Module) -> list[fl
 def test_matching_lowers_every_blocks_output_error_and_keeps_the_budget(arch):
     dense = BUILDERS[arch]()
     plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
-    compress_(plain, config(block_matching_steps=0))
-    compress_(matched, config(block_matching_steps=12))
+    compress_(plain, config(matching=0))
+    compress_(matched, config(matching=12))
     before, after = block_errors(dense, plain), block_errors(dense, matched)
     assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
-    assert plain.config.quantization_config.compressed_modules == matched.config.quantization_config.compressed_modules
+    assert plain.config.quantization_config.compressed.modules == matched.config.quantization_config.compressed.modules
     for name, layer in matched.named_modules():
         if isinstance(layer, LowRankSparseLinear):
             other = plain.get_submodule(name)
@@ -66,8 +68,8 @@ def test_matching_keeps_the_start_when_the_steps_would_make_the_block_worse(monk
     monkeypatch.setattr("optimum_lrs.block_matching.LEARNING_RATE", 10.0)
     dense = tiny_llama()
     plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
-    compress_(plain, config(block_matching_steps=0))
-    compress_(matched, config(block_matching_steps=3))
+    compress_(plain, config(matching=0))
+    compress_(matched, config(matching=3))
     a, b = plain.state_dict(), matched.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -89,7 +91,7 @@ def test_match_block_reports_the_error_before_and_after():
 def test_matching_is_deterministic():
     def run() -> dict[str, torch.Tensor]:
         model = tiny_llama()
-        compress_(model, config(block_matching_steps=5, pipeline="sequential"))
+        compress_(model, config(matching=5, pipeline="sequential"))
         return model.state_dict()
 
     a, b = run(), run()
@@ -100,9 +102,9 @@ def test_matching_is_deterministic():
 def test_matching_after_a_global_allocation_lowers_every_blocks_output_error(allocation):
     dense = tiny_llama()
     plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
-    compress_(plain, config(allocation=allocation, cap_steps=2, block_matching_steps=0))
-    compress_(matched, config(allocation=allocation, cap_steps=2, block_matching_steps=12))
-    assert plain.config.quantization_config.compressed_modules == matched.config.quantization_config.compressed_modules
+    compress_(plain, config(allocation=allocation, matching=0))
+    compress_(matched, config(allocation=allocation, matching=12))
+    assert plain.config.quantization_config.compressed.modules == matched.config.quantization_config.compressed.modules
     before, after = block_errors(dense, plain), block_errors(dense, matched)
     assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
 
@@ -113,27 +115,27 @@ def test_matching_needs_decoder_blocks(monkeypatch):
 
     monkeypatch.setattr(compress_module, "decoder_blocks", no_blocks)
     with pytest.raises(ValueError, match="no decoder blocks"):
-        compress_(tiny_llama(), config(block_matching_steps=4))
+        compress_(tiny_llama(), config(matching=4))
     # "auto" (the default) compresses such a model without matching: whole-model statistics
     auto, none = tiny_llama(), tiny_llama()
     compress_(auto, config())
-    compress_(none, config(block_matching_steps=0))
+    compress_(none, config(matching=0))
     a, b = auto.state_dict(), none.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_auto_matching_runs_eight_steps_where_the_compression_calibrates_and_none_where_it_does_not():
     explicit, auto = tiny_llama(), tiny_llama()
-    compress_(explicit, config(block_matching_steps=8))
+    compress_(explicit, config(matching=8))
     compress_(auto, config())
     a, b = explicit.state_dict(), auto.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert auto.config.quantization_config.block_matching_steps == "auto"
+    assert auto.config.quantization_config.refit.block_matching_steps == "auto"
     free = LowRankSparseConfig(param_ratio=0.5, activation_aware=False)  # uniform: calibration-free
     assert not free.needs_calibration and free.matching_steps == 8
-    assert LowRankSparseConfig(activation_aware=False, block_matching_steps=2).needs_calibration
+    assert LowRankSparseConfig(activation_aware=False, refit=RefitConfig(block_matching_steps=2)).needs_calibration
     plain, calibration_free = tiny_llama(), tiny_llama()
     compress_(calibration_free, free)
-    compress_(plain, LowRankSparseConfig(param_ratio=0.5, activation_aware=False, block_matching_steps=0))
+    compress_(plain, LowRankSparseConfig(param_ratio=0.5, activation_aware=False, refit=RefitConfig(block_matching_steps=0)))
     a, b = plain.state_dict(), calibration_free.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

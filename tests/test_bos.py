@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_lrs import LowRankSparseConfig, compress_
+from optimum_lrs import CalibrationConfig, compress_, LowRankSparseConfig, RefitConfig
 from optimum_lrs.calibration import calibration_windows, default_texts, leading_special_tokens
 from optimum_lrs.evaluation import perplexity
 
@@ -43,7 +43,7 @@ def test_calibration_windows_from_text_start_with_bos_and_ids_are_used_as_given(
     assert not (without[:, 0] == bos.bos_token_id).any()
     ids = [list(range(5, 60))]
     assert (calibration_windows(ids, bos, 8, 4, 0)[:, 0] != bos.bos_token_id).all()  # token ids: as given
-    with pytest.raises(ValueError, match="calibration_seq_len=1 leaves no room after the tokenizer's 1 leading"):
+    with pytest.raises(ValueError, match="CalibrationConfig.seq_len=1 leaves no room after the tokenizer's 1 leading"):
         calibration_windows([TEXT], bos, 1, 2, 0)
 
 
@@ -60,8 +60,7 @@ def test_a_gemma_model_with_a_bos_tokenizer_compresses_saves_and_reloads(tokeniz
     _, bos = tokenizers
     dense = tiny_gemma()
     model = copy.deepcopy(dense)
-    compress_(model, LowRankSparseConfig(param_ratio=0.5, tokenizer=bos, calibration_seq_len=32,
-                                         calibration_num_samples=8, block_matching_steps=4))
+    compress_(model, LowRankSparseConfig(param_ratio=0.5, tokenizer=bos, calibration=CalibrationConfig(seq_len=32, num_samples=8), refit=RefitConfig(block_matching_steps=4)))
     model.save_pretrained(tmp_path / "gemma-lrs")
     import optimum_lrs  # noqa: F401  (registers the checkpoint type for the reload)
 

@@ -40,7 +40,7 @@ def test_compress_writes_a_loadable_model_with_card(compressed):
     assert {"config.json", "model.safetensors", "README.md", "allocation.png", "tokenizer.json"} <= names
     config = json.loads((compressed / "config.json").read_text())
     qc = config["quantization_config"]
-    assert config["model_type"] == "optimum_lrs" and qc["allocation"] == "global_greedy" and qc["activation_aware"]
+    assert config["model_type"] == "optimum_lrs" and qc["allocation"] == {"method": "global_greedy", "lowrank_fraction": 0.2} and qc["activation_aware"]
     assert not [p for p in compressed.parent.iterdir() if ".partial-" in p.name]  # staging directory removed
 
 
@@ -51,7 +51,7 @@ def test_eval_and_record_then_report(compressed, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["perplexity"] > 1 and result["max_windows"] == 4
-    recorded = json.loads((compressed / "config.json").read_text())["quantization_config"]["evaluation"]
+    recorded = json.loads((compressed / "config.json").read_text())["quantization_config"]["compressed"]["evaluation"]
     assert recorded == result
     assert str(result["perplexity"]) in (compressed / "README.md").read_text()
 
@@ -110,8 +110,7 @@ def test_compress_without_options_builds_the_library_default_model(dense_with_to
     from optimum_lrs import LowRankSparseConfig
 
     defaults = LowRankSparseConfig().to_dict()
-    assert {k: saved[k] for k in defaults if k not in ("compressed_modules", "evaluation")} == {
-        k: v for k, v in defaults.items() if k not in ("compressed_modules", "evaluation")}
+    assert {k: saved[k] for k in defaults if k != "compressed"} == {k: v for k, v in defaults.items() if k != "compressed"}
     assert saved["activation_aware"]
     assert (out / "model.safetensors.index.json").is_file()  # written shard by shard, as blocks finish
     block_lines = [line for line in proc.stderr.splitlines() if " layers, kept " in line and "weight error" in line]
@@ -124,14 +123,18 @@ def test_compress_without_options_builds_the_library_default_model(dense_with_to
 
 def test_set_reaches_any_config_field_and_refuses_unknown_ones(dense_with_tokenizer, tmp_path):
     out = tmp_path / "o"
-    proc = cli("--quiet", "compress", dense_with_tokenizer, "--set", "pipeline=sequential", "--set", "lowrank_fraction=0.3",
+    proc = cli("--quiet", "compress", dense_with_tokenizer, "--set", "calibration.pipeline=sequential", "--set", "allocation.lowrank_fraction=0.3",
                "--set", "target_modules=[\"q_proj\", \"down_proj\"]", "--no-activation-aware", "--output", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert (saved["pipeline"], saved["lowrank_fraction"], saved["activation_aware"]) == ("sequential", 0.3, False)
-    assert sorted(saved["compressed_modules"]) == [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("mlp.down_proj", "self_attn.q_proj")]
-    for bad, message in ((["--set", "colour=red"], "unknown keys ['colour']"), (["--set", "pipeline"], "expected KEY=VALUE"),
-                         (["--set", "pipeline=parallel"], "pipeline must be one of")):
+    assert (saved["calibration"]["pipeline"], saved["allocation"]["lowrank_fraction"], saved["activation_aware"]) == (
+        "sequential", 0.3, False)
+    assert sorted(saved["compressed"]["modules"]) == [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("mlp.down_proj", "self_attn.q_proj")]
+    for bad, message in ((["--set", "colour=red"], "unknown keys ['colour']"),
+                         (["--set", "calibration.pipeline"], "expected KEY=VALUE"),
+                         (["--set", "calibration.pipeline=parallel"], "CalibrationConfig.pipeline must be one of"),
+                         (["--set", "rpca.tolerance=0.1"], "LowRankSparseConfig.rpca got unknown keys ['tolerance']"),
+                         (["--set", "allocation.steps=2"], "UniformAllocation got unknown keys ['steps']")):
         proc = cli("compress", dense_with_tokenizer, *bad, "--output", tmp_path / "bad")
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert not (tmp_path / "bad").exists()

@@ -4,7 +4,7 @@ from torch import nn
 
 from safetensors.torch import load_file
 
-from optimum_lrs import LowRankSparseConfig, compress_
+from optimum_lrs import compress_, LowRankSparseConfig, RefitConfig, RPCAConfig
 from optimum_lrs.allocation import LayerAllocation
 from optimum_lrs.extract import build_layer
 from optimum_lrs.stage1.decompose import decompose, rpca_rank_cap
@@ -21,7 +21,7 @@ def linear():
 
 @pytest.mark.parametrize("keep", [LayerAllocation(0, 300), LayerAllocation(4, 0), LayerAllocation(6, 500)])
 def test_extraction_keeps_top_triplets_and_entries(linear, keep):
-    cfg = LowRankSparseConfig(sparse_values="rpca", sparse_selection="allocation")
+    cfg = LowRankSparseConfig(refit=RefitConfig(values="rpca", selection="allocation"))
     cands = decompose("x", linear, cfg)
     layer = build_layer(cands, keep, linear, cfg)
     assert (layer.rank, layer.nnz) == (keep.rank, keep.nnz)
@@ -39,7 +39,7 @@ def test_residual_values_are_exact_on_the_support_and_never_worse(linear):
     keep = LayerAllocation(5, 600)
     errors = {}
     for mode in ("rpca", "residual"):
-        cfg = LowRankSparseConfig(sparse_values=mode, sparse_selection="allocation")
+        cfg = LowRankSparseConfig(refit=RefitConfig(values=mode, selection="allocation"))
         layer = build_layer(decompose("x", linear, cfg), keep, linear, cfg)
         errors[mode] = torch.linalg.matrix_norm(linear.weight - layer.dense_weight()).item()
         if mode == "residual":
@@ -52,7 +52,7 @@ def test_residual_values_are_exact_on_the_support_and_never_worse(linear):
 def test_compacting_the_pools_changes_nothing_when_entries_are_re_picked(linear, selection):
     """Uniform allocation frees S's dense copy and unreachable triplets after Stage 1 (memory); the built
     layer must not change."""
-    cfg = LowRankSparseConfig(sparse_selection=selection)
+    cfg = LowRankSparseConfig(refit=RefitConfig(selection=selection))
     cands = decompose("x", linear, cfg)
     pool = cands.sparse_pool
     keep = LayerAllocation(3, 700)
@@ -67,18 +67,18 @@ def test_compacting_the_pools_changes_nothing_when_entries_are_re_picked(linear,
 
 
 def test_default_capped_stage1_builds_the_same_allocation_as_the_uncapped_one(tmp_path):
-    """`rpca_max_rank="auto"` caps uniform's Stage 1 at the rank it keeps: the same counts in every layer,
+    """`RPCAConfig.max_rank="auto"` caps uniform's Stage 1 at the rank it keeps: the same counts in every layer,
     and after the refits each layer within a few percent of the error an uncapped Stage 1 leads to."""
     dense = tiny_llama()
     kw = dict(param_ratio=0.5, activation_aware=False)
     capped = compress_(tiny_llama(), LowRankSparseConfig(cache_dir=str(tmp_path / "capped"), **kw))
-    full = compress_(tiny_llama(), LowRankSparseConfig(cache_dir=str(tmp_path / "full"), rpca_max_rank=None, **kw))
+    full = compress_(tiny_llama(), LowRankSparseConfig(cache_dir=str(tmp_path / "full"), **kw, rpca=RPCAConfig(max_rank=None)))
     # Stage 1 itself ran capped: every cached RPCA has at most 4 triplets (the caps of 64 x 64 and 64 x 160
     # at 50% are 3 and 4), where the uncapped ones keep dozens.
     ranks = {d: [load_file(f)["s"].numel() for f in (tmp_path / d).iterdir()] for d in ("capped", "full")}
     assert len(ranks["capped"]) == len(ranks["full"]) > 0
     assert max(ranks["capped"]) <= 4 < min(ranks["full"])
-    entries, full_entries = capped.config.quantization_config.compressed_modules, full.config.quantization_config.compressed_modules
+    entries, full_entries = capped.config.quantization_config.compressed.modules, full.config.quantization_config.compressed.modules
     assert entries.keys() == full_entries.keys() and entries
     for name, entry in entries.items():
         assert (entry["rank"], entry["nnz"]) == (full_entries[name]["rank"], full_entries[name]["nnz"])

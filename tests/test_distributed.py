@@ -16,7 +16,7 @@ from .conftest import tiny_llama, train_tokenizer
 # Every process runs one thread (torchrun's default for several ranks), so that each matrix's arithmetic is the
 # same whichever process does it.
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}, "OMP_NUM_THREADS": "1"}
-SMALL = ["--set", "calibration_num_samples=8", "--set", "calibration_seq_len=32"]
+SMALL = ["--set", "calibration.num_samples=8", "--set", "calibration.seq_len=32"]
 
 
 def compress(model: Path, output: Path, *options: str, ranks: int = 1, timeout: int = 300, wait: bool = True):
@@ -75,12 +75,12 @@ def test_two_ranks_write_the_bytes_one_process_writes(dense, one_process, tmp_pa
 @pytest.mark.parametrize("options", [
     # CAP streamed from disk: the ranks share each block's Stage 1 and the final extraction, each keeps the pools
     # in its own scratch directory, and all run the same policy steps
-    ("--allocation", "cap", "--set", "cap_steps=2"),
+    ("--allocation", "cap", "--set", "allocation.steps=2"),
     # the per-candidate policy loads the whole model (not streamed): the in-memory global allocation over ranks
-    ("--allocation", "cap", "--set", "cap_steps=2", "--set", "cap_policy=candidate"),
+    ("--allocation", "cap", "--set", "allocation.steps=2", "--set", "allocation.policy=candidate"),
     # each layer's X^T X is summed from both ranks' batches in one order, so the fit sees the same matrix; each
     # matching step's batch lives on one rank, which sends its gradient, and all ranks take the same step
-    ("--set", "objective=second_moment", "--set", "pipeline=sequential", "--set", "block_matching_steps=3"),
+    ("--set", "refit.objective=second_moment", "--set", "calibration.pipeline=sequential", "--set", "refit.block_matching_steps=3"),
 ], ids=["cap_streamed", "cap_in_memory", "second_moment_sequential_block_matching"])
 def test_two_ranks_agree_with_one_process(dense, tmp_path, options):
     one = compress(dense, tmp_path / "one", *options)
@@ -109,8 +109,8 @@ def test_a_killed_distributed_run_resumes_from_the_stage1_cache(dense, tmp_path)
     """SIGKILL both ranks once the first block's Stage 1 is cached; the rerun reads those entries instead of
     recomputing them, and writes the bytes of an uninterrupted one-process run."""
     cache = tmp_path / "cache"
-    options = ("--set", "pipeline=sequential", "--cache-dir", str(cache))
-    slow = ("--set", "refine_iterations=400")  # slower refits: time to kill the run between two blocks
+    options = ("--set", "calibration.pipeline=sequential", "--cache-dir", str(cache))
+    slow = ("--set", "refit.iterations=400")  # slower refits: time to kill the run between two blocks
     proc = compress(dense, tmp_path / "model", *options, *slow, ranks=2, wait=False)
     deadline = time.monotonic() + 240
     while len(list(cache.glob("*.safetensors"))) < 7 and proc.poll() is None and time.monotonic() < deadline:
@@ -127,7 +127,7 @@ def test_a_killed_distributed_run_resumes_from_the_stage1_cache(dense, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in cache.glob("*.safetensors")) if n in survived} == survived
     assert len(list(cache.glob("*.safetensors"))) == 14
-    reference = compress(dense, tmp_path / "reference", "--set", "pipeline=sequential", *slow)
+    reference = compress(dense, tmp_path / "reference", "--set", "calibration.pipeline=sequential", *slow)
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert files(tmp_path / "model") == files(tmp_path / "reference")
 

@@ -15,6 +15,7 @@ from optimum_lrs import (
     LRSModelForCausalLM,
 )
 from optimum_lrs.nn.linear import factor_names
+from optimum_lrs import RPCAConfig, RefitConfig
 
 from .conftest import run_python
 
@@ -49,9 +50,9 @@ def test_both_entry_points_agree_and_meet_the_budget(dense_checkpoint, saved, in
     budget = 0.5 * sum(dense_linears[n].weight.numel() for n in layers)
     kept = sum(layer.num_parameters for layer in layers.values())
     assert abs(kept - budget) <= 1e-3 * budget
-    recorded = model.config.quantization_config.compressed_modules
+    recorded = model.config.quantization_config.compressed.modules
     assert {n: (e["rank"], e["nnz"]) for n, e in recorded.items()} == {n: (l.rank, l.nnz) for n, l in layers.items()}
-    assert all(e["rpca_residual"] < model.config.quantization_config.rpca_tol for e in recorded.values())
+    assert all(e["rpca_residual"] < model.config.quantization_config.rpca.tol for e in recorded.values())
     # The compressed model is a real approximation of the dense one, not noise.
     ref = logits(dense, input_ids)
     assert torch.linalg.norm(logits(model, input_ids) - ref) < 0.5 * torch.linalg.norm(ref)
@@ -120,7 +121,7 @@ def _single_file_copy(saved, tmp_path: Path) -> tuple[Path, dict]:
 
 
 def _first_layer(saved) -> str:
-    return sorted(saved[0].config.quantization_config.compressed_modules)[0]
+    return sorted(saved[0].config.quantization_config.compressed.modules)[0]
 
 
 @pytest.mark.parametrize("damage", ["missing", "extra_dense", "wrong_shape", "stray_factor", "allocation_lies"])
@@ -142,7 +143,7 @@ def test_damaged_checkpoint_raises_naming_the_problem(saved, tmp_path, damage):
         expected = "mystery"
     else:
         config = json.loads((tmp_path / "config.json").read_text())
-        config["quantization_config"]["compressed_modules"][layer]["rank"] += 1
+        config["quantization_config"]["compressed"]["modules"][layer]["rank"] += 1
         (tmp_path / "config.json").write_text(json.dumps(config))
         expected = "config.json records rank"
     save_file(tensors, file, metadata={"format": "pt"})
@@ -158,7 +159,7 @@ def test_entry_point_argument_errors(dense_checkpoint, saved):
         LRSModelForCausalLM.from_pretrained(dense_checkpoint, compression_config=0.5)
     with pytest.raises(ValueError, match="unknown keys"):
         LRSModelForCausalLM.from_pretrained(dense_checkpoint, compression_config={"ratio": 0.5})
-    with pytest.raises(ValueError, match="carries compressed_modules"):
+    with pytest.raises(ValueError, match="carries compressed.modules"):
         AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=saved[0].config.quantization_config)
     with pytest.raises(ValueError, match="must stay dense"):
         AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=LowRankSparseConfig(target_modules=["lm_head"]))
@@ -197,7 +198,7 @@ def test_config_object_is_reusable(dense_checkpoint, input_ids):
     cfg = LowRankSparseConfig(param_ratio=0.5)
     first = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
     second = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
-    assert cfg.compressed_modules is None and first.config.quantization_config.is_compressed
+    assert cfg.compressed is None and first.config.quantization_config.is_compressed
     assert torch.equal(logits(first, input_ids), logits(second, input_ids))
 
 
@@ -239,14 +240,14 @@ def test_bitmask_layout_saves_smaller_and_reloads_identically(dense_checkpoint, 
 
 
 def test_fast_solver_compresses_like_the_exact_one(dense_checkpoint, input_ids):
-    """The default rpca_solver="gram" (Gram eigendecomposition in RPCA, subspace iteration in the refits)
+    """The default RPCAConfig.solver="gram" (Gram eigendecomposition in RPCA, subspace iteration in the refits)
     against "svd" end to end: same allocation, layers as close to the dense ones, same logit error.
     (Over the default 20 alternating refits the two paths may settle on different sparse supports, so the
     layers themselves are compared by their error, not with each other.)"""
     models = {
         solver: AutoModelForCausalLM.from_pretrained(
             dense_checkpoint,  # the layer-wise fits compared: without block matching, which moves them together
-            quantization_config=LowRankSparseConfig(param_ratio=0.5, rpca_solver=solver, block_matching_steps=0))
+            quantization_config=LowRankSparseConfig(param_ratio=0.5, rpca=RPCAConfig(solver=solver), refit=RefitConfig(block_matching_steps=0)))
         for solver in ("gram", "svd")
     }
     fast, exact = (compressed_layers(models[s]) for s in ("gram", "svd"))

@@ -26,6 +26,7 @@ from optimum_lrs import (
     LRSModelForCausalLM,
     compress_,
 )
+from optimum_lrs import CalibrationConfig, CapAllocation, RefitConfig
 
 from .conftest import tiny_llama, tiny_qwen2
 
@@ -99,8 +100,8 @@ def cli(*args) -> tuple[int, str]:
 
 
 def test_contradictory_refine_iterations_with_allocation_selection_is_refused():
-    with pytest.raises(ValueError, match='refine_iterations must be 0 when sparse_selection="allocation"'):
-        LowRankSparseConfig(sparse_selection="allocation", refine_iterations=2)
+    with pytest.raises(ValueError, match='RefitConfig.iterations must be 0 with selection="allocation"'):
+        LowRankSparseConfig(refit=RefitConfig(selection="allocation", iterations=2))
 
 
 def test_budget_too_small_to_keep_anything_is_refused_at_compression():
@@ -146,23 +147,23 @@ def test_infinite_weight_is_refused():
 
 
 @pytest.mark.parametrize("cfg", [
-    {"allocation": "cap", "cap_steps": 1, "activation_aware": False},
+    {"allocation": CapAllocation(steps=1), "activation_aware": False},
     {"activation_aware": True},
 ], ids=["cap", "activation_aware"])
 def test_calibration_shorter_than_one_window_is_refused(cfg):
-    config = LowRankSparseConfig(calibration_data=[[1, 2, 3, 4]], calibration_seq_len=64, **cfg)
-    with pytest.raises(ValueError, match="calibration data has 4 tokens, fewer than one window of calibration_seq_len=64"):
+    config = LowRankSparseConfig(calibration_data=[[1, 2, 3, 4]], **cfg, calibration=CalibrationConfig(seq_len=64))
+    with pytest.raises(ValueError, match="calibration data has 4 tokens, fewer than one window of CalibrationConfig.seq_len=64"):
         compress_(tiny_llama(), config)
 
 
 def test_calibration_token_ids_outside_the_vocabulary_are_refused():
-    config = LowRankSparseConfig(activation_aware=True, calibration_data=[[1, 2, 300, 4] * 4], calibration_seq_len=8)
+    config = LowRankSparseConfig(activation_aware=True, calibration_data=[[1, 2, 300, 4] * 4], calibration=CalibrationConfig(seq_len=8))
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
         compress_(tiny_llama(), config)
 
 
 @pytest.mark.parametrize("cfg", [
-    {"allocation": "cap", "cap_steps": 1, "activation_aware": False, "calibration_data": ["some calibration text"]},
+    {"allocation": CapAllocation(steps=1), "activation_aware": False, "calibration_data": ["some calibration text"]},
     {"activation_aware": True},  # the shipped C4 sample
 ], ids=["cap_with_texts", "activation_aware_default_text"])
 def test_calibration_text_without_a_tokenizer_is_refused(dense_dir, cfg):
@@ -207,15 +208,15 @@ def test_a_new_quantization_config_for_a_compressed_checkpoint_gets_transformers
     with pytest.warns(UserWarning, match="quantization_config` from the model will be used"):
         model = AutoModelForCausalLM.from_pretrained(sharded, quantization_config=plain(param_ratio=0.3))
     assert model.config.quantization_config.param_ratio == saved["param_ratio"] != 0.3
-    assert model.config.quantization_config.compressed_modules == saved["compressed_modules"]
+    assert model.config.quantization_config.compressed.modules == saved["compressed"]["modules"]
 
 
 # ---------------------------------------------------------------- plugin version and config.json
 
 
 def test_checkpoint_from_a_newer_format_version_is_refused(copy):
-    edit_json(copy / "config.json", lambda c: c["quantization_config"].update(format_version=2))
-    with pytest.raises(ValueError, match="format_version 2 is not supported by this optimum_lrs"):
+    edit_json(copy / "config.json", lambda c: c["quantization_config"].update(format_version=3))
+    with pytest.raises(ValueError, match="format_version 3 is not supported by this optimum_lrs"):
         AutoModelForCausalLM.from_pretrained(copy)
 
 
@@ -232,28 +233,28 @@ def test_checkpoint_naming_an_unknown_base_architecture_is_refused(copy):
 
 
 def test_checkpoint_config_without_allocation_is_refused(copy):
-    edit_json(copy / "config.json", lambda c: c["quantization_config"].pop("compressed_modules"))
-    with pytest.raises(ValueError, match="without compressed_modules"):
+    edit_json(copy / "config.json", lambda c: c["quantization_config"].pop("compressed"))
+    with pytest.raises(ValueError, match="without compressed.modules"):
         AutoModelForCausalLM.from_pretrained(copy)
 
 
 def test_allocation_nnz_disagreeing_with_sharded_tensors_names_the_shard(copy):
-    edit_json(copy / "config.json", lambda c: c["quantization_config"]["compressed_modules"][LAYER].update(
-        nnz=c["quantization_config"]["compressed_modules"][LAYER]["nnz"] + 1))
+    edit_json(copy / "config.json", lambda c: c["quantization_config"]["compressed"]["modules"][LAYER].update(
+        nnz=c["quantization_config"]["compressed"]["modules"][LAYER]["nnz"] + 1))
     shard = weight_map(copy)[f"{LAYER}.lowrank_u"]
     with pytest.raises(CheckpointError, match=names(LAYER, shard, "config.json records")):
         AutoModelForCausalLM.from_pretrained(copy)
 
 
 def test_allocation_listing_a_layer_the_model_lacks_is_refused(copy):
-    edit_json(copy / "config.json", lambda c: c["quantization_config"]["compressed_modules"].update(
+    edit_json(copy / "config.json", lambda c: c["quantization_config"]["compressed"]["modules"].update(
         {"model.layers.0.mlp.extra_proj": {"rank": 1, "nnz": 1}}))
     with pytest.raises(CheckpointError, match=names("config.json lists compressed layer", "model.layers.0.mlp.extra_proj")):
         AutoModelForCausalLM.from_pretrained(copy)
 
 
 def test_allocation_omitting_a_layer_whose_factors_are_stored_names_the_shard(copy):
-    edit_json(copy / "config.json", lambda c: c["quantization_config"]["compressed_modules"].pop(LAYER))
+    edit_json(copy / "config.json", lambda c: c["quantization_config"]["compressed"]["modules"].pop(LAYER))
     shard = weight_map(copy)[f"{LAYER}.lowrank_u"]
     with pytest.raises(CheckpointError, match=names(shard, f"{LAYER}.lowrank_u", "does not belong")):
         AutoModelForCausalLM.from_pretrained(copy)

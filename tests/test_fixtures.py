@@ -27,3 +27,21 @@ def test_saved_checkpoint_loads_with_its_outputs(fixture):
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_todays_code_writes_the_fixture_tensors_again(fixture, tmp_path):
+    """The same recipe and seed give the tensors the fixture's version wrote (make_fixtures.py's recipe): the
+    redesigned configuration changed config.json's layout, not what compression computes."""
+    from optimum_lrs import LowRankSparseConfig, compress_
+
+    from .conftest import tiny_llama, tiny_qwen2
+
+    build = {"llama-bitmask": (tiny_llama, "bitmask"), "qwen2-csr": (tiny_qwen2, "csr")}[fixture.name]
+    model = build[0]()
+    compress_(model, LowRankSparseConfig(param_ratio=0.5, activation_aware=False, sparse_format=build[1]))
+    model.save_pretrained(tmp_path)
+    written, saved = load_file(tmp_path / "model.safetensors"), load_file(fixture / "model.safetensors")
+    assert written.keys() == saved.keys()
+    for key, tensor in saved.items():
+        torch.testing.assert_close(written[key], tensor, rtol=1e-5, atol=1e-6, msg=key)

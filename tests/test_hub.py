@@ -26,8 +26,9 @@ def hub() -> Iterator[HubServer]:
 
 @pytest.fixture(scope="module")
 def compressed(dense_with_tokenizer, tmp_path_factory) -> Path:
-    cfg = LowRankSparseConfig(param_ratio=0.5, base_model=BASE, evaluation={"perplexity": 12.5, "dataset": "x"})
+    cfg = LowRankSparseConfig(param_ratio=0.5, base_model=BASE)
     model = AutoModelForCausalLM.from_pretrained(dense_with_tokenizer, quantization_config=cfg)
+    model.config.quantization_config.compressed.evaluation = {"perplexity": 12.5, "dataset": "x"}  # as `eval --record`
     out = tmp_path_factory.mktemp("hub-compressed")
     model.save_pretrained(out)
     return out

@@ -137,7 +137,7 @@ def test_merge_keeps_layers_compressed_and_unmerge_is_exact(compressed_dir, inpu
     with torch.no_grad():
         assert torch.allclose(merged(input_ids).logits, adapted, atol=1e-5)
     merged.save_pretrained(tmp_path / "merged")
-    recorded = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]["compressed_modules"]
+    recorded = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]["compressed"]["modules"]
     assert {n: recorded[n.removeprefix("base_model.model.")]["rank"] for n in ranks} == merged_ranks
     reloaded = load(tmp_path / "merged")
     with torch.no_grad():

@@ -13,7 +13,7 @@ def test_quantize_saves_a_reloadable_compressed_model(dense_with_tokenizer, tmp_
     assert isinstance(quantizer, OptimumQuantizer) and quantizer.tokenizer is not None
     config = LowRankSparseConfig(param_ratio=0.4)
     model = quantizer.quantize(save_dir=tmp_path / "out", compression_config=config)
-    assert config.compressed_modules is None  # the caller's config is not consumed
+    assert config.compressed is None  # the caller's config is not consumed
     assert sum(isinstance(m, LowRankSparseLinear) for m in model.modules()) == 14
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     with torch.no_grad():

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from optimum_lrs import CalibrationConfig, CapAllocation
 
 from .conftest import REPO
 
@@ -23,7 +24,7 @@ model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=160, intermedia
 """
 COMPRESS = BUILD + """
 import sys, optimum_lrs
-cfg = optimum_lrs.LowRankSparseConfig(param_ratio=0.5, cache_dir=sys.argv[1], rpca_tol=1e-6, rpca_max_iter=200,
+cfg = optimum_lrs.LowRankSparseConfig(param_ratio=0.5, cache_dir=sys.argv[1], rpca={'tol': 1e-6, 'max_iter': 200},
                                       activation_aware=False)  # no tokenizer for this model: raw-weight Stage 1
 optimum_lrs.compress_(model, cfg)
 model.save_pretrained(sys.argv[2])
@@ -68,8 +69,7 @@ def test_same_seed_gives_byte_identical_checkpoints(tmp_path):
     from .conftest import tiny_llama
 
     for name in ("a", "b"):
-        model = compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.5, allocation="cap", cap_steps=2, calibration_num_samples=4,
-                                                            calibration_data=torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))))
+        model = compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.5, calibration_data=torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1)), allocation=CapAllocation(steps=2), calibration=CalibrationConfig(num_samples=4)))
         model.save_pretrained(tmp_path / name)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") and digest(tmp_path / "a")
 

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
+from optimum_lrs import CalibrationConfig, compress_, LowRankSparseConfig, LowRankSparseLinear, RefitConfig
 from optimum_lrs.stage1 import second_moment as sm
 from optimum_lrs.stage1.activations import InputStatistics, dense_statistics
 from optimum_lrs.targets import find_target_modules
@@ -125,23 +125,19 @@ def test_compression_with_the_second_moment_objective_lowers_every_layers_output
     models = {}
     for objective in ("rms", "second_moment"):
         models[objective] = copy.deepcopy(dense)
-        compress_(models[objective], LowRankSparseConfig(
-            param_ratio=0.5, objective=objective, calibration_data=WINDOWS, calibration_seq_len=32,
-            calibration_num_samples=8, block_matching_steps=0))  # the layer-wise fit alone
+        compress_(models[objective], LowRankSparseConfig(param_ratio=0.5, calibration_data=WINDOWS, refit=RefitConfig(objective=objective, block_matching_steps=0), calibration=CalibrationConfig(seq_len=32, num_samples=8)))  # the layer-wise fit alone
     rms, fitted = layer_output_errors(dense, models["rms"]), layer_output_errors(dense, models["second_moment"])
     assert all(fitted[n] <= rms[n] * (1 + 1e-5) for n in rms), {n: (rms[n], fitted[n]) for n in rms}
     assert sum(fitted.values()) < 0.9 * sum(rms.values())
-    kept = models["second_moment"].config.quantization_config.compressed_modules
-    assert kept == models["rms"].config.quantization_config.compressed_modules  # same ranks and counts
+    kept = models["second_moment"].config.quantization_config.compressed.modules
+    assert kept == models["rms"].config.quantization_config.compressed.modules  # same ranks and counts
 
 
 @pytest.mark.parametrize("pipeline", ["one_shot", "sequential"])
 def test_the_second_moment_objective_is_deterministic(pipeline):
     def run() -> dict[str, torch.Tensor]:
         model = tiny_llama()
-        compress_(model, LowRankSparseConfig(param_ratio=0.4, objective="second_moment", pipeline=pipeline,
-                                             calibration_data=WINDOWS, calibration_seq_len=32,
-                                             calibration_num_samples=8))
+        compress_(model, LowRankSparseConfig(param_ratio=0.4, calibration_data=WINDOWS, refit=RefitConfig(objective="second_moment"), calibration=CalibrationConfig(pipeline=pipeline, seq_len=32, num_samples=8)))
         return model.state_dict()
 
     a, b = run(), run()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
+from optimum_lrs import CalibrationConfig, CapAllocation, LowRankSparseConfig, LowRankSparseLinear, RefitConfig, compress_
 from optimum_lrs import pipeline as compress_module
 from optimum_lrs.stage1 import decompose as decompose_module
 from optimum_lrs.stage1.activations import input_rms
@@ -19,9 +19,10 @@ from .conftest import BUILDERS, MIXED_ATTENTION
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
 
 
-def config(allocation: str, pipeline: str, **fields) -> LowRankSparseConfig:
-    return LowRankSparseConfig(param_ratio=0.5, allocation=allocation, pipeline=pipeline, calibration_data=WINDOWS,
-                               calibration_seq_len=32, calibration_num_samples=8, cap_steps=2, **fields)
+def config(allocation: str, pipeline: str, matching: int | str = "auto") -> LowRankSparseConfig:
+    return LowRankSparseConfig(param_ratio=0.5, allocation=CapAllocation(steps=2) if allocation == "cap" else allocation,
+                               calibration_data=WINDOWS, refit=RefitConfig(block_matching_steps=matching),
+                               calibration=CalibrationConfig(seq_len=32, num_samples=8, pipeline=pipeline))
 
 
 def compressed(build, cfg: LowRankSparseConfig) -> nn.Module:
@@ -43,7 +44,7 @@ def test_one_shot_block_by_block_equals_the_whole_model_pass_bit_for_bit(arch, a
     calls = []
     original_first = compress_module.first_block_inputs
     monkeypatch.setattr(compress_module, "first_block_inputs", lambda *a: calls.append(1) or original_first(*a))
-    by_blocks_cfg = config(allocation, "one_shot", block_matching_steps=0)  # matching needs the blocks
+    by_blocks_cfg = config(allocation, "one_shot", matching=0)  # matching needs the blocks
     by_blocks = compressed(ARCHITECTURES[arch], by_blocks_cfg)
     assert calls == [1]
 
@@ -51,14 +52,14 @@ def test_one_shot_block_by_block_equals_the_whole_model_pass_bit_for_bit(arch, a
         raise ValueError("no blocks")
 
     monkeypatch.setattr(compress_module, "decoder_blocks", no_blocks)
-    whole_cfg = config(allocation, "one_shot", block_matching_steps=0)
+    whole_cfg = config(allocation, "one_shot", matching=0)
     whole = compressed(ARCHITECTURES[arch], whole_cfg)
     assert calls == [1]
     a, b = whole.state_dict(), by_blocks.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    allocated = whole.config.quantization_config.compressed_modules
-    assert len(allocated) == 14 and allocated == by_blocks.config.quantization_config.compressed_modules
+    allocated = whole.config.quantization_config.compressed.modules
+    assert len(allocated) == 14 and allocated == by_blocks.config.quantization_config.compressed.modules
     with pytest.raises(ValueError, match="no blocks"):  # propagated statistics cannot do without blocks
         compressed(ARCHITECTURES[arch], config(allocation, "sequential"))
 
@@ -101,7 +102,7 @@ def test_the_sequential_model_meets_the_budget_and_differs_from_one_shot():
         kept = sum(m.rank * (m.in_features + m.out_features) + m.nnz for m in layers)
         dense = sum(m.in_features * m.out_features for m in layers)
         assert abs(kept - round(0.5 * dense)) <= 1e-3 * dense
-        assert len(model.config.quantization_config.compressed_modules) == 14
+        assert len(model.config.quantization_config.compressed.modules) == 14
         again = compressed(BUILDERS["llama"], config(allocation, "sequential"))
         a, b = model.state_dict(), again.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic

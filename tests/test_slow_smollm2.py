@@ -35,7 +35,7 @@ def test_smollm2_half_budget_uniform_defaults(tmp_path, capsys):
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert perplexity(reloaded, tokenizer, text, SEQ_LEN, 2) == pytest.approx(perplexity(model, tokenizer, text, SEQ_LEN, 2))
-    residuals = [e["rpca_residual"] for e in model.config.quantization_config.compressed_modules.values()]
+    residuals = [e["rpca_residual"] for e in model.config.quantization_config.compressed.modules.values()]
     with capsys.disabled():
         print(f"\nSmolLM2-135M WikiText-2 ({WINDOWS} x {SEQ_LEN} tokens): dense ppl {ppl_dense:.2f}, "
               f"uniform 50% ppl {ppl:.2f}; max RPCA residual {max(residuals):.1e}")

@@ -14,15 +14,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from optimum_lrs import LowRankSparseConfig
+from optimum_lrs import CalibrationConfig, CapAllocation, LowRankSparseConfig, RefitConfig
 from optimum_lrs.io.checkpoint import CheckpointError
 from optimum_lrs.streaming import StreamedBlocks, compress_checkpoint
 
 from .conftest import BUILDERS, REPO, run_python, train_tokenizer
 
 
-def settings(**kwargs) -> LowRankSparseConfig:
-    return LowRankSparseConfig(param_ratio=0.5, calibration_seq_len=32, calibration_num_samples=8, **kwargs)
+def settings(pipeline: str = "one_shot", matching: int | str = "auto", **kwargs) -> LowRankSparseConfig:
+    return LowRankSparseConfig(param_ratio=0.5, **kwargs, refit=RefitConfig(block_matching_steps=matching),
+                               calibration=CalibrationConfig(seq_len=32, num_samples=8, pipeline=pipeline))
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -71,7 +72,7 @@ def test_streamed_compression_equals_in_memory_compression_tensor_for_tensor(sha
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, in_memory(ids).logits)
     qc = reloaded.config.quantization_config
-    assert qc.compressed_modules == in_memory.config.quantization_config.compressed_modules
+    assert qc.compressed.modules == in_memory.config.quantization_config.compressed.modules
     names = {p.name for p in (tmp_path / "streamed").iterdir()}
     assert {"config.json", "model.safetensors.index.json", "README.md", "tokenizer.json", "generation_config.json"} <= names
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
@@ -83,7 +84,7 @@ def test_streamed_cap_equals_in_memory_cap_with_one_block_at_a_time(sharded_dens
     """CAP over streamed blocks (pools on disk, every step's samples block by block) finds the allocation CAP finds
     in memory and writes the same tensors; no more than one block is ever materialised, and the pools' scratch
     directory is gone afterwards."""
-    cfg = dict(allocation="cap", pipeline=pipeline, block_matching_steps=matching, cap_steps=3)
+    cfg = dict(allocation=CapAllocation(steps=3), pipeline=pipeline, matching=matching)
     in_memory = AutoModelForCausalLM.from_pretrained(sharded_dense, quantization_config=settings(**cfg))
     in_memory.save_pretrained(tmp_path / "memory")
     materialised, linears = [], []
@@ -108,9 +109,9 @@ def test_streamed_cap_equals_in_memory_cap_with_one_block_at_a_time(sharded_dens
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     allocated = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "streamed").config.quantization_config
-    assert allocated.compressed_modules == in_memory.config.quantization_config.compressed_modules
+    assert allocated.compressed.modules == in_memory.config.quantization_config.compressed.modules
     uniform = AutoModelForCausalLM.from_pretrained(sharded_dense, quantization_config=settings(pipeline=pipeline))
-    assert allocated.compressed_modules != uniform.config.quantization_config.compressed_modules  # CAP moved budget
+    assert allocated.compressed.modules != uniform.config.quantization_config.compressed.modules  # CAP moved budget
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["streamed"]
 
 
@@ -143,12 +144,12 @@ def test_a_shard_that_vanishes_mid_stream_fails_naming_it_and_leaves_no_output(s
 
     monkeypatch.setattr(StreamedBlocks, "load", lose_the_shard_during_cap_steps)
     with pytest.raises(CheckpointError, match=f"{last.name}.*changed while it was being compressed"):
-        compress_checkpoint(work, tmp_path / "out", settings(allocation="cap", cap_steps=2))
+        compress_checkpoint(work, tmp_path / "out", settings(allocation=CapAllocation(steps=2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no output, no staging, no pools
 
 
 def test_what_streaming_cannot_do_is_refused_before_any_work(sharded_dense, tmp_path):
-    for refused in (dict(allocation="global_greedy"), dict(allocation="cap", cap_policy="candidate")):
+    for refused in (dict(allocation="global_greedy"), dict(allocation=CapAllocation(policy="candidate"))):
         with pytest.raises(ValueError, match="allocation='uniform', or 'cap' with its layer policies.*from_pretrained"):
             compress_checkpoint(sharded_dense, tmp_path / "o", settings(**refused))
     with pytest.raises(ValueError, match="no model.safetensors"):

@@ -1,14 +1,20 @@
 """Stage 2: share one parameter budget among the candidates of all layers."""
 
-from . import cap, global_greedy, uniform  # noqa: F401  (register the methods)
 from .base import (
+    ALLOCATION_CONFIGS,
     ALLOCATORS,
-    LOSS_DRIVEN,
+    AllocationConfig,
     AllocationProblem,
     LayerAllocation,
     LayerCandidates,
     allocate,
+    allocation_config,
     register_allocator,
 )
+from .cap import CapAllocation
+from .global_greedy import GlobalGreedyAllocation
+from .uniform import UniformAllocation
 
-__all__ = ["ALLOCATORS", "LOSS_DRIVEN", "AllocationProblem", "LayerAllocation", "LayerCandidates", "allocate", "register_allocator"]
+__all__ = ["ALLOCATION_CONFIGS", "ALLOCATORS", "AllocationConfig", "AllocationProblem", "CapAllocation",
+           "GlobalGreedyAllocation", "LayerAllocation", "LayerCandidates", "UniformAllocation", "allocate",
+           "allocation_config", "register_allocator"]

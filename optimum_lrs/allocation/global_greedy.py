@@ -8,11 +8,21 @@ It is the cheap global baseline that CAP's policy-gradient step has to beat.
 
 from __future__ import annotations
 
-from .base import AllocationProblem, LayerAllocation, register_allocator
+from dataclasses import dataclass
+
+from .base import AllocationConfig, AllocationProblem, LayerAllocation, register_allocator
 from .select import keep_best
 
 
-@register_allocator("global_greedy")
+@dataclass
+class GlobalGreedyAllocation(AllocationConfig):
+    """One ranking of all candidates by error removed per parameter; `lowrank_fraction` serves only where a
+    pipeline needs provisional uniform counts (the sequential pipeline's blocks before the allocation)."""
+
+    name = "global_greedy"
+
+
+@register_allocator(GlobalGreedyAllocation)
 def allocate_global_greedy(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     positions = [c.sparse_positions() for c in problem.candidates]
     scores = [c.energy_scores(pos) for c, pos in zip(problem.candidates, positions)]

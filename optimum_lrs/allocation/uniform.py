@@ -7,9 +7,10 @@ runs dry the other takes up the slack, and what a layer cannot hold goes to laye
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .base import (
+    AllocationConfig,
     AllocationProblem,
     LayerAllocation,
     LayerCandidates,
@@ -37,7 +38,7 @@ def uniform_rank(c: LayerCandidates, ratio: float, lowrank_fraction: float) -> i
 
 def stage1_rank_cap(shape: tuple[int, int], ratio: float, lowrank_fraction: float) -> int:
     """The rank `uniform_rank` gives a matrix of this shape when its pools are large enough, known before
-    Stage 1: the cap of `rpca_max_rank="auto"`. At least 1, because the first RPCA iteration reads ||W||_2."""
+    Stage 1: the cap of `RPCAConfig(max_rank="auto")`. At least 1, because the first RPCA iteration reads ||W||_2."""
     rows, cols = shape
     return max(1, int(lowrank_fraction * (int(ratio * rows * cols) + 1)) // (rows + cols))
 
@@ -52,10 +53,17 @@ def uniform_shares(sizes: dict[str, int], budget: int) -> dict[str, int]:
     return shares
 
 
-@register_allocator("uniform")
+@dataclass
+class UniformAllocation(AllocationConfig):
+    """Every matrix keeps `param_ratio` of its parameters, `lowrank_fraction` of them as rank."""
+
+    name = "uniform"
+
+
+@register_allocator(UniformAllocation)
 def allocate_uniform(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     shares = problem.shares or uniform_shares({c.name: c.dense_params for c in problem.candidates}, problem.budget)
-    allocation = {c.name: _fill(c, shares[c.name], problem.config.lowrank_fraction) for c in problem.candidates}
+    allocation = {c.name: _fill(c, shares[c.name], problem.config.allocation.lowrank_fraction) for c in problem.candidates}
     return settle(problem, allocation)
 
 

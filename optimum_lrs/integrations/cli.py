@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 logger = logging.getLogger("optimum_lrs.integrations.cli")
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--activation-aware", action=argparse.BooleanOptionalAction,
                    help="activation-aware Stage 1 (default on; needs calibration text)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any LowRankSparseConfig field, VALUE as JSON or text (repeatable): --set pipeline=one_shot")
+                   help="any LowRankSparseConfig field, dotted into a nested config, VALUE as JSON or text "
+                        "(repeatable): --set calibration.pipeline=sequential --set allocation.steps=4")
     c.add_argument("--gguf-file", help="GGUF file name inside MODEL's directory (dequantized, then compressed)")
     c.add_argument("--calibration", type=Path, help="calibration text: a .txt file or a .jsonl file with a 'text' field")
     c.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
@@ -122,7 +124,7 @@ def _streamable(args: argparse.Namespace, config) -> bool:
     from ..io.checkpoint import INDEX_NAME
 
     local = Path(args.model)
-    return (not args.gguf_file and (config.allocation == "uniform" or config.cap_refits_candidates)
+    return (not args.gguf_file and (config.allocation.name == "uniform" or config.cap_refits_candidates)
             and any((local / name).is_file() for name in ("model.safetensors", INDEX_NAME)))
 
 
@@ -156,12 +158,13 @@ def _eval(args: argparse.Namespace) -> int:
     print(json.dumps(result))
     if args.record:
         config_path = args.directory / "config.json"
+        config = model.config.quantization_config
+        config.compressed = replace(config.compressed, evaluation=result)
         saved = json.loads(config_path.read_text())
-        saved["quantization_config"]["evaluation"] = result
+        saved["quantization_config"] = config.to_dict()  # format 1 is rewritten as today's format
         tmp = config_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, config_path)
-        model.config.quantization_config.evaluation = result
         write_card(model, args.directory)
     return 0
 

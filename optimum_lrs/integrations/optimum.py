@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,9 @@ class LRSQuantizer(OptimumQuantizer):
         if isinstance(config, dict):
             config = LowRankSparseConfig.from_dict(config)
         check_output_dir(Path(save_dir), overwrite)
-        if config.tokenizer is None and self.tokenizer is not None:
+        if config.inputs.tokenizer is None and self.tokenizer is not None:
             config = copy.copy(config)
-            config.tokenizer = self.tokenizer
+            config.inputs = replace(config.inputs, tokenizer=self.tokenizer)
         compress_(self.model, config)
         if Ranks().writes:  # several ranks hold the same model: one writes it
             save_atomically(self.model, save_dir, self.tokenizer, repo_id, overwrite)

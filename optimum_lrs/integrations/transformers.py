@@ -44,12 +44,12 @@ class LRSHfQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized and not config.is_compressed:
             raise ValueError(
-                "config.json has an optimum_lrs quantization_config without compressed_modules: the checkpoint "
+                "config.json has an optimum_lrs quantization_config without compressed.modules: the checkpoint "
                 "is incomplete (it was not written by a finished compression)"
             )
         if not self.pre_quantized and config.is_compressed:
             raise ValueError(
-                "the LowRankSparseConfig passed to from_pretrained carries compressed_modules (it was taken from a "
+                "the LowRankSparseConfig passed to from_pretrained carries compressed.modules (it was taken from a "
                 "compressed model); pass a fresh LowRankSparseConfig to compress a dense checkpoint"
             )
         if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
@@ -70,7 +70,7 @@ class LRSHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """Refresh the allocation from the live layers before config.json is written (a merged LoRA grows ranks)."""
-        modules = self.quantization_config.compressed_modules or {}
+        modules = self.quantization_config.compressed.modules if self.quantization_config.is_compressed else {}
         for name, module in model.named_modules():
             if isinstance(module, LowRankSparseLinear) and name in modules:
                 modules[name].update(rank=module.rank, nnz=module.nnz)

@@ -172,14 +172,14 @@ def empty_layer_from_headers(
 
 
 def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, files: list[str]) -> None:
-    """Swap each layer listed in `config.compressed_modules` for an empty compressed layer, before loading.
+    """Swap each layer listed in `config.compressed.modules` for an empty compressed layer, before loading.
 
     With `factor_dtype="auto"` the factors follow the dtype the model is loaded in (`dtype=` of
     `from_pretrained`), as dense weights do; an explicit factor_dtype is kept.
     """
     headers = read_headers(list(files or []))
     check_index(list(files or []), headers)
-    listed = config.compressed_modules or {}
+    listed = config.compressed.modules if config.is_compressed else {}
     for name, entry in listed.items():
         try:
             dense = model.get_submodule(name)

@@ -80,15 +80,16 @@ def model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard:
         raise ValueError("the model is not compressed by optimum_lrs; there is no allocation to describe")
     rows = allocation_table(model)
     kept, dense = sum(r["kept"] for r in rows), sum(r["dense"] for r in rows)
-    data = ModelCardData(library_name="transformers", tags=list(TAGS) + [f"allocation-{config.allocation}"])
-    if config.base_model:
-        data.base_model = config.base_model
+    data = ModelCardData(library_name="transformers", tags=list(TAGS) + [f"allocation-{config.allocation.name}"])
+    result = config.compressed
+    if result.base_model:
+        data.base_model = result.base_model
         data.base_model_relation = "quantized"  # the Hub's relation for compressed derivatives
     name = repo_id or "this model"
     lines = [
         f"# {name}",
         "",
-        f"Low-rank + sparse compression of {config.base_model or 'a transformers model'} with "
+        f"Low-rank + sparse compression of {result.base_model or 'a transformers model'} with "
         "[optimum-lrs](https://pypi.org/project/optimum-lrs/) (CAP, arXiv 2505.03801): every targeted linear layer "
         f"is stored as U V + S (low-rank factors plus a sparse matrix whose positions are kept as "
         f"{'a bitmask' if config.sparse_format == 'bitmask' else 'CSR arrays'}), with ranks and sparse entries shared out "
@@ -96,12 +97,12 @@ def model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard:
         "",
         "| budget (param_ratio) | allocation | compressed layers | kept parameters | dense parameters |",
         "|---|---|---|---|---|",
-        f"| {config.param_ratio} | {config.allocation} | {len(rows)} | {kept:,} ({kept / dense:.1%}) | {dense:,} |",
+        f"| {config.param_ratio} | {config.allocation.name} | {len(rows)} | {kept:,} ({kept / dense:.1%}) | {dense:,} |",
         "",
     ]
-    if config.evaluation:
-        lines += ["## Measured quality", "", "| " + " | ".join(config.evaluation) + " |",
-                  "|" + "---|" * len(config.evaluation), "| " + " | ".join(str(v) for v in config.evaluation.values()) + " |", ""]
+    if result.evaluation:
+        lines += ["## Measured quality", "", "| " + " | ".join(result.evaluation) + " |",
+                  "|" + "---|" * len(result.evaluation), "| " + " | ".join(str(v) for v in result.evaluation.values()) + " |", ""]
     else:
         lines += ["Quality was not measured before upload (`optimum-lrs eval DIR --text FILE --record` records it).", ""]
     lines += [

@@ -1,5 +1,5 @@
 """Input-activation statistics of the target layers: per-feature RMS for activation-aware Stage 1, and the
-full second moment for `objective="second_moment"`."""
+full second moment for `refit.objective="second_moment"`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The layer fit in the calibration inputs' full second-moment norm (`objective="second_moment"`).
+"""The layer fit in the calibration inputs' full second-moment norm (`refit.objective="second_moment"`).
 
 For inputs X (one row per token) and H = X^T X / tokens, the error that reaches a layer's output is
 ||(W - L - S) X||^2 = tr((W - L - S) H (W - L - S)^T) = ||(W - L - S) R||_F^2 with H = R R^T (Cholesky). This

@@ -4,7 +4,7 @@ A distribution over which candidates every layer keeps (singular triplets, cost 
 cost 1), moved by REINFORCE on the causal-LM loss of the whole masked model on calibration tokens (forward
 passes only) and held to the budget K after every step; the final allocation meets K exactly.
 
-`cap_policy="layer"` (default): the random variables are each layer's kept rank and sparse count, and a
+`CapAllocation(policy="layer")` (default): the random variables are each layer's kept rank and sparse count, and a
 sample keeps each layer's best-scored candidates. `"candidate"`: the paper's one Bernoulli probability per
 candidate, s <- s - lr (L - b) (m - s) / (s (1 - s) + eps), then the exact projection c^T s = K. With one
 loss per sample, the per-candidate estimate is dominated by which of the millions of uncertain candidates
@@ -19,7 +19,8 @@ Modules: `candidates` (pools and their sparse orders), `policy` (the distributio
 budget projection), `masked` (the masked layers and the loss), `driver` (the loop, in memory), `streamed`.
 """
 
+from .config import CapAllocation
 from .driver import allocate_cap
 from .projection import project_to_budget
 
-__all__ = ["allocate_cap", "project_to_budget"]
+__all__ = ["CapAllocation", "allocate_cap", "project_to_budget"]

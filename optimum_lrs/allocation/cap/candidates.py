@@ -37,7 +37,7 @@ class PlaceMap:
 
 
 class RowLevels:
-    """The same for the per-row order of refit candidates (`sparse_selection="row"`), in 2 bytes per weight.
+    """The same for the per-row order of refit candidates (`refit.selection="row"`), in 2 bytes per weight.
 
     That order is by levels: level j holds every row's (j+1)-th largest |R| (R = target - u v, the refit's
     residual), levels in turn, within a level the rows by that value. A prefix is whole levels plus the best
@@ -112,7 +112,7 @@ def refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.L
     candidates lowered their loss 5.50 -> 5.13 while the final model's went 4.40 -> 4.45).
 
     The layer is refit at the uniform allocation's counts (as `build_layer` would, but stopping
-    `cap_refine_iterations` short of `refine_iterations`: the final layer does those); the triplets are the SVD
+    `CapAllocation.refine_iterations` short of `RefitConfig.iterations`: the final layer does those); the triplets are the SVD
     of the weight minus that sparse part, the sparse candidates the entries of the weight minus the rank-r
     part, ordered so that every prefix is what the selection keeps (per row: each row's k-th largest entries
     before any row's (k+1)-th; `RowLevels`). At the uniform counts the masked layer is the final uniform layer. The pools
@@ -125,15 +125,15 @@ def refit_candidates(problem: AllocationProblem, c: LayerCandidates, dense: nn.L
     u, v = c.rpca.u[:, : uniform.rank] * root, root[:, None] * c.rpca.vh[: uniform.rank]
     if problem.consumable:
         c.compact(0)  # Stage 1's triplets were needed only as this start (the pool sizes stay)
-    per_row = cfg.sparse_selection == "row"
-    iterations = cfg.refine_iterations - cfg.cap_refine_iterations  # the rest run at the allocated counts
-    u, v, kept = alternating_refit(target, u, v, uniform.nnz, iterations, per_row, cfg.rpca_solver)
+    per_row = cfg.refit.selection == "row"
+    iterations = cfg.refit.iterations - cfg.allocation.refine_iterations  # the rest run at the allocated counts
+    u, v, kept = alternating_refit(target, u, v, uniform.nnz, iterations, per_row, cfg.rpca.solver)
     resid = target - u @ v
     sparse = torch.zeros_like(target).flatten()
     sparse[kept] = resid.flatten()[kept]
     rank_pool = min(min(target.shape), 2 * uniform.rank + 8)
     # Four power steps: prefixes up to 1.25x the uniform rank within 2e-4 of the SVD's error (two: 1e-3), 4x faster.
-    su, ss, svh = top_triplets(target - sparse.view_as(target), rank_pool, warm=v, solver=cfg.rpca_solver, power_steps=4)
+    su, ss, svh = top_triplets(target - sparse.view_as(target), rank_pool, warm=v, solver=cfg.rpca.solver, power_steps=4)
     sparse_pool = min(target.numel(), 2 * uniform.nnz + target.shape[0])
     magnitude = resid.abs()
     if per_row:

@@ -13,6 +13,7 @@ from ...progress import progress
 from ..base import AllocationProblem, LayerAllocation, register_allocator
 from ..uniform import allocate_uniform
 from .candidates import CandidatePool, refit_candidates
+from .config import CapAllocation
 from .masked import MaskedLinear, NextTokenLoss
 from .policy import CandidatePolicy, Indexed, LayerPolicy, Policy, Prefix
 
@@ -23,15 +24,15 @@ Losses = Callable[[torch.Tensor, list[list[Prefix | Indexed]]], list[float]]
 
 
 def run_policy(policy: Policy, losses_of: Losses, problem: AllocationProblem) -> dict[str, LayerAllocation]:
-    """`cap_steps` steps, each on the next `cap_batch_size` calibration windows: `cap_samples` samples drawn,
+    """`steps` steps, each on the next `batch_size` calibration windows: `samples` samples drawn,
     their losses taken, one update; then the policy's allocation. The loss history goes to `problem.extras`."""
-    cfg, calib = problem.config, problem.calibration
-    generator = torch.Generator().manual_seed(cfg.seed)
+    cap, calib = problem.config.allocation, problem.calibration
+    generator = torch.Generator().manual_seed(problem.config.seed)
     history = []
-    for step in progress(range(cfg.cap_steps), desc="CAP allocation (stage 2)", unit="step"):
-        start = (step * cfg.cap_batch_size) % calib.shape[0]
-        batch = calib[torch.arange(start, start + cfg.cap_batch_size) % calib.shape[0]]
-        tokens, keeps = zip(*(policy.sample(generator) for _ in range(cfg.cap_samples)))
+    for step in progress(range(cap.steps), desc="CAP allocation (stage 2)", unit="step"):
+        start = (step * cap.batch_size) % calib.shape[0]
+        batch = calib[torch.arange(start, start + cap.batch_size) % calib.shape[0]]
+        tokens, keeps = zip(*(policy.sample(generator) for _ in range(cap.samples)))
         with search_autocast(calib.device):  # the losses steer the policy: bfloat16 where native (precision.py)
             losses = torch.tensor(losses_of(batch, list(keeps)))
         policy.update(list(tokens), losses)
@@ -41,7 +42,7 @@ def run_policy(policy: Policy, losses_of: Losses, problem: AllocationProblem) ->
     return policy.extract()
 
 
-@register_allocator("cap", needs_loss=True)
+@register_allocator(CapAllocation)
 @torch.no_grad()
 def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     cfg, model, calib = problem.config, problem.model, problem.calibration
@@ -57,14 +58,14 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
                  for c in progress(problem.candidates, desc="CAP candidates (refit at uniform)", unit="layer")]
     else:
         pools = [CandidatePool(c) for c in problem.candidates]
-    if cfg.cap_policy == "candidate":
+    if cfg.allocation.policy == "candidate":
         policy: Policy = CandidatePolicy(pools, problem)
     else:
         policy = LayerPolicy([p.sizes for p in pools], problem)
         for p in pools:
             p.use_prefixes()
 
-    residual_values = cfg.sparse_values == "residual" or refit
+    residual_values = cfg.refit.values == "residual" or refit
     loss = NextTokenLoss(model, calib[:1, :16])
     workspace: dict[tuple[int, int], torch.Tensor] = {}
     masked = [MaskedLinear(targets[p.c.name], p, residual_values, workspace) for p in pools]
