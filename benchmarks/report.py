@@ -112,6 +112,39 @@ def threebasil_section(data: dict) -> str:
         *([data["timing"]] if data.get("timing") else [])])
 
 
+def rescale_section(data: dict) -> str:
+    """The defaults on the model and on copies rescaled without changing its function (quality.py --rescale),
+    with the peers of the same run: compression must not depend on the scale of the weights."""
+    rows = ["| kept | method | model | WikiText-2 | held-out C4 | / original | / best peer | blocks matching improved "
+            "| seconds |", "|---" * 9 + "|"]
+    ours = [r for r in data["runs"] if not is_peer(r) and "failed" not in r]
+    original = {(r["ratio"], tuple(r["settings"])): r for r in ours if r["rescale"] == 1.0}
+    for r in data["runs"]:
+        peers = [p for p in data["runs"] if is_peer(p) and p["ratio"] == r["ratio"] and "failed" not in p]
+        best = min(peers, key=lambda p: p["wikitext2"]) if peers else None
+        versus = (f"{r['wikitext2'] / best['wikitext2']:.3f}x / {r['c4_heldout'] / min(p['c4_heldout'] for p in peers):.3f}x"
+                  if best and r not in peers else "")
+        if is_peer(r):
+            rows.append(f"| {r['ratio']:.0%} | {r['variant']} | original | {ppl(r['wikitext2'])} | {ppl(r['c4_heldout'])} "
+                        f"| | | | {r['seconds']:.0f} |")
+            continue
+        base = original[r["ratio"], tuple(r["settings"])]
+        matching = r.get("block_matching") or {}
+        gained = sum(v["step"] > 0 for v in matching.values())
+        model = "original" if r["rescale"] == 1.0 else f"rescaled x{r['rescale']:g}"
+        rows.append(f"| {r['ratio']:.0%} | {base['variant']} | {model} | {ppl(r['wikitext2'])} | {ppl(r['c4_heldout'])} "
+                    f"| {r['wikitext2'] / base['wikitext2']:.3f}x / {r['c4_heldout'] / base['c4_heldout']:.3f}x "
+                    f"| {versus} | {gained} of {len(matching)} | {r['seconds']:.0f} |")
+    return "\n\n".join([
+        "## Scale invariance",
+        f"{data['model']}, and copies of it whose weights are rescaled without changing its function (each MLP's "
+        "up_proj x c and down_proj / c, each v_proj x c and o_proj / c: benchmarks/reparameterize.py). Calibration: "
+        f"{data['calibration']}. Evaluation: {data['evaluation']}. Perplexity, its ratio to the original model's "
+        "compressed with the same settings and to the best peer's (lowest WikiText-2 perplexity) in the same run, "
+        "both as WikiText-2 / C4; a block counts as improved by block matching where a step size lowered its output "
+        "error on the first calibration batch:", provenance(data), "\n".join(rows)])
+
+
 def recorded(data: dict, name: str) -> dict | None:
     """Part `name` of performance.json, or None when it was measured before results recorded their command."""
     part = data.get(name, {})
@@ -216,6 +249,7 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("quality_peers.json", peers_section),
     ("quality_3basil.json", threebasil_section),
     ("quality_3basil_tm.json", threebasil_section),
+    ("quality_rescale.json", rescale_section),
     ("performance.json", inference_section),
     ("performance.json", bytes_section),
     ("performance.json", training_section),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, all
 from .allocation.base import check_allocation, check_budget, kept_parameters
 from .allocation.cap.streamed import StreamedCap
 from .allocation.uniform import allocate_uniform, uniform_shares
-from .block_matching import match_block
+from .block_matching import MatchResult, match_block
 from .calibration import calibration_windows
 from .config import CompressionResult, LowRankSparseConfig
 from .nn.linear import LowRankSparseLinear
@@ -95,7 +96,8 @@ def _first_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], c
 
 def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
                         calibration: torch.Tensor | None, blocks: list[tuple[str, nn.Module]], propagate: bool = True,
-                        stream: Any = None, scratch: Path | None = None) -> dict[str, dict]:
+                        stream: Any = None, scratch: Path | None = None
+                        ) -> tuple[dict[str, dict], dict[str, MatchResult]]:
     """Block after block (docs/design.md, "Pipelines"). With `propagate` each block is calibrated on what the
     compressed blocks before it output (`pipeline="sequential"`); without, on the dense blocks' outputs, which
     gives exactly the one-shot statistics of `input_rms` (tests compare the two) with one block's activations
@@ -120,7 +122,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     inputs = None
     if calibration is not None:
         inputs = _first_block_inputs(model, blocks, calibration, ranks)
-    entries, held, carry = {}, [], 0
+    entries, matching, held, carry = {}, {}, [], 0
     streamed = None if final or stream is None else StreamedCap(scratch, model, blocks, stream)
     for prefix, block in progress(blocks, desc="compress blocks", unit="block", disable=not ranks.writes or None):
         if stream is not None:
@@ -150,7 +152,8 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
                 del targets[c.name]
             note += f", weight error {(error[0] / max(error[1], 1e-30)) ** 0.5:.4f}"
             if config.matching_steps and inputs is not None:
-                note += _match(block, prefix, dict(zip(layers, built)), inputs, reference, config, ranks)
+                matching[prefix] = _match(block, prefix, dict(zip(layers, built)), inputs, reference, config, ranks)
+                note += _matching_note(matching[prefix])
         else:
             held += candidates
             note += " (uniform counts; the allocation follows the last block)"
@@ -175,7 +178,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
             stream.drop(block)
     if final:
         check_budget(budget - carry, budget, config.allocation.name, config.param_ratio)
-        return entries
+        return entries, matching
     for c in held:
         model.set_submodule(c.name, targets[c.name])
     problem = AllocationProblem(held, budget, config, model=model, calibration=calibration, consumable=True,
@@ -188,7 +191,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
 def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held: list[LayerCandidates],
                             allocation: dict[str, LayerAllocation], dense: dict[str, nn.Linear],
                             calibration: torch.Tensor | None, blocks: list[tuple[str, nn.Module]], propagate: bool,
-                            stream: Any = None, streamed: Any = None) -> dict[str, dict]:
+                            stream: Any = None, streamed: Any = None) -> tuple[dict[str, dict], dict[str, MatchResult]]:
     """Build every layer of a global allocation, block after block; with `block_matching_steps`, each block's
     compressed layers are then matched to its dense outputs (on the compressed blocks' outputs with `propagate`).
     With a `stream` each block is read first and written afterwards; `streamed` (CAP's pools on disk) gives each
@@ -197,7 +200,7 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
     inputs = None
     if config.matching_steps and calibration is not None:
         inputs = _first_block_inputs(model, blocks, calibration, ranks)
-    entries = {}
+    entries, matching = {}, {}
     for prefix, block in progress(blocks, desc="extract factors", unit="block", disable=not ranks.writes or None):
         if stream is not None:
             stream.load(prefix, block)
@@ -212,24 +215,33 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
         for c in candidates:  # the dense layer is out of the model now: freed here, not at the end
             del dense[c.name]
         if inputs is not None:
-            note = _match(block, prefix, {c.name: layer for c, layer in zip(candidates, built)}, inputs, reference,
-                          config, ranks).removeprefix(",")
+            matching[prefix] = _match(block, prefix, {c.name: layer for c, layer in zip(candidates, built)}, inputs,
+                                      reference, config, ranks)
             if ranks.writes:
-                logger.info("%s%s", prefix, note)
+                logger.info("%s%s", prefix, _matching_note(matching[prefix]).removeprefix(","))
             inputs = inputs.advance(inputs.forward(block) if propagate else reference)
         if stream is not None:
             stream.done(prefix, block)
-    return entries
+    return entries, matching
 
 
 def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear], inputs: BlockInputs,
-           reference: list[torch.Tensor], config: LowRankSparseConfig, ranks: Ranks) -> str:
-    """Block output matching of one block's compressed `layers` (full names) towards `reference`; its log note."""
+           reference: list[torch.Tensor], config: LowRankSparseConfig, ranks: Ranks) -> MatchResult:
+    """Block output matching of one block's compressed `layers` (full names) towards `reference`; a block that
+    it leaves where the layer-wise fit put it is logged as a warning."""
     relative = {name[len(prefix) + 1:]: layer for name, layer in layers.items()}
     batches = sum(ranks.gather(len(inputs.hidden)))
-    before, after = match_block(block, relative, inputs.hidden, inputs.block_kwargs, reference, config.matching_steps,
-                                ranks, batches)
-    return f", first batch's block output error {before:.4f} -> {after:.4f} by matching"
+    result = match_block(block, relative, inputs.hidden, inputs.block_kwargs, reference, config.matching_steps,
+                         ranks, batches)
+    if not result.gained and ranks.writes:
+        logger.warning("%s: block matching left the block output error at %.4f (first calibration batch): no step "
+                       "size lowered it, so the layer-wise fit is kept", prefix, result.before)
+    return result
+
+
+def _matching_note(result: MatchResult) -> str:
+    note = f", first batch's block output error {result.before:.4f} -> {result.after:.4f} by matching"
+    return note + (f" (relative step {result.step:g})" if result.gained else " (kept the layer-wise fit)")
 
 
 def _add_weight_error(total: list[float], dense: nn.Linear, layer: LowRankSparseLinear, scale: torch.Tensor | None) -> None:
@@ -242,10 +254,17 @@ def _add_weight_error(total: list[float], dense: nn.Linear, layer: LowRankSparse
     total[1] += weight.square().sum().item()
 
 
-def _record(model: nn.Module, config: LowRankSparseConfig, entries: dict[str, dict]) -> None:
-    """Write the allocation into `config` and log what was kept."""
+def _record(model: nn.Module, config: LowRankSparseConfig, entries: dict[str, dict],
+            matching: dict[str, MatchResult] | None = None) -> None:
+    """Write the allocation and block matching's figures into `config` and log what was kept."""
     name = getattr(model, "name_or_path", "")
-    config.compressed = CompressionResult(entries, config.inputs.base_model or (name if is_hub_id(name) else None))
+    config.compressed = CompressionResult(entries, config.inputs.base_model or (name if is_hub_id(name) else None),
+                                          block_matching={prefix: asdict(r) for prefix, r in matching.items()}
+                                          if matching else None)
+    if matching and Ranks().writes:
+        gained = sum(r.gained for r in matching.values())
+        logger.log(logging.INFO if gained == len(matching) else logging.WARNING,
+                   "block matching lowered the output error of %d of %d decoder blocks", gained, len(matching))
     layers = {name: model.get_submodule(name) for name in entries}
     kept = sum(e["rank"] * (layers[n].in_features + layers[n].out_features) + e["nnz"] for n, e in entries.items())
     dense = sum(m.in_features * m.out_features for m in layers.values())
@@ -268,11 +287,10 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
                         "statistics)", type(model).__name__)
         blocks = None  # one-shot statistics need no blocks: the whole model in one pass
     if blocks is None:
-        entries = _compress_one_shot(model, config, targets, budget, calibration)
+        _record(model, config, _compress_one_shot(model, config, targets, budget, calibration))
     else:
-        entries = _compress_by_blocks(model, config, targets, budget, calibration, blocks,
-                                      propagate=config.calibration.pipeline == "sequential")
-    _record(model, config, entries)
+        _record(model, config, *_compress_by_blocks(model, config, targets, budget, calibration, blocks,
+                                                    propagate=config.calibration.pipeline == "sequential"))
     return model
 
 
@@ -286,6 +304,7 @@ def compress_blocks(model: nn.Module, config: LowRankSparseConfig, stream: Any,
     blocks = decoder_blocks(model, targets)
     rest = start(blocks)
     calibration = _calibration(model, config)
-    _record(model, config, _compress_by_blocks(model, config, targets, budget, calibration, blocks,
-                                               propagate=config.calibration.pipeline == "sequential", stream=stream, scratch=scratch))
+    _record(model, config, *_compress_by_blocks(model, config, targets, budget, calibration, blocks,
+                                                propagate=config.calibration.pipeline == "sequential", stream=stream,
+                                                scratch=scratch))
     return rest

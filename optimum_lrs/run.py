@@ -12,6 +12,8 @@ from . import checks
 
 # Keys of one entry of `CompressionResult.modules`.
 MODULE_ENTRY_KEYS = {"rank", "nnz", "rpca_iterations", "rpca_residual"}
+# Keys of one entry of `CompressionResult.block_matching` (the fields of `block_matching.MatchResult`).
+MATCHING_KEYS = {"before", "after", "step"}
 
 
 def _check_calibration_data(value: Any) -> Any:
@@ -63,12 +65,14 @@ class CompressionInputs:
 @dataclass
 class CompressionResult:
     """What compression wrote: per module {rank, nnz, rpca_iterations, rpca_residual}, the dense model's Hub id
-    (for the model card; filled from the model's id when it is one) and measured quality
-    (`optimum-lrs eval --record`)."""
+    (for the model card; filled from the model's id when it is one), measured quality (`optimum-lrs eval
+    --record`) and, per decoder block, block matching's {before, after, step} (`block_matching.MatchResult`: the
+    first calibration batch's output error, and the relative step size that lowered it, 0 where none did)."""
 
     modules: dict[str, dict[str, Any]]
     base_model: str | None = None
     evaluation: dict[str, Any] | None = None
+    block_matching: dict[str, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         owner = "LowRankSparseConfig.compressed"
@@ -90,6 +94,17 @@ class CompressionResult:
                                                                and v == v and abs(v) != float("inf")))
                 for k, v in evaluation.items())):
             checks.fail(owner, "evaluation", "None or a dict of name -> finite number or text", evaluation)
+        matching = self.block_matching
+        if matching is not None and not (isinstance(matching, dict) and all(
+                isinstance(k, str) and isinstance(v, dict) and set(v) == MATCHING_KEYS
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())
+                for k, v in matching.items())):
+            checks.fail(owner, "block_matching", "None or a dict of block name -> {before, after, step}", matching)
+
+    @property
+    def blocks_gained(self) -> int | None:
+        """How many decoder blocks block matching improved (None where it did not run)."""
+        return None if self.block_matching is None else sum(v["step"] > 0 for v in self.block_matching.values())
 
     @classmethod
     def from_dict(cls, value: Any) -> CompressionResult:

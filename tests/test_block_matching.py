@@ -63,15 +63,41 @@ def test_matching_lowers_every_blocks_output_error_and_keeps_the_budget(arch):
     assert all(p.requires_grad for n, p in matched.named_parameters() if "norm" in n)  # restored
 
 
-def test_matching_keeps_the_start_when_the_steps_would_make_the_block_worse(monkeypatch):
-    """With a step size that overshoots, the layer-wise fit is handed back unchanged."""
-    monkeypatch.setattr("optimum_lrs.block_matching.LEARNING_RATE", 10.0)
+def test_matching_keeps_the_start_and_warns_when_every_step_size_makes_the_block_worse(monkeypatch, caplog):
+    """With step sizes that overshoot, the layer-wise fit is handed back unchanged, each block says so at
+    WARNING with its error, and the result record counts no block gained."""
+    monkeypatch.setattr("optimum_lrs.block_matching.RELATIVE_STEPS", (10.0, 5.0))
     dense = tiny_llama()
     plain, matched = copy.deepcopy(dense), copy.deepcopy(dense)
     compress_(plain, config(matching=0))
-    compress_(matched, config(matching=3))
+    with caplog.at_level("WARNING", logger="optimum_lrs"):
+        compress_(matched, config(matching=3))
     a, b = plain.state_dict(), matched.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    result = matched.config.quantization_config.compressed
+    assert result.blocks_gained == 0 and set(result.block_matching) == {"model.layers.0", "model.layers.1"}
+    assert all(r["step"] == 0.0 and r["after"] == r["before"] > 0 for r in result.block_matching.values())
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for prefix, r in result.block_matching.items():
+        assert any(m.startswith(f"{prefix}: block matching left the block output error at {r['before']:.4f}")
+                   for m in warned), warned
+    assert "block matching lowered the output error of 0 of 2 decoder blocks" in warned
+    assert plain.config.quantization_config.compressed.block_matching is None  # matching=0: nothing ran
+
+
+def test_matching_falls_back_to_a_smaller_step_where_the_first_overshoots(monkeypatch):
+    """The first step size overshoots on every block; the next one, from the layer-wise fit again, is what
+    steps of that size alone give."""
+    dense = tiny_llama()
+    fallback, direct = copy.deepcopy(dense), copy.deepcopy(dense)
+    monkeypatch.setattr("optimum_lrs.block_matching.RELATIVE_STEPS", (10.0, 0.01))
+    compress_(fallback, config(matching=4))
+    monkeypatch.setattr("optimum_lrs.block_matching.RELATIVE_STEPS", (0.01,))
+    compress_(direct, config(matching=4))
+    a, b = fallback.state_dict(), direct.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = fallback.config.quantization_config.compressed
+    assert result.blocks_gained == 2 and all(r["step"] == 0.01 for r in result.block_matching.values())
 
 
 def test_match_block_reports_the_error_before_and_after():
@@ -83,19 +109,22 @@ def test_match_block_reports_the_error_before_and_after():
     with torch.no_grad():
         targets = inputs.forward(dense.model.layers[0])
     layers = {n: m for n, m in block.named_modules() if isinstance(m, LowRankSparseLinear)}
-    before, after = match_block(block, layers, inputs.hidden, inputs.block_kwargs, targets, 10)
-    assert 0 < after < before
+    result = match_block(block, layers, inputs.hidden, inputs.block_kwargs, targets, 10)
+    assert 0 < result.after < result.before and result.gained
     assert all(block.get_submodule(n) is m for n, m in layers.items())  # the layers themselves are back
 
 
-def test_matching_is_deterministic():
-    def run() -> dict[str, torch.Tensor]:
+@pytest.mark.parametrize("pipeline,allocation", [("sequential", "uniform"), ("one_shot", "uniform"),
+                                                 ("one_shot", "cap"), ("sequential", "global_greedy")])
+def test_matching_is_deterministic(pipeline, allocation):
+    def run() -> tuple[dict[str, torch.Tensor], dict]:
         model = tiny_llama()
-        compress_(model, config(matching=5, pipeline="sequential"))
-        return model.state_dict()
+        compress_(model, config(matching=5, pipeline=pipeline, allocation=allocation))
+        return model.state_dict(), model.config.quantization_config.compressed.block_matching
 
-    a, b = run(), run()
+    (a, record_a), (b, record_b) = run(), run()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert record_a == record_b and len(record_a) == 2
 
 
 @pytest.mark.parametrize("allocation", ["global_greedy", "cap"])

@@ -147,6 +147,27 @@ def test_the_layer_policy_with_no_steps_is_the_uniform_allocation():
         assert error_cap <= error_uniform * (1 + 1e-3) + 1e-7, name
 
 
+def test_a_search_that_ends_at_the_uniform_allocation_says_so(caplog):
+    """Steps too small to move any count leave CAP's allocation uniform: a WARNING names it with the losses; a
+    search that moves logs nothing of the kind, nor does `steps=0` (asked for)."""
+    def run(**kw):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="optimum_lrs"):
+            model = compress_(tiny_llama(), LowRankSparseConfig(
+                param_ratio=0.5, calibration_data=CALIB, refit=RefitConfig(block_matching_steps=0),
+                allocation=CapAllocation(samples=4, batch_size=2, **kw)))
+        return model, [r.getMessage() for r in caplog.records if "ended at the uniform allocation" in r.getMessage()]
+
+    stuck, warned = run(steps=2, lr=1e-9)
+    uniform = compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.5, calibration_data=CALIB,
+                                                          refit=RefitConfig(block_matching_steps=0)))
+    assert _counts(stuck) == _counts(uniform)
+    assert len(warned) == 1 and warned[0].startswith("CAP's 2 steps ended at the uniform allocation (mean sampled loss")
+    moved, warned = run(steps=6)
+    assert _counts(moved) != _counts(uniform) and not warned
+    assert not run(steps=0)[1]
+
+
 @pytest.mark.parametrize("steps", [0, 2])
 def test_the_candidate_policys_global_ranking_meets_the_budget(steps):
     """From its magnitude start (steps=0) and after policy-gradient steps, the one global ranking by keep

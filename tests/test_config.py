@@ -155,9 +155,15 @@ def test_round_trip_is_exact_and_leaves_the_run_inputs_out():
     again = LowRankSparseConfig.from_dict(json.loads(json.dumps(d)))
     assert again.to_dict() == d and again == cfg
     assert again.inputs.calibration_data is None
-    d["compressed"] = {"modules": MODULES, "base_model": "org/dense", "evaluation": {"perplexity": 12.5}}
+    d["compressed"] = {"modules": MODULES, "base_model": "org/dense", "evaluation": {"perplexity": 12.5},
+                       "block_matching": {"m": {"before": 0.07, "after": 0.05, "step": 0.005}}}
     done = LowRankSparseConfig.from_dict(d)
     assert done.is_compressed and done.compressed.modules == MODULES and done.to_dict() == d
+    assert done.compressed.blocks_gained == 1
+    for bad in ({"m": {"before": 0.07}}, {"m": {"before": 0.07, "after": "low", "step": 0.0}}, ["m"]):
+        d["compressed"]["block_matching"] = bad
+        with pytest.raises(ValueError, match="compressed.block_matching must be None or a dict of block name"):
+            LowRankSparseConfig.from_dict(d)
 
 
 def test_unknown_keys_are_refused_at_every_level():

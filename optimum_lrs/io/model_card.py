@@ -100,6 +100,9 @@ def model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard:
         f"| {config.param_ratio} | {config.allocation.name} | {len(rows)} | {kept:,} ({kept / dense:.1%}) | {dense:,} |",
         "",
     ]
+    if result.block_matching is not None:
+        lines += [f"Block output matching lowered the output error of {result.blocks_gained} of "
+                  f"{len(result.block_matching)} decoder blocks on the first calibration batch.", ""]
     if result.evaluation:
         lines += ["## Measured quality", "", "| " + " | ".join(result.evaluation) + " |",
                   "|" + "---|" * len(result.evaluation), "| " + " | ".join(str(v) for v in result.evaluation.values()) + " |", ""]
