@@ -124,6 +124,7 @@ def rescale_section(data: dict) -> str:
         best = min(peers, key=lambda p: p["wikitext2"]) if peers else None
         versus = (f"{r['wikitext2'] / best['wikitext2']:.3f}x / {r['c4_heldout'] / min(p['c4_heldout'] for p in peers):.3f}x"
                   if best and r not in peers else "")
+        took = f" ({r['seconds'] / best['seconds']:.2f}x the peer's)" if best and r not in peers else ""
         if is_peer(r):
             rows.append(f"| {r['ratio']:.0%} | {r['variant']} | original | {ppl(r['wikitext2'])} | {ppl(r['c4_heldout'])} "
                         f"| | | | {r['seconds']:.0f} |")
@@ -134,7 +135,7 @@ def rescale_section(data: dict) -> str:
         model = "original" if r["rescale"] == 1.0 else f"rescaled x{r['rescale']:g}"
         rows.append(f"| {r['ratio']:.0%} | {base['variant']} | {model} | {ppl(r['wikitext2'])} | {ppl(r['c4_heldout'])} "
                     f"| {r['wikitext2'] / base['wikitext2']:.3f}x / {r['c4_heldout'] / base['c4_heldout']:.3f}x "
-                    f"| {versus} | {gained} of {len(matching)} | {r['seconds']:.0f} |")
+                    f"| {versus} | {gained} of {len(matching)} | {r['seconds']:.0f}{took} |")
     return "\n\n".join([
         "## Scale invariance",
         f"{data['model']}, and copies of it whose weights are rescaled without changing its function (each MLP's "

@@ -9,6 +9,8 @@ papers do for such models: some lose a third of their quality without it.
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -58,17 +60,36 @@ def perplexity(
     return math.exp(nll / count)
 
 
-def lm_eval_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], batch_size: int = 1, **kwargs) -> dict:
-    """Run lm-evaluation-harness tasks on a (compressed) model already in memory; returns its results dict.
+def zero_shot(model: torch.nn.Module, tokenizer, tasks: list[str], data_dir: str | Path,
+              limit: int | None = None, batch_size: int = 1) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy of `model` (dense or compressed, already in memory) by lm-evaluation-harness itself:
+    its `HFLM` wrapper and its stock task logic, on the local data under `data_dir` (`zero_shot_tasks`).
 
-    Needs `pip install lm-eval` (not a dependency of optimum-lrs). The harness wraps the model as it is,
-    so the compressed layers run exactly as after `from_pretrained`; `kwargs` go to `simple_evaluate`
-    (e.g. `limit=`, `num_fewshot=`).
+    `tasks`: names from `zero_shot_tasks.TASKS` (piqa, winogrande, boolq, lambada_openai); `limit`: the first N
+    items of each task. Returns, per task, `acc` and `acc_stderr` (and `acc_norm`, `perplexity` where the task
+    has them), and under "mean" the unweighted mean accuracy over the tasks. Needs the `eval` extra
+    (`pip install 'optimum-lrs[eval]'`, which the test extra includes).
     """
+    from .zero_shot_tasks import check_tasks, write_task_dir
+
+    tasks = check_tasks(list(tasks))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or an integer >= 1, got {limit!r}")
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise ImportError("lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval") from exc
-    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    return simple_evaluate(model=harness_model, tasks=list(tasks), **kwargs)
+        raise ImportError("zero_shot needs lm-evaluation-harness: pip install 'optimum-lrs[eval]'") from exc
+    with tempfile.TemporaryDirectory(prefix="optimum-lrs-tasks-") as scratch:
+        manager = TaskManager(include_path=str(write_task_dir(tasks, data_dir, scratch)))
+        harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        output = simple_evaluate(model=harness_model, tasks=tasks, task_manager=manager, limit=limit,
+                                 num_fewshot=0, log_samples=False)
+    results = {}
+    for task in tasks:
+        metrics = output["results"][task]
+        results[task] = {key.split(",")[0]: float(value) for key, value in metrics.items()
+                         if key.endswith(",none") and isinstance(value, (int, float))}
+    results["mean"] = {"acc": sum(results[t]["acc"] for t in tasks) / len(tasks)}
+    return results

@@ -30,14 +30,3 @@ def test_perplexity_errors():
         perplexity(tiny_llama(), ByteTokenizer(), "short", 64)
     with pytest.raises(ValueError, match="seq_len"):
         perplexity(tiny_llama(), ByteTokenizer(), TEXT, 1)
-
-
-def test_lm_eval_hook_explains_how_to_install_it():
-    import importlib.util
-
-    from optimum_lrs.evaluation import lm_eval_tasks
-
-    if importlib.util.find_spec("lm_eval") is not None:
-        pytest.skip("lm-eval is installed here; the hook then runs the harness itself")
-    with pytest.raises(ImportError, match="pip install lm-eval"):
-        lm_eval_tasks(torch.nn.Linear(2, 2), None, ["wikitext"])

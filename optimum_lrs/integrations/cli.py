@@ -50,12 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     c.add_argument("--push-to-hub", metavar="REPO", help="also push the compressed model and its card to this repo")
 
-    e = sub.add_parser("eval", help="perplexity of a saved model on a text file")
-    e.add_argument("directory", type=Path)
-    e.add_argument("--text", type=Path, required=True, help="evaluation text (e.g. WikiText-2 raw test)")
+    e = sub.add_parser("eval", help="perplexity on a text file and zero-shot accuracy (lm-eval) of a saved model")
+    e.add_argument("directory", type=Path, help="a saved model directory, compressed or dense")
+    e.add_argument("--text", type=Path, help="perplexity on this text (e.g. WikiText-2 raw test)")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
-    e.add_argument("--record", action="store_true", help="store the result in config.json and the model card")
+    e.add_argument("--tasks", help="zero-shot accuracy by lm-eval on these comma-separated tasks "
+                                   "(piqa,winogrande,boolq,lambada_openai), read from --data-dir")
+    e.add_argument("--data-dir", type=Path, help="directory of the tasks' local data (piqa/, winogrande/, boolq/, lambada/)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
+    e.add_argument("--batch-size", type=int, default=1, help="lm-eval's batch size")
+    e.add_argument("--record", action="store_true", help="store the results in a compressed model's config.json "
+                                                          "and model card")
 
     r = sub.add_parser("report", help="per-layer allocation table and plot of a saved model")
     r.add_argument("directory", type=Path)
@@ -128,7 +134,7 @@ def _streamable(args: argparse.Namespace, config) -> bool:
             and any((local / name).is_file() for name in ("model.safetensors", INDEX_NAME)))
 
 
-def _load_saved(directory: Path):
+def _load_saved(directory: Path, compressed_only: bool = True):
     from transformers import AutoModelForCausalLM
 
     if not (directory / "config.json").is_file():
@@ -136,30 +142,59 @@ def _load_saved(directory: Path):
     model = AutoModelForCausalLM.from_pretrained(directory)
     from ..io.model_card import lrs_config
 
-    if lrs_config(model) is None:
+    if compressed_only and lrs_config(model) is None:
         raise UsageError(f"{directory}: not an optimum_lrs compressed model")
     return model
+
+
+def _eval_tasks(args: argparse.Namespace) -> list[str] | None:
+    """--tasks as a list, checked with --data-dir and --limit before any model loads."""
+    from ..zero_shot_tasks import check_tasks
+
+    if args.tasks is None:
+        if args.text is None:
+            raise UsageError("give --text FILE (perplexity), --tasks LIST --data-dir DIR (zero-shot accuracy), or both")
+        return None
+    try:
+        tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
+    except ValueError as exc:
+        raise UsageError(f"--tasks: {exc}") from None
+    if args.data_dir is None or not args.data_dir.is_dir():
+        raise UsageError(f"--tasks needs --data-dir, the directory of the tasks' data (got {args.data_dir})")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    return tasks
 
 
 def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from ..evaluation import perplexity
-    from ..io.model_card import write_card
+    from ..evaluation import perplexity, zero_shot
+    from ..io.model_card import lrs_config, write_card
 
-    if not args.text.is_file():
+    if args.text is not None and not args.text.is_file():
         raise UsageError(f"--text {args.text}: no such file")
-    model = _load_saved(args.directory)
+    tasks = _eval_tasks(args)
+    model = _load_saved(args.directory, compressed_only=args.record)
     tokenizer = AutoTokenizer.from_pretrained(args.directory)
-    value = perplexity(model, tokenizer, args.text.read_text(encoding="utf-8"), args.seq_len, args.max_windows)
-    result = {"perplexity": round(value, 4), "text": args.text.name, "seq_len": args.seq_len}
-    if args.max_windows is not None:
-        result["max_windows"] = args.max_windows
+    result = {}
+    if args.text is not None:
+        value = perplexity(model, tokenizer, args.text.read_text(encoding="utf-8"), args.seq_len, args.max_windows)
+        result.update({"perplexity": round(value, 4), "text": args.text.name, "seq_len": args.seq_len})
+        if args.max_windows is not None:
+            result["max_windows"] = args.max_windows
+    if tasks is not None:
+        accuracy = zero_shot(model, tokenizer, tasks, args.data_dir, args.limit, args.batch_size)
+        for task, metrics in accuracy.items():
+            result.update({f"{task}_{name}": round(value, 4) for name, value in metrics.items()
+                           if name in ("acc", "acc_stderr")})
+        if args.limit is not None:
+            result["zero_shot_limit"] = args.limit
     print(json.dumps(result))
     if args.record:
         config_path = args.directory / "config.json"
-        config = model.config.quantization_config
-        config.compressed = replace(config.compressed, evaluation=result)
+        config = lrs_config(model)
+        config.compressed = replace(config.compressed, evaluation={**(config.compressed.evaluation or {}), **result})
         saved = json.loads(config_path.read_text())
         saved["quantization_config"] = config.to_dict()  # format 1 is rewritten as today's format
         tmp = config_path.with_suffix(".json.tmp")
