@@ -40,8 +40,8 @@ def run_policy(policy: Policy, losses_of: Losses, problem: AllocationProblem) ->
         logger.info("CAP step %d: mean sampled loss %.4f, spread %.4f", step, history[-1], losses.std(unbiased=False).item())
     problem.extras["cap_loss_history"] = history
     allocation = policy.extract()
-    uniform = allocate_uniform(problem)
-    if history and all((a.rank, a.nnz) == (uniform[n].rank, uniform[n].nnz) for n, a in allocation.items()):
+    uniform = allocate_uniform(problem) if history else {}  # steps=0 asks for the start: nothing to compare
+    if uniform and all((a.rank, a.nnz) == (uniform[n].rank, uniform[n].nnz) for n, a in allocation.items()):
         logger.warning("CAP's %d steps ended at the uniform allocation (mean sampled loss %.4f at the first step, "
                        "%.4f at the last): the allocation is uniform; more steps (allocation.steps) or a larger "
                        "allocation.lr let the search move", cap.steps, history[0], history[-1])
