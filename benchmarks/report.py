@@ -146,6 +146,32 @@ def rescale_section(data: dict) -> str:
         "error on the first calibration batch:", provenance(data), "\n".join(rows)])
 
 
+def zero_shot_section(data: dict) -> str:
+    """lm-eval zero-shot accuracy of the dense model, ours and the peers at one budget (quality.py --tasks)."""
+    tasks = data["zero_shot_setting"]["tasks"]
+    dense = data["dense"]["zero_shot"]
+
+    def cell(scores: dict, task: str) -> str:
+        return f"{scores[task]['acc']:.3f} ± {scores[task]['acc_stderr']:.3f}"
+
+    rows = [f"| method | kept | {' | '.join(tasks)} | mean | mean - dense | WikiText-2 / C4 |", "|---" * (len(tasks) + 5) + "|",
+            f"| dense | 100% | {' | '.join(cell(dense, t) for t in tasks)} | {dense['mean']['acc']:.3f} | | "
+            f"{ppl(data['dense']['wikitext2'])} / {ppl(data['dense']['c4_heldout'])} |"]
+    for r in data["runs"]:
+        scores = r["zero_shot"]
+        rows.append(f"| {r['variant']} | {r['ratio']:.0%} | {' | '.join(cell(scores, t) for t in tasks)} | "
+                    f"{scores['mean']['acc']:.3f} | {scores['mean']['acc'] - dense['mean']['acc']:+.3f} | "
+                    f"{ppl(r['wikitext2'])} / {ppl(r['c4_heldout'])} |")
+    limit = data["zero_shot_setting"]["limit"]
+    return "\n\n".join([
+        "## Zero-shot accuracy",
+        f"{data['model']}: accuracy by lm-evaluation-harness itself (its HFLM wrapper and stock tasks, zero-shot, "
+        f"{'the first ' + str(limit) + ' items of each task' if limit else 'every item'}, from the local copies of the "
+        "task data: `optimum_lrs.evaluation.zero_shot`), ± lm-eval's standard error; the mean is unweighted over the "
+        f"tasks. Every method on the same calibration windows ({data['calibration']}); perplexity as in the sections "
+        "above.", provenance(data), "\n".join(rows)])
+
+
 def recorded(data: dict, name: str) -> dict | None:
     """Part `name` of performance.json, or None when it was measured before results recorded their command."""
     part = data.get(name, {})
@@ -164,6 +190,64 @@ def inference_section(data: dict) -> str:
         "The compressed SmolLM2-135M (defaults, 50% kept) against the dense model on the same inputs, float32, "
         "median of repeated runs: the default bitmask layout with the package's C kernels, the CSR layout, and the "
         "layers rebuilt dense (`dequantize()`, the control).", provenance(part), "\n".join(rows)])
+
+
+def table(columns: list[str], cells: list[list[str]]) -> str:
+    return "\n".join([f"| {' | '.join(columns)} |", "|---" * len(columns) + "|", *(f"| {' | '.join(c)} |" for c in cells)])
+
+
+def section(title: str, text: str, part: dict, rows: str) -> str:
+    """A results-page section: heading, what was measured, the command and run it came from, the table."""
+    return "\n\n".join([f"## {title}", text, provenance(part), rows])
+
+
+def dtypes_section(data: dict) -> str:
+    part = recorded(data, "dtypes")
+    if part is None:
+        return ""
+
+    def distance(r: dict, model: str) -> str:
+        return "-" if r["dtype"] == "float32" else f"{r[model + '_logit_distance']:.4f}"
+
+    rows = table(["case", "dtype", "dense s", "compressed / dense", "logits vs float32: dense", "compressed"],
+                 [[r["case"], r["dtype"], f"{r['dense']:.2f}", f"{r['ratio']:.2f}x", distance(r, "dense"),
+                   distance(r, "compressed")] for r in part["rows"]])
+    return section(
+        "Half precision on CPU",
+        "The compressed SmolLM2-135M (defaults, 50% kept, bitmask layout) against the dense model with every weight "
+        "in float32, bfloat16 and float16, batch 1, median of repeated runs timed in turn: the C kernels read "
+        "half-precision factors as stored and sum in float32. The logit columns: each model's relative distance "
+        "(Frobenius) from its own float32 version on the 512-token prefill.", part, rows)
+
+
+def compile_section(data: dict) -> str:
+    part = recorded(data, "compile")
+    if part is None:
+        return ""
+    rows = table(["model", "case", "eager s", "compiled / eager", "first compiled call s"],
+                 [[r["model"], r["case"], f"{r['eager']:.2f}", f"{r['ratio']:.2f}x", f"{r['first_compiled_call']:.0f}"]
+                  for r in part["rows"]])
+    return section(
+        "torch.compile",
+        "SmolLM2-135M dense and compressed (defaults, 50% kept, bitmask layout), float32, batch 1: eager against "
+        "`torch.compile(model, fullgraph=True)` for a 512-token prefill, and greedy decoding of 64 tokens with a static "
+        "cache, compiled by `generate` itself under a `compile_config`. Medians of repeated runs timed in turn; the "
+        "first compiled call (which compiles) apart.", part, rows)
+
+
+def offload_section(data: dict) -> str:
+    part = recorded(data, "offload")
+    if part is None:
+        return ""
+    rows = table(["load", "places", "load s", "prefill 512 s", "peak RSS"],
+                 [[mode, ", ".join(r["places"]), f"{r['load_seconds']:.2f}", f"{r['forward_seconds']:.2f}",
+                   f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"] for mode, r in part["runs"].items()])
+    return section(
+        "Offload",
+        f"The compressed SmolLM2-135M checkpoint ({part['checkpoint_bytes'] / 2**20:.0f} MiB) loaded whole, and with "
+        f"`device_map=\"auto\"` and `max_memory` a quarter of its bytes ({part['max_memory_bytes'] / 2**20:.0f} MiB; "
+        "accelerate offloads what does not fit to disk and loads it for each forward), each in a fresh process; the "
+        f"offloaded logits differ from the whole model's by at most {part['max_logit_difference']:g}.", part, rows)
 
 
 def bytes_section(data: dict) -> str:
@@ -251,7 +335,11 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("quality_3basil.json", threebasil_section),
     ("quality_3basil_tm.json", threebasil_section),
     ("quality_rescale.json", rescale_section),
+    ("zero_shot.json", zero_shot_section),
     ("performance.json", inference_section),
+    ("performance.json", dtypes_section),
+    ("performance.json", compile_section),
+    ("performance.json", offload_section),
     ("performance.json", bytes_section),
     ("performance.json", training_section),
     ("compression_time.json", regression_section),
@@ -315,6 +403,14 @@ def readme_summary() -> str:
             f"{b['csr']['saved_ratio']:.2f}x). On CPU the package's C kernels for that layout (compiled on first use with "
             f"the system C compiler) run a 512-token prefill in **{prefill}** the dense model's time (batch 1 / 8) and "
             f"greedy decoding in **{decode}** ([docs/results.md](docs/results.md#inference-speed)).")
+    if (RESULTS / "zero_shot.json").exists():
+        zs = json.loads((RESULTS / "zero_shot.json").read_text())
+        means = [f"{r['variant'].replace(' (', ', ').rstrip(')')} {r['zero_shot']['mean']['acc']:.3f}" for r in zs["runs"]]
+        text.append(
+            f"Zero-shot accuracy by lm-evaluation-harness ({', '.join(zs['zero_shot_setting']['tasks'])}; first "
+            f"{zs['zero_shot_setting']['limit']} items of each), mean over the tasks at {zs['runs'][0]['ratio']:.0%} kept: "
+            f"dense {zs['dense']['zero_shot']['mean']['acc']:.3f}; {'; '.join(means)} "
+            "([docs/results.md](docs/results.md#zero-shot-accuracy)).")
     return "\n\n".join(text)
 
 

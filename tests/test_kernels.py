@@ -21,12 +21,23 @@ needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C com
 TOKENS = [1, 2, 5, 8, 9, 17, 48, 49, 96, 97, 100, 200]
 
 
-def sparse(rows: int, cols: int, density: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A random S (dense), its packed mask and its row-major values."""
+FACTOR_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def sparse(rows: int, cols: int, density: float, seed: int = 0,
+           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random S (dense float32, of values representable in `dtype`), its packed mask and its row-major
+    values in `dtype`."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(rows, cols, generator=g) < density
-    dense = torch.randn(rows, cols, generator=g) * mask
-    return dense, pack_bits(mask), dense[mask]
+    dense = (torch.randn(rows, cols, generator=g) * mask).to(dtype).float()
+    return dense, pack_bits(mask), dense[mask].to(dtype)
+
+
+def stored(dtype: torch.dtype, *shape: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random factor in `dtype` and the same values in float32."""
+    factor = torch.randn(*shape, generator=generator).to(dtype)
+    return factor, factor.float()
 
 
 @needs_kernels
@@ -36,10 +47,13 @@ def test_the_kernels_build_where_a_compiler_exists():
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES)
 @pytest.mark.parametrize(("rows", "cols"), [(1, 1), (7, 13), (33, 70), (40, 64), (96, 200)])
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.4, 1.0])
-def test_products_match_the_dense_ones(rows, cols, density):
-    s, mask, values = sparse(rows, cols, density, seed=rows * cols)
+def test_products_match_the_dense_ones(rows, cols, density, dtype):
+    """Factors stored in float32, bfloat16 or float16 are read as stored and summed in float32: every product
+    equals the float32 product with the same factor values, to float32 rounding."""
+    s, mask, values = sparse(rows, cols, density, seed=rows * cols, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     for tokens in TOKENS:
         x, start = torch.randn(tokens, cols, generator=g), torch.randn(tokens, rows, generator=g)
@@ -49,10 +63,13 @@ def test_products_match_the_dense_ones(rows, cols, density):
         got_t = kernels.bitmask_addmm_t_(start_t.clone(), grad, mask, values)
         torch.testing.assert_close(got_t, start_t + grad @ s, rtol=1e-5, atol=1e-4)
         for rank, bias in ((0, None), (3, torch.randn(rows, generator=g)), (6, None)):
-            u, v = torch.randn(rows, rank, generator=g), torch.randn(rank, cols, generator=g)
+            (u, u32), (v, v32) = stored(dtype, rows, rank, generator=g), stored(dtype, rank, cols, generator=g)
+            expected = x @ (u32 @ v32 + s).t() + (0 if bias is None else bias)
             got = kernels.lowrank_bitmask_matmul(x, u, v, bias, mask, values)
-            expected = x @ (u @ v + s).t() + (0 if bias is None else bias)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+            if tokens <= kernels.few_tokens():
+                got = kernels.lowrank_bitmask_few(x, u, v, bias, mask, values)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(kernels.bitmask_to_dense(mask, values, cols), s)
 
 
@@ -106,7 +123,7 @@ def _layer(in_f=70, out_f=45, rank=4, density=0.4, bias=True, dtype=torch.float3
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES)
 @pytest.mark.parametrize("tokens", [1, 6, 50, DENSE_REBUILD_TOKENS])
 @pytest.mark.parametrize("rank", [0, 4])
 @pytest.mark.parametrize("density", [0.4, 0.8])
@@ -119,7 +136,7 @@ def test_layer_forward_with_and_without_the_kernels_agree(dtype, tokens, rank, d
             assert not kernels.can_run(x)
             slow = layer(x)
     expected = x.float() @ layer.dense_weight().float().t() + layer.bias.float()
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]  # the output's rounding
     assert fast.dtype == dtype and fast.shape == (2, tokens, 45)
     torch.testing.assert_close(fast.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     torch.testing.assert_close(fast.float(), slow.float(), rtol=tol, atol=tol * expected.abs().max().item())
@@ -178,6 +195,52 @@ def test_input_gradient_through_the_kernels_matches_dense(tokens):
     (layer(x) * grad_out).sum().backward()
     torch.testing.assert_close(x.grad, grad_out @ layer.dense_weight(), rtol=1e-4, atol=1e-4)
     assert all(p.grad is None for p in layer.parameters())
+
+
+@needs_kernels
+def test_a_build_without_vector_instructions_reads_every_dtype(tmp_path):
+    """Where the compiler cannot target this CPU (no -march=native: no AVX2, no F16C), the portable code reads
+    bfloat16 and float16 (its own float16 widening: normal, subnormal, zero, inf) and gives the same products."""
+    script = (
+        "import torch\nfrom optimum_lrs.nn import kernels\nfrom optimum_lrs.nn.linear import pack_bits\n"
+        "kernels._FLAG_SETS = (['-O3'],)\n"
+        "assert kernels.bitmask_library() is not None and kernels.few_tokens() == 0\n"
+        "halves = torch.tensor([1.0, -2.5, 6e-5, -3e-7, 0.0, -0.0, 65504.0, 1e-3], dtype=torch.float16)\n"
+        "mask = torch.ones(1, 8, dtype=torch.bool)\n"
+        "dense = kernels.bitmask_to_dense(pack_bits(mask), halves, 8)\n"
+        "assert torch.equal(dense[0], halves.float()), dense\n"
+        "inf = kernels.bitmask_to_dense(pack_bits(mask), torch.full((8,), float('-inf'), dtype=torch.float16), 8)\n"
+        "assert bool((inf == float('-inf')).all())\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    keep = torch.rand(20, 37, generator=g) < 0.4\n"
+        "    s = (torch.randn(20, 37, generator=g) * keep).to(dtype)\n"
+        "    u, v = torch.randn(20, 3, generator=g).to(dtype), torch.randn(3, 37, generator=g).to(dtype)\n"
+        "    x = torch.randn(11, 37, generator=g)\n"
+        "    got = kernels.lowrank_bitmask_matmul(x, u, v, None, pack_bits(keep), s[keep])\n"
+        "    torch.testing.assert_close(got, x @ (u.float() @ v.float() + s.float()).t(), rtol=1e-5, atol=1e-4)\n"
+        "print('portable ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OPTIMUM_LRS_CACHE": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "portable ok" in proc.stdout
+
+
+@needs_kernels
+def test_factors_in_a_dtype_the_kernels_do_not_read_take_the_torch_path(caplog):
+    """float64 layers compute in float64 by torch (the kernels would round them to float32), and say so once."""
+    layer = _layer(dtype=torch.float64)
+    x = torch.randn(2, 5, 70, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="optimum_lrs"), torch.no_grad():
+        kernels._note_other_dtype.cache_clear()
+        first, second = layer(x), layer(x)
+    expected = x @ layer.dense_weight().t() + layer.bias
+    torch.testing.assert_close(first, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(first, second) and first.dtype == torch.float64
+    assert [r.getMessage() for r in caplog.records].count(
+        "optimum_lrs: the bitmask kernels read float32, bfloat16 and float16 factors; layers in torch.float64 use "
+        "the slower torch path") == 1
 
 
 def _fallback_run(env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -52,8 +52,16 @@ class LRSHfQuantizer(HfQuantizer):
                 "the LowRankSparseConfig passed to from_pretrained carries compressed.modules (it was taken from a "
                 "compressed model); pass a fresh LowRankSparseConfig to compress a dense checkpoint"
             )
-        if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
-            raise ValueError("optimum_lrs does not support device_map over several devices or disk offload yet")
+        places = set(device_map.values()) if isinstance(device_map, dict) else set()
+        if not self.pre_quantized and (len(places) > 1 or "disk" in places):
+            # Compression reads every dense weight and rewrites the layers in place: weights that accelerate
+            # keeps on disk or on another device are not there to compress.
+            raise ValueError(
+                f"optimum_lrs compresses on load only a model held on one device, but the device_map places it on "
+                f"{sorted(map(str, places))}: compress first (optimum_lrs.compress_, optimum_lrs.compress_checkpoint "
+                "for a checkpoint larger than memory, or `optimum-lrs compress`), save, and load the compressed "
+                "checkpoint with this device_map (offload works there, and the model is smaller)"
+            )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
@@ -97,6 +105,14 @@ class LRSHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        """torch.compile traces compressed layers: the bitmask kernels are operators with fake implementations
+        (`nn/ops.py`, one graph with `fullgraph=True`); CSR layers run torch's sparse kernels, which split the
+        graph but compute the same. This lets `generate` compile itself with a static cache where the user's
+        `compile_config` or the device asks for it."""
         return True
 
 

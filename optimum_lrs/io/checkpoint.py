@@ -230,12 +230,25 @@ def check_index(files: list[str], headers: dict[str, TensorInfo]) -> None:
         _expect(key in weight_map, f"{index}: does not list tensor {key!r} stored in {info.file}")
 
 
+def _offloaded(module: nn.Module):
+    """The weights that accelerate's hook on `module` loads before each forward (disk or CPU offload of a
+    `device_map`), or None where the module is not offloaded."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", (hook,)):
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h.weights_map
+    return None
+
+
 def assert_materialised(model: nn.Module) -> None:
-    """After loading, every tensor of a compressed layer must hold data, not meta placeholders, and the
-    CSR arrays must be valid: the sparse kernels skip their own checks and would read out of bounds."""
+    """After loading, every tensor of a compressed layer must hold data, not meta placeholders (unless accelerate
+    offloaded it, and then its offloaded copy must exist), and the CSR arrays must be valid: the sparse kernels
+    skip their own checks and would read out of bounds."""
     for name, module in model.named_modules():
         if isinstance(module, LowRankSparseLinear):
+            offloaded = _offloaded(module)
             for tname, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
-                _expect(t.device.type != "meta", f"compressed layer {name!r}: tensor {tname!r} was not loaded")
+                loaded = t.device.type != "meta" or (offloaded is not None and tname in offloaded)
+                _expect(loaded, f"compressed layer {name!r}: tensor {tname!r} was not loaded")
             problem = module.csr_problem()
             _expect(problem is None, f"{getattr(module, 'source_file', 'checkpoint')}: compressed layer {name!r}: {problem}")

@@ -5,7 +5,9 @@ torch has no kernel for a bitmask-coded sparse matrix, and its CSR kernels lose 
 shared library is cached per source, compiler flags and CPU (`-march=native`) under
 `$OPTIMUM_LRS_CACHE` (default `~/.cache/optimum_lrs`). Without a working compiler, or with
 `OPTIMUM_LRS_NO_KERNELS=1`, `bitmask_library()` is None and the layers use their torch path: same results,
-slower (decoding most: ~10x per layer). `tests/test_kernels.py` checks every path against the dense product.
+slower (decoding most: ~10x per layer). U, V and S's values are read as stored in float32, bfloat16 or
+float16 (widened in registers; inputs, bias and every sum are float32), so that a half-precision model reads
+half the bytes. `tests/test_kernels.py` checks every path against the dense product.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "bitmask_matmul.c"
+HEADERS = (SOURCE.with_name("bitmask_typed.h"),)  # included by SOURCE: part of the cache key
+# The factor dtypes the kernels read as stored (widened to float32 in registers), by entry point suffix.
+FACTOR_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 DISABLE_ENV = "OPTIMUM_LRS_NO_KERNELS"
 # Tried in order: the first that compiles is used (no OpenMP means one thread; no -march=native means no AVX2).
 _FLAG_SETS = (
@@ -69,7 +74,7 @@ def _cache_dir() -> Path:
 
 def _build(compiler: list[str]) -> Path:
     """Compile the source into the cache (atomically, so that concurrent processes may race) and return it."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (SOURCE, *HEADERS))
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, " ".join(compiler + flags).encode(), _cpu_signature().encode()]))
@@ -105,22 +110,28 @@ def bitmask_library() -> ctypes.CDLL | None:
         logger.warning("optimum_lrs: bitmask kernels unavailable, using the slower torch path (%s)", exc)
         return None
     work = [ctypes.c_void_p, ctypes.c_int64]
-    library.lrs_bitmask_matmul.argtypes = [*_ARGTYPES[:-1], *work, ctypes.c_int]
-    library.lrs_bitmask_matmul_t.argtypes = _ARGTYPES
     library.lrs_workspace_floats.argtypes = [ctypes.c_int64] * 3
     library.lrs_workspace_floats.restype = ctypes.c_int64
-    library.lrs_bitmask_to_dense.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    library.lrs_bitmask_to_dense.restype = ctypes.c_int
-    library.lrs_lowrank_bitmask_few.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-        ctypes.c_void_p, *_ARGTYPES[3:]]
-    library.lrs_lowrank_bitmask_few.restype = ctypes.c_int
-    library.lrs_lowrank_bitmask_matmul.argtypes = [*_ARGTYPES[:3], ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                                   ctypes.c_void_p, *_ARGTYPES[3:-1], *work, ctypes.c_int]
-    for name in ("lrs_bitmask_matmul", "lrs_bitmask_matmul_t", "lrs_lowrank_bitmask_matmul"):
-        getattr(library, name).restype = ctypes.c_int
+    argtypes = {
+        "lrs_bitmask_matmul": [*_ARGTYPES[:-1], *work, ctypes.c_int],
+        "lrs_bitmask_matmul_t": _ARGTYPES,
+        "lrs_bitmask_to_dense": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int],
+        "lrs_lowrank_bitmask_few": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_void_p, *_ARGTYPES[3:]],
+        "lrs_lowrank_bitmask_matmul": [*_ARGTYPES[:3], ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_void_p, *_ARGTYPES[3:-1], *work, ctypes.c_int],
+    }
+    for name, types in argtypes.items():
+        for suffix in FACTOR_SUFFIXES.values():
+            function = getattr(library, f"{name}_{suffix}")
+            function.argtypes, function.restype = types, ctypes.c_int
     return library
+
+
+def _entry(name: str, dtype: torch.dtype):
+    """The library's entry point `name` for factors stored in `dtype` (one of FACTOR_SUFFIXES)."""
+    return getattr(bitmask_library(), f"{name}_{FACTOR_SUFFIXES[dtype]}")
 
 
 @contextlib.contextmanager
@@ -137,11 +148,33 @@ def disabled() -> Iterator[None]:
 
 def can_run(*tensors: torch.Tensor) -> bool:
     """Whether the kernels apply: CPU tensors, a library built for this machine, not inside `disabled()`."""
-    return not _disabled and all(t.device.type == "cpu" for t in tensors) and bitmask_library() is not None
+    return not _disabled and all(t.device.type == "cpu" for t in tensors) and _built()
+
+
+@torch.compiler.assume_constant_result
+def _built() -> bool:
+    """Whether the library built here: fixed for the process, so torch.compile reads it once while tracing."""
+    return bitmask_library() is not None
+
+
+def takes_factor_dtype(dtype: torch.dtype) -> bool:
+    """Whether the kernels read factors of `dtype` (float32, bfloat16, float16); a layer in another dtype takes
+    its torch path, which computes in that dtype, and says so once per dtype."""
+    if dtype in FACTOR_SUFFIXES:
+        return True
+    _note_other_dtype(dtype)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _note_other_dtype(dtype: torch.dtype) -> None:
+    logger.warning("optimum_lrs: the bitmask kernels read float32, bfloat16 and float16 factors; layers in %s use "
+                   "the slower torch path", dtype)
 
 
 def bitmask_addmm_(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """out (T, m) += x (T, n) S^T for S given as `mask` (m, ceil(n / 8)) uint8 and row-major float32 `values`."""
+    """out (T, m) += x (T, n) S^T for S given as `mask` (m, ceil(n / 8)) uint8 and row-major `values` (float32,
+    bfloat16 or float16, read as stored; any other dtype goes through float32). Computed in float32."""
     return _call("lrs_bitmask_matmul", out, x, mask, values, rows=out.shape[1], cols=x.shape[1], rank=0)
 
 
@@ -149,16 +182,15 @@ def lowrank_bitmask_matmul(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: 
                            mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """x (U V + S)^T + bias (float32) in one call, for any number of rows of x (from 9 on it beats the per-byte
     path): per token tile, z = x V^T, then each output's sum starts from U's row times z and adds S's set
-    positions; no (T, m) intermediate, no zero fill, and no separate skinny GEMM for z."""
+    positions; no (T, m) intermediate, no zero fill, and no separate skinny GEMM for z. U, V and the values
+    are read as stored (`_factors`)."""
     m, n = lowrank_u.shape[0], x.shape[1]
     if lowrank_v.shape != (lowrank_u.shape[1], n) or (bias is not None and bias.shape != (m,)):
         raise ValueError(f"lowrank_bitmask_matmul: shapes x {tuple(x.shape)}, U {tuple(lowrank_u.shape)}, "
                          f"V {tuple(lowrank_v.shape)}, bias {None if bias is None else tuple(bias.shape)} disagree")
     out = torch.empty(x.shape[0], m, dtype=torch.float32)
-    extra = () if bias is None else (bias,)
-    lowrank_v, lowrank_u, *bias_ = (t.to(torch.float32).contiguous() for t in (lowrank_v, lowrank_u, *extra))
-    if any(t.device.type != "cpu" for t in (lowrank_v, lowrank_u, *bias_)):
-        raise ValueError("lowrank_bitmask_matmul: the kernels take CPU tensors")
+    lowrank_v, lowrank_u, values = _factors("lowrank_bitmask_matmul", lowrank_v, lowrank_u, values)
+    bias_ = () if bias is None else (_float32("lowrank_bitmask_matmul", bias),)
     pointers = (lowrank_v.data_ptr(), lowrank_u.shape[1], lowrank_u.data_ptr(), bias_[0].data_ptr() if bias_ else None)
     return _call("lrs_lowrank_bitmask_matmul", out, x, mask, values, rows=m, cols=n, before_mask=pointers,
                  rank=lowrank_u.shape[1])
@@ -190,11 +222,12 @@ def lowrank_bitmask_few(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: tor
                          f"V {tuple(lowrank_v.shape)}, mask {tuple(mask.shape)} disagree")
     if not 1 <= x.shape[0] <= few_tokens():
         raise ValueError(f"lowrank_bitmask_few: {x.shape[0]} rows, outside the 1..{few_tokens()} it takes")
-    extra = () if bias is None else (bias,)
-    mask, x, lowrank_u, lowrank_v, values, *bias_ = _prepared("lowrank_bitmask_few", mask, x, lowrank_u, lowrank_v,
-                                                              values, *extra)
+    mask = _mask("lowrank_bitmask_few", mask)
+    x = _float32("lowrank_bitmask_few", x)
+    lowrank_u, lowrank_v, values = _factors("lowrank_bitmask_few", lowrank_u, lowrank_v, values)
+    bias_ = () if bias is None else (_float32("lowrank_bitmask_few", bias),)
     out = torch.empty(x.shape[0], m, dtype=torch.float32)
-    status = bitmask_library().lrs_lowrank_bitmask_few(
+    status = _entry("lrs_lowrank_bitmask_few", values.dtype)(
         x.data_ptr(), x.shape[0], n, lowrank_u.data_ptr(), lowrank_v.data_ptr(), lowrank_u.shape[1],
         bias_[0].data_ptr() if bias_ else None, mask.data_ptr(), m, mask.shape[1], values.data_ptr(), values.numel(),
         out.data_ptr(), torch.get_num_threads())
@@ -206,24 +239,41 @@ def bitmask_to_dense(mask: torch.Tensor, values: torch.Tensor, cols: int) -> tor
     """S as a dense float32 (rows, cols) tensor, from `mask` (rows, ceil(cols / 8)) and row-major `values`."""
     if mask.shape[1] != -(-cols // 8):
         raise ValueError(f"bitmask_to_dense: mask {tuple(mask.shape)} does not cover {cols} columns")
-    mask, values = _prepared("bitmask_to_dense", mask, values)
+    mask, (values,) = _mask("bitmask_to_dense", mask), _factors("bitmask_to_dense", values)
     dense = torch.empty(mask.shape[0], cols, dtype=torch.float32)
-    status = bitmask_library().lrs_bitmask_to_dense(mask.data_ptr(), mask.shape[0], cols, mask.shape[1],
+    status = _entry("lrs_bitmask_to_dense", values.dtype)(mask.data_ptr(), mask.shape[0], cols, mask.shape[1],
                                                     values.data_ptr(), values.numel(), dense.data_ptr(),
                                                     torch.get_num_threads())
     _check(status, "bitmask_to_dense", values.numel(), mask.shape[0])
     return dense
 
 
-def _prepared(name: str, mask: torch.Tensor, *floats: torch.Tensor) -> list[torch.Tensor]:
-    """The mask and the float tensors as the C code reads them: contiguous CPU arrays, uint8 and float32 (the
-    caller keeps the returned tensors alive for the call, as their pointers are all the C code gets)."""
+# The tensors as the C code reads them: contiguous CPU arrays (the caller keeps the returned tensors alive for
+# the call, as their pointers are all the C code gets).
+def _cpu(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name}: the kernels take CPU tensors, got one on {tensor.device}")
+    return tensor.contiguous()
+
+
+def _mask(name: str, mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype != torch.uint8:
         raise ValueError(f"{name}: the bitmask must be uint8, got {mask.dtype}")
-    tensors = [mask.contiguous(), *(t.to(torch.float32).contiguous() for t in floats)]
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError(f"{name}: the kernels take CPU tensors")
-    return tensors
+    return _cpu(name, mask)
+
+
+def _float32(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Inputs and bias: float32 whatever the factors' dtype (every sum is float32)."""
+    return _cpu(name, tensor).to(torch.float32)
+
+
+def _factors(name: str, *factors: torch.Tensor) -> list[torch.Tensor]:
+    """U, V and S's values as stored where they share a dtype the kernels read (FACTOR_SUFFIXES): converting
+    them on every call would cost a pass over the layer's bytes, as much as decoding a token reads; else all
+    in float32."""
+    dtypes = {t.dtype for t in factors}
+    dtype = dtypes.pop() if len(dtypes) == 1 and factors[0].dtype in FACTOR_SUFFIXES else torch.float32
+    return [_cpu(name, t).to(dtype) for t in factors]
 
 
 _thread_state = threading.local()
@@ -258,12 +308,12 @@ def _call(name: str, out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, val
         raise ValueError(f"{name}: out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}")
     if mask.shape != (rows, -(-cols // 8)) or out.shape[0] != x.shape[0]:
         raise ValueError(f"{name}: shapes out {tuple(out.shape)}, x {tuple(x.shape)}, mask {tuple(mask.shape)} disagree")
-    mask, x, values = _prepared(name, mask, x, values)
+    mask, x, (values,) = _mask(name, mask), _float32(name, x), _factors(name, values)
     if x.shape[0] == 0:
         return out
     library = bitmask_library()
     work = () if rank is None else _workspace(library.lrs_workspace_floats(x.shape[0], x.shape[1], rank))
-    status = getattr(library, name)(
+    status = _entry(name, values.dtype)(
         x.data_ptr(), x.shape[0], x.shape[1], *before_mask, mask.data_ptr(), out.shape[1], mask.shape[1], values.data_ptr(),
         values.numel(), out.data_ptr(), *work, torch.get_num_threads())
     _check(status, name, values.numel(), x.shape[0])

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, ops
 
 # How S's positions are stored: CSR (column index per entry + row pointer) or a bitmask over all m x n
 # positions. Which is smaller depends on S's density and the value dtype (docs/checkpoint-format.md).
@@ -77,23 +77,6 @@ class _FrozenSparseMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         with _quiet_sparse():
             return torch.sparse.mm(ctx.sparse_t, grad.t().contiguous()).t(), None, None
-
-
-class _FrozenBitmaskMatmul(torch.autograd.Function):
-    """x S^T (float32) for a frozen bitmask-coded S, by the C kernels: gradients flow to x only."""
-
-    @staticmethod
-    def forward(ctx, flat: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask, values)
-        ctx.input_shape, ctx.input_dtype = flat.shape, flat.dtype
-        out = torch.zeros(flat.shape[0], mask.shape[0], dtype=torch.float32, device=flat.device)
-        return kernels.bitmask_addmm_(out, flat, mask, values)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        mask, values = ctx.saved_tensors
-        grad_input = torch.zeros(ctx.input_shape, dtype=torch.float32, device=grad.device)
-        return kernels.bitmask_addmm_t_(grad_input, grad, mask, values).to(ctx.input_dtype), None, None
 
 
 class LowRankSparseLinear(nn.Module):
@@ -296,7 +279,7 @@ class LowRankSparseLinear(nn.Module):
         # Autograd would keep each rebuilt weight alive until backward (a dense copy of every layer during
         # training), so inputs that need a gradient stay on the sparse kernel.
         needs_grad = torch.is_grad_enabled() and flat.requires_grad
-        on_kernels = self.sparse_format == "bitmask" and kernels.can_run(flat)
+        on_kernels = self._on_kernels(flat)
         rebuild = flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad
         dense_s = self.nnz > BITMASK_KERNEL_MAX_DENSITY * self.in_features * self.out_features
         if on_kernels and not (rebuild and dense_s):
@@ -317,27 +300,28 @@ class LowRankSparseLinear(nn.Module):
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
 
+    def _on_kernels(self, *inputs: torch.Tensor) -> bool:
+        """Whether the C kernels run this bitmask layer: built here, CPU tensors, factors in a dtype they read."""
+        return (self.sparse_format == "bitmask" and kernels.can_run(self.sparse_bitmask, *inputs)
+                and kernels.takes_factor_dtype(self.sparse_values.dtype))
+
     def _bitmask_kernel_forward(self, flat: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-        """The layer by the C kernels, no dense weight: up to `kernels.few_tokens()` rows (decoding) in one fused
-        call; more rows, the whole layer in one tiled kernel call (z = x V^T, z U^T + x S^T + b); under autograd
-        x (U V)^T + b by torch plus x S^T by the kernel (differentiable in x). Computed in float32."""
+        """The layer by the C kernels (`ops`, operators that torch.compile traces), no dense weight: the whole layer
+        in one fused call; under autograd x (U V)^T + b by torch plus x S^T by the kernel (differentiable in x).
+        The kernels read bfloat16 and float16 factors as stored and sum in float32; the result takes the input's
+        dtype."""
         if needs_grad:
             out = nn.functional.linear(nn.functional.linear(flat, self.lowrank_v), self.lowrank_u, self.bias)
-            return out + _FrozenBitmaskMatmul.apply(flat, self.sparse_bitmask, self.sparse_values).to(out.dtype)
-        compute = flat.to(torch.float32)
-        if flat.shape[0] <= kernels.few_tokens():
-            out = kernels.lowrank_bitmask_few(compute, self.lowrank_u, self.lowrank_v, self.bias,
-                                              self.sparse_bitmask, self.sparse_values)
-        else:
-            out = kernels.lowrank_bitmask_matmul(compute, self.lowrank_u, self.lowrank_v, self.bias,
-                                                 self.sparse_bitmask, self.sparse_values)
+            return out + ops.bitmask_matmul(flat, self.sparse_bitmask, self.sparse_values).to(out.dtype)
+        out = ops.lowrank_bitmask_linear(flat.to(torch.float32), self.lowrank_u, self.lowrank_v, self.bias,
+                                         self.sparse_bitmask, self.sparse_values)
         return out.to(flat.dtype)
 
     def _rebuilt_weight(self) -> torch.Tensor:
         """U V + S as a transient dense matrix (values are in row-major order in both layouts)."""
         factory = {"dtype": self.lowrank_u.dtype, "device": self.lowrank_u.device}
-        if self.sparse_format == "bitmask" and kernels.can_run(self.sparse_bitmask):
-            weight = kernels.bitmask_to_dense(self.sparse_bitmask, self.sparse_values, self.in_features).to(**factory)
+        if self._on_kernels():
+            weight = ops.bitmask_to_dense(self.sparse_bitmask, self.sparse_values, self.in_features).to(**factory)
         elif self.sparse_format == "bitmask":
             weight = torch.zeros(self.out_features, self.in_features, **factory)
             weight.masked_scatter_(unpack_bits(self.sparse_bitmask, self.in_features), self.sparse_values)
