@@ -445,7 +445,8 @@ def kernels_part(args) -> dict:
     "layer" columns take the layer's own dispatch (the bitmask layer at this density: the kernels at every
     length; CSR: a rebuilt dense weight from `DENSE_REBUILD_TOKENS` on); the parts force one path each: S's
     product alone (tile or per-byte kernel), the rebuilt weight's product, `z = x V^T` by torch (what the
-    layer computes before its kernel call from 9 rows on), the low-rank part by torch alone."""
+    layer computes before its kernel call from 9 rows on), the low-rank part by torch alone. `--dtype`: weights,
+    factors and inputs in that dtype (the S kernel's output stays float32)."""
     from optimum_lrs.nn import kernels
     from optimum_lrs.nn.linear import DENSE_REBUILD_TOKENS
 
@@ -455,6 +456,7 @@ def kernels_part(args) -> dict:
           "z = x V^T | low-rank part |\n|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.functional.linear
+    dtype = getattr(torch, args.dtype)
     for m, n in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
         weight = torch.randn(m, n, generator=g)
         share = m * n // 2
@@ -463,11 +465,12 @@ def kernels_part(args) -> dict:
         keep = torch.zeros(m * n, dtype=torch.bool)
         keep[torch.randperm(m * n, generator=g)[:nnz]] = True
         csr = LowRankSparseLinear.from_factors(torch.randn(m, rank, generator=g), torch.randn(rank, n, generator=g),
-                                               weight * keep.view(m, n))
+                                               weight * keep.view(m, n), dtype=dtype)
+        weight = weight.to(dtype)
         bitmask = csr.with_sparse_format("bitmask")
         mask, values = bitmask.sparse_bitmask, bitmask.sparse_values
         for tokens in (1, 8, 64, 512, 4096):
-            x = torch.randn(tokens, n, generator=g)
+            x = torch.randn(tokens, n, generator=g).to(dtype)
             out = torch.zeros(tokens, m)
 
             def without_kernels(layer=bitmask, x=x):
@@ -608,6 +611,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 tokens for quality")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="for kernels: the weights', factors' and inputs' dtype (results under kernels_DTYPE)")
     parser.add_argument("--max-memory", type=int, default=None, help="for _offload: bytes of CPU memory")
     parser.add_argument("--offload-folder", default=None, help="for _offload")
     parser.add_argument("--ids", default=None, help="for _offload: the input ids (torch.save)")
@@ -641,6 +646,7 @@ def main() -> None:
         elif part == "bytes":
             results[part] = bytes_part(model_dir)
         elif part == "kernels":
+            part = part if args.dtype == "float32" else f"kernels_{args.dtype}"
             results[part] = kernels_part(args)
         elif part == "inference":
             results[part] = inference_part(args, model_dir)
