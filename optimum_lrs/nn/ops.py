@@ -5,7 +5,7 @@ Dynamo cannot trace a ctypes call: without these operators every compressed laye
 two (and `fullgraph=True` fails). Each operator has a fake implementation (the output's shape and dtype) for
 tracing; `bitmask_matmul` also has its gradient for the input, for LoRA training under compile. In eager mode the
 layers call the kernels directly where no gradient is needed, as an operator's dispatch costs about 15 us per
-call (docs: ../shared HF-INTEGRATION-NOTES), which decoding pays once per layer per token.
+call, which decoding would pay once per layer per token (docs/design.md, "Forward").
 """
 
 from __future__ import annotations
