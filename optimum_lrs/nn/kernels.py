@@ -242,8 +242,8 @@ def bitmask_to_dense(mask: torch.Tensor, values: torch.Tensor, cols: int) -> tor
     mask, (values,) = _mask("bitmask_to_dense", mask), _factors("bitmask_to_dense", values)
     dense = torch.empty(mask.shape[0], cols, dtype=torch.float32)
     status = _entry("lrs_bitmask_to_dense", values.dtype)(mask.data_ptr(), mask.shape[0], cols, mask.shape[1],
-                                                    values.data_ptr(), values.numel(), dense.data_ptr(),
-                                                    torch.get_num_threads())
+                                                          values.data_ptr(), values.numel(), dense.data_ptr(),
+                                                          torch.get_num_threads())
     _check(status, "bitmask_to_dense", values.numel(), mask.shape[0])
     return dense
 
@@ -271,8 +271,9 @@ def _factors(name: str, *factors: torch.Tensor) -> list[torch.Tensor]:
     """U, V and S's values as stored where they share a dtype the kernels read (FACTOR_SUFFIXES): converting
     them on every call would cost a pass over the layer's bytes, as much as decoding a token reads; else all
     in float32."""
-    dtypes = {t.dtype for t in factors}
-    dtype = dtypes.pop() if len(dtypes) == 1 and factors[0].dtype in FACTOR_SUFFIXES else torch.float32
+    dtype = factors[0].dtype
+    if dtype not in FACTOR_SUFFIXES or any(t.dtype != dtype for t in factors):
+        dtype = torch.float32
     return [_cpu(name, t).to(dtype) for t in factors]
 
 

@@ -46,6 +46,7 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 #define ROW_BLOCK 32 /* rows per work item (measured against 8 and 16) */
 #define TILE_T 48    /* tokens per tile of the S^T product, whose per-thread sums (n, TILE_T) stay in L2 */
 #define Z_ROWS 16    /* rows of V per work item computing z's tiles */
+#define GEMM_ROWS 4  /* rows of the GEMM micro-kernel (bitmask_typed.h) that share every loaded input vector */
 
 /* Up to 8 bytes of a mask row as a little-endian word (bit b = column 8 * first_byte + b); the full-word
  * case is a single load. */
@@ -114,8 +115,6 @@ static void transpose_tiles(const float *x, int64_t T, int64_t dim, float *xt, i
 
 /* Tile width for T tokens: tile, or T rounded up to whole vectors when T < tile. */
 static int64_t tile_width(int64_t T, int64_t tile) { return T >= tile ? tile : (T + 7) / 8 * 8; }
-
-#define GEMM_ROWS 4
 
 #ifdef __AVX2__
 /* expand_index[byte][l]: where lane l's value sits among the byte's set bits (popcount of the bits below l). */
