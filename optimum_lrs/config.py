@@ -22,7 +22,7 @@ from . import checks
 from .allocation.base import AllocationConfig, allocation_config
 from .allocation.cap.config import CapAllocation
 from .allocation.uniform import UniformAllocation
-from .nn.linear import SPARSE_FORMATS
+from .nn.storage import SPARSE_FORMATS
 from .run import CompressionInputs, CompressionResult
 from .stage1.rpca import RPCA_SOLVERS
 

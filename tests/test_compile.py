@@ -7,7 +7,7 @@ from transformers import CompileConfig
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
 from optimum_lrs.nn import kernels, ops
-from optimum_lrs.nn.linear import pack_bits
+from optimum_lrs.nn.storage import pack_bits
 
 from .conftest import tiny_llama
 

@@ -14,7 +14,7 @@ from optimum_lrs import (
     LowRankSparseLinear,
     LRSModelForCausalLM,
 )
-from optimum_lrs.nn.linear import factor_names
+from optimum_lrs.nn.storage import factor_names
 from optimum_lrs import RPCAConfig, RefitConfig
 
 from .conftest import run_python

@@ -396,7 +396,7 @@ def test_inconsistent_bitmask_tensors_are_refused_from_the_headers(copy, damage)
             del data["weight_map"][f"{LAYER}.sparse_col_indices"], data["weight_map"][f"{LAYER}.sparse_row_offsets"]
 
     edit_json(copy / INDEX, relist)
-    message = {"both layouts": "has both a bitmask and CSR arrays", "bitmask shape": "sparse_bitmask is",
+    message = {"both layouts": "has the index tensors of csr and bitmask layouts", "bitmask shape": "sparse_bitmask is",
                "bitmask dtype": "sparse_bitmask is"}[damage]
     with pytest.raises(CheckpointError, match=names(LAYER, message)):
         AutoModelForCausalLM.from_pretrained(copy)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from optimum_lrs import LowRankSparseLinear
-from optimum_lrs.nn.linear import DENSE_REBUILD_TOKENS, index_dtype_for, pack_bits, unpack_bits
+from optimum_lrs.nn.storage import DENSE_REBUILD_TOKENS, index_dtype_for, pack_bits, unpack_bits
 
 
 def random_factors(out_f=48, in_f=40, rank=5, density=0.1, seed=0):

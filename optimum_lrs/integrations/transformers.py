@@ -27,7 +27,8 @@ from transformers.quantizers.auto import (
 from ..io.checkpoint import assert_materialised, mark_compressed, replace_with_empty_layers
 from ..pipeline import compress_model
 from ..config import QUANT_METHOD, LowRankSparseConfig
-from ..nn.linear import SPARSE_FORMATS, LowRankSparseLinear
+from ..nn.linear import LowRankSparseLinear
+from ..nn.storage import SPARSE_FORMATS
 
 
 class LRSHfQuantizer(HfQuantizer):

@@ -22,7 +22,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..config import QUANT_METHOD, LowRankSparseConfig
-from ..nn.linear import FACTOR_NAMES, LowRankSparseLinear, factor_names, index_dtype_for
+from ..nn.linear import LowRankSparseLinear
+from ..nn.storage import FACTOR_NAMES, STORAGES, factor_names
 
 logger = logging.getLogger(__name__)
 
@@ -130,15 +131,16 @@ def empty_layer_from_headers(
 
     Its factors get `dtype` (the checkpoint's own when None); transformers casts the stored tensors into it.
     """
-    sparse_format = "bitmask" if f"{name}.sparse_bitmask" in headers else "csr"
+    layouts = [f for f, s in STORAGES.items() if any(f"{name}.{i}" in headers for i in s.index_names())]
+    _expect(len(layouts) <= 1, f"compressed layer {name!r} has the index tensors of {' and '.join(layouts)} "
+                               "layouts; a layer stores one")
+    sparse_format = layouts[0] if layouts else "csr"
     keys = {f: f"{name}.{f}" for f in factor_names(sparse_format)}
     if dense.bias is not None:
         keys["bias"] = f"{name}.bias"
     for key in keys.values():
         _expect(key in headers, f"no file of the checkpoint holds tensor {key!r} for compressed layer {name!r} "
                                 f"(files: {sorted({h.file for h in headers.values()})})")
-    other = [f"{name}.{f}" for f in FACTOR_NAMES if f not in keys and f"{name}.{f}" in headers]
-    _expect(not other, f"compressed layer {name!r} has both a bitmask and CSR arrays ({other}); a layer stores one")
     u, v, vals = (headers[keys[f]] for f in ("lowrank_u", "lowrank_v", "sparse_values"))
     out_f, in_f = dense.out_features, dense.in_features
     rank, nnz = v.shape[0] if len(v.shape) == 2 else -1, vals.shape[0] if len(vals.shape) == 1 else -1
@@ -146,18 +148,12 @@ def empty_layer_from_headers(
     _expect(u.shape == (out_f, rank) and v.shape == (rank, in_f),
             f"{where}: lowrank_u {u.shape} and lowrank_v {v.shape} do not form a ({out_f} x {in_f}) product")
     _expect(vals.shape == (nnz,), f"{where}: sparse_values has shape {vals.shape}, expected one dimension")
-    if sparse_format == "csr":
-        cols, rows = headers[keys["sparse_col_indices"]], headers[keys["sparse_row_offsets"]]
-        _expect(cols.shape == (nnz,) and rows.shape == (out_f + 1,),
-                f"{where}: sparse tensors have shapes values {vals.shape}, col_indices {cols.shape}, "
-                f"row_offsets {rows.shape}; expected ({nnz},), ({nnz},), ({out_f + 1},)")
-        _expect(cols.dtype == index_dtype_for(in_f - 1) and rows.dtype == index_dtype_for(nnz),
-                f"{where}: index dtypes {cols.dtype}/{rows.dtype} differ from the format's "
-                f"{index_dtype_for(in_f - 1)}/{index_dtype_for(nnz)}")
-    else:
-        mask = headers[keys["sparse_bitmask"]]
-        _expect(mask.shape == (out_f, -(-in_f // 8)) and mask.dtype == torch.uint8,
-                f"{where}: sparse_bitmask is {mask.dtype} {mask.shape}, expected uint8 ({out_f}, {-(-in_f // 8)})")
+    storage = STORAGES[sparse_format]
+    for index_name, (shape, index_dtype) in storage.index_specs(out_f, in_f, nnz).items():
+        stored = headers[keys[index_name]]
+        _expect(stored.shape == shape and stored.dtype == index_dtype,
+                f"{where}: {index_name} is {stored.dtype} {stored.shape}, expected {index_dtype} {shape} "
+                f"in the {sparse_format} layout of {nnz} sparse values")
     _expect(u.dtype is not None and u.dtype.is_floating_point and u.dtype == v.dtype == vals.dtype,
             f"{where}: factor dtypes differ or are not floating point ({u.dtype}, {v.dtype}, {vals.dtype})")
     _expect(entry.get("rank") == rank and entry.get("nnz") == nnz,
@@ -166,8 +162,7 @@ def empty_layer_from_headers(
     with torch.device("meta"):
         layer = LowRankSparseLinear(in_f, out_f, rank, nnz, bias=dense.bias is not None, dtype=dtype or u.dtype,
                                     sparse_format=sparse_format)
-    index_key = keys["sparse_col_indices" if sparse_format == "csr" else "sparse_bitmask"]
-    layer.source_file = headers[index_key].file  # named by the post-load checks of the index arrays
+    layer.source_file = headers[keys[storage.index_names()[0]]].file  # named by the post-load checks of the index arrays
     return layer
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..nn.linear import LowRankSparseLinear
+from ..nn.storage import STORAGES
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard:
         f"Low-rank + sparse compression of {result.base_model or 'a transformers model'} with "
         "[optimum-lrs](https://pypi.org/project/optimum-lrs/) (CAP, arXiv 2505.03801): every targeted linear layer "
         f"is stored as U V + S (low-rank factors plus a sparse matrix whose positions are kept as "
-        f"{'a bitmask' if config.sparse_format == 'bitmask' else 'CSR arrays'}), with ranks and sparse entries shared out "
+        f"{STORAGES[config.sparse_format].description}), with ranks and sparse entries shared out "
         "across layers under one parameter budget.",
         "",
         "| budget (param_ratio) | allocation | compressed layers | kept parameters | dense parameters |",

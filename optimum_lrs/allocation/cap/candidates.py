@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ...nn.linear import index_dtype_for
+from ...nn.storage import index_dtype_for
 from ...stage1.rpca import alternating_refit, top_triplets
 from ..base import AllocationProblem, LayerAllocation, LayerCandidates
 
