@@ -40,14 +40,16 @@ def c4_texts() -> list[str]:
 
 
 # Peer methods: the script that runs each (in its own venv) and the library it comes from.
-PEERS = {"wanda": "llm-compressor", "sparsegpt": "llm-compressor",
-         "oats": "3BASiL repo", "3basil": "3BASiL repo", "3basil_tm": "3BASiL repo"}
+PEERS = {"wanda": "llm-compressor", "sparsegpt": "llm-compressor", "gptq_w4": "llm-compressor",
+         "gptq_w3": "llm-compressor", "oats": "3BASiL repo", "3basil": "3BASiL repo", "3basil_tm": "3BASiL repo"}
+# Peers that quantize every weight rather than keep a fraction of them: run once, whatever the ratios.
+QUANTIZING_PEERS = ("gptq_w4", "gptq_w3")
 
 
 def peer_variant(model, python: str, method: str, ratio: float, calibration_file: Path, threads: int,
                  repo: str | None = None):
     """`model` compressed by a peer `method` keeping `ratio` of the linear weights, run in the peer venv's `python`
-    (benchmarks/peers/llm_compressor.py for llm-compressor's Wanda and SparseGPT, benchmarks/peers/threebasil.py with
+    (benchmarks/peers/llm_compressor.py for llm-compressor's Wanda, SparseGPT and GPTQ, benchmarks/peers/threebasil.py with
     the 3BASiL checkout `repo` for OATS and 3BASiL) on the windows in `calibration_file`; returns the compressed
     copy and the run's seconds, peak RSS and kept fraction."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +57,7 @@ def peer_variant(model, python: str, method: str, ratio: float, calibration_file
         common = ["--calibration", str(calibration_file), "--output", str(out), "--threads", str(threads)]
         if PEERS[method] == "llm-compressor":
             cmd = [python, str(Path(__file__).parent / "peers" / "llm_compressor.py"), "--method", method,
-                   "--sparsity", str(1 - ratio), *common]
+                   *([] if method in QUANTIZING_PEERS else ["--sparsity", str(1 - ratio)]), *common]
         else:
             cmd = [python, str(Path(__file__).parent / "peers" / "threebasil.py"), "--method", method, "--ratio",
                    str(ratio), "--repo", str(repo), *common]
@@ -72,20 +74,27 @@ def peer_variant(model, python: str, method: str, ratio: float, calibration_file
 
 
 class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 10 ms from /proc."""
+    """Peak memory of this process while the block runs, sampled every 5 ms from /proc/self/status: resident
+    (`peak`, VmRSS) and anonymous (`anonymous_peak`, RssAnon: the process's own allocations, without the pages of
+    memory-mapped files, which the kernel may drop at will); `anonymous_start` is RssAnon on entry."""
 
     def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self.anonymous_peak = self._read()
+        self.anonymous_start = self.anonymous_peak
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon"))
+
     def _sample(self):
-        while True:
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * 4096)
-            if self._stop.wait(0.01):
-                return
+        while not self._stop.wait(0.005):
+            resident, anonymous = self._read()
+            self.peak, self.anonymous_peak = max(self.peak, resident), max(self.anonymous_peak, anonymous)
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -119,4 +128,4 @@ def header(args) -> str:
             f"{args.seq_len} tokens\n")
 
 
-__all__ = ["PEERS", "PeakRSS", "add_eval_args", "c4_texts", "header", "load_smollm2", "peer_variant", "run_info", "wikitext"]
+__all__ = ["PEERS", "QUANTIZING_PEERS", "PeakRSS", "add_eval_args", "c4_texts", "header", "load_smollm2", "peer_variant", "run_info", "wikitext"]

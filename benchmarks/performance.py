@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import c4_texts, header, load_smollm2, run_info
+from common import PeakRSS, c4_texts, header, load_smollm2, run_info
 from safetensors.torch import save_file
 
 from optimum_lrs import LowRankSparseConfig, compress_, robust_pca
@@ -148,8 +149,8 @@ def _compress_child(args) -> None:
                       "dense_bytes": dense_bytes}))
 
 
-def _child_json(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _child_json(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -371,40 +372,63 @@ def _offload_child(args) -> None:
     torch.set_num_threads(args.threads)
     placement = {} if args.max_memory is None else {"device_map": "auto", "max_memory": {"cpu": args.max_memory},
                                                       "offload_folder": args.offload_folder}
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, **placement)
-    load = time.perf_counter() - start
     ids = torch.load(args.ids)
-    with torch.inference_mode():
+    with PeakRSS() as loading:
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, **placement)
+        load = time.perf_counter() - start
+    with PeakRSS() as running, torch.inference_mode():
         forward, logits = timed(lambda: model(ids).logits, repeats=args.repeats)
     torch.save(logits, args.logits)
     places = sorted(set(map(str, (getattr(model, "hf_device_map", None) or {"": "cpu"}).values())))
-    print(json.dumps({"load_seconds": load, "forward_seconds": forward, "peak_rss_bytes": peak_rss(), "places": places}))
+    print(json.dumps({"load_seconds": load, "forward_seconds": forward, "peak_rss_bytes": peak_rss(),
+                      "anonymous_before_load_bytes": loading.anonymous_start,
+                      "peak_anonymous_loading_bytes": loading.anonymous_peak,
+                      "anonymous_after_load_bytes": running.anonymous_start,
+                      "peak_anonymous_running_bytes": running.anonymous_peak,
+                      "places": places}))
+
+
+# The offload run with glibc's mmap threshold fixed: freed per-forward weight copies go back to the system.
+OFFLOADED_FIXED_MMAP = "offloaded, MALLOC_MMAP_THRESHOLD_=131072"
 
 
 def offload_part(args, model_dir: Path) -> dict:
-    """The compressed model loaded whole against `device_map="auto"` with `max_memory` a quarter of its bytes
-    (accelerate plans with the compressed layers' real sizes and offloads the rest to disk), each in a fresh
-    process: load seconds, a 512-token prefill's seconds (median), peak RSS, and the offloaded logits' largest
-    difference from the whole model's."""
+    """The compressed model loaded whole against `device_map="auto"` with `max_memory` a quarter ("offloaded")
+    and three quarters ("split") of its bytes (accelerate plans with the compressed layers' real sizes and
+    offloads the rest to disk), each in a fresh process: load seconds, a 512-token prefill's seconds (median),
+    peak RSS, anonymous memory (RSS less the pages of memory-mapped files, which the kernel may drop) before and
+    after loading and at its peaks, and the offloaded logits' largest difference from the whole model's. The
+    quarter is run again with glibc's mmap threshold fixed: by default glibc raises it after freeing a large
+    block, so the weight copies accelerate loads for each forward and frees after it stay in the heap."""
     _, tokenizer = load_smollm2()
     held = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    budget = held // 4
+    budgets = {"whole": None, "offloaded": held // 4, "split": 3 * held // 4, OFFLOADED_FIXED_MMAP: held // 4}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(calibration_ids(tokenizer, 1, 512, seed=1), Path(tmp) / "ids.pt")
-        for mode, memory in (("whole", None), ("offloaded", budget)):
+        for i, (mode, memory) in enumerate(budgets.items()):
             cmd = [sys.executable, __file__, "_offload", "--threads", str(args.threads), "--model-dir", str(model_dir),
-                   "--ids", str(Path(tmp) / "ids.pt"), "--logits", str(Path(tmp) / f"{mode}.pt"),
+                   "--ids", str(Path(tmp) / "ids.pt"), "--logits", str(Path(tmp) / f"{i}.pt"),
                    "--offload-folder", str(Path(tmp) / "offload"), "--repeats", str(args.repeats)]
-            rows[mode] = _child_json(cmd + ([] if memory is None else ["--max-memory", str(memory)]))
-        difference = (torch.load(Path(tmp) / "offloaded.pt") - torch.load(Path(tmp) / "whole.pt")).abs().max().item()
-    print("| load | places | load s | prefill 512 s | peak RSS MiB |\n|---|---|---|---|---|")
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if mode == OFFLOADED_FIXED_MMAP else None
+            rows[mode] = _child_json(cmd + ([] if memory is None else ["--max-memory", str(memory)]), env)
+        whole = torch.load(Path(tmp) / "0.pt")
+        for i, mode in enumerate(budgets):
+            rows[mode]["max_memory_bytes"] = budgets[mode]
+            if i:
+                rows[mode]["max_logit_difference"] = (torch.load(Path(tmp) / f"{i}.pt") - whole).abs().max().item()
+    print("| load | max_memory MiB | places | load s | prefill 512 s | peak RSS MiB | anonymous MiB: before / peak "
+          "loading / loaded / peak running | logits vs whole |\n|---|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
-        print(f"| {mode} | {', '.join(r['places'])} | {r['load_seconds']:.2f} | {r['forward_seconds']:.2f} | "
-              f"{r['peak_rss_bytes'] / 2**20:.0f} |")
-    print(f"checkpoint {held / 2**20:.0f} MiB, max_memory {budget / 2**20:.0f} MiB; largest logit difference {difference}")
-    return {"checkpoint_bytes": held, "max_memory_bytes": budget, "runs": rows, "max_logit_difference": difference}
+        memory = "-" if budgets[mode] is None else f"{budgets[mode] / 2**20:.0f}"
+        anonymous = " / ".join(f"{r[k] / 2**20:.0f}" for k in (
+            "anonymous_before_load_bytes", "peak_anonymous_loading_bytes", "anonymous_after_load_bytes",
+            "peak_anonymous_running_bytes"))
+        print(f"| {mode} | {memory} | {', '.join(r['places'])} | {r['load_seconds']:.2f} | {r['forward_seconds']:.2f} | "
+              f"{r['peak_rss_bytes'] / 2**20:.0f} | {anonymous} | {r.get('max_logit_difference', 0.0):g} |")
+    print(f"checkpoint {held / 2**20:.0f} MiB")
+    return {"checkpoint_bytes": held, "runs": rows}
 
 
 def training_part(args, model_dir: Path) -> dict:
@@ -448,7 +472,7 @@ def kernels_part(args) -> dict:
     layer computes before its kernel call from 9 rows on), the low-rank part by torch alone. `--dtype`: weights,
     factors and inputs in that dtype (the S kernel's output stays float32)."""
     from optimum_lrs.nn import kernels
-    from optimum_lrs.nn.linear import DENSE_REBUILD_TOKENS
+    from optimum_lrs.nn.storage import DENSE_REBUILD_TOKENS
 
     rows = []
     print(f"(CSR rebuilds from {DENSE_REBUILD_TOKENS} tokens on; kernels: {kernels.bitmask_library()})")

@@ -235,19 +235,30 @@ def compile_section(data: dict) -> str:
         "first compiled call (which compiles) apart.", part, rows)
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
 def offload_section(data: dict) -> str:
     part = recorded(data, "offload")
     if part is None:
         return ""
-    rows = table(["load", "places", "load s", "prefill 512 s", "peak RSS"],
-                 [[mode, ", ".join(r["places"]), f"{r['load_seconds']:.2f}", f"{r['forward_seconds']:.2f}",
-                   f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"] for mode, r in part["runs"].items()])
+    rows = table(["load", "max_memory MiB", "places", "load s", "prefill 512 s", "peak RSS MiB",
+                  "anonymous MiB: before / loaded / peak running", "logits vs whole"],
+                 [[mode, "-" if r["max_memory_bytes"] is None else _mib(r["max_memory_bytes"]), ", ".join(r["places"]),
+                   f"{r['load_seconds']:.2f}", f"{r['forward_seconds']:.2f}", _mib(r["peak_rss_bytes"]),
+                   " / ".join(_mib(r[k]) for k in ("anonymous_before_load_bytes", "anonymous_after_load_bytes",
+                                                  "peak_anonymous_running_bytes")),
+                   f"{r.get('max_logit_difference', 0.0):g}"] for mode, r in part["runs"].items()])
     return section(
         "Offload",
-        f"The compressed SmolLM2-135M checkpoint ({part['checkpoint_bytes'] / 2**20:.0f} MiB) loaded whole, and with "
-        f"`device_map=\"auto\"` and `max_memory` a quarter of its bytes ({part['max_memory_bytes'] / 2**20:.0f} MiB; "
-        "accelerate offloads what does not fit to disk and loads it for each forward), each in a fresh process; the "
-        f"offloaded logits differ from the whole model's by at most {part['max_logit_difference']:g}.", part, rows)
+        f"The compressed SmolLM2-135M checkpoint ({_mib(part['checkpoint_bytes'])} MiB) loaded whole, and with "
+        "`device_map=\"auto\"` and `max_memory` a quarter (every module on disk) or three quarters of its bytes "
+        "(accelerate offloads what does not fit to disk and loads it for each forward), each in a fresh process. "
+        "Peak RSS counts the pages of the memory-mapped safetensors files, which the kernel can drop under pressure; "
+        "anonymous memory is what the process itself holds. The last row sets glibc's `MALLOC_MMAP_THRESHOLD_`: "
+        "by default glibc raises its threshold after freeing a large block, and then keeps the weight copies "
+        "accelerate frees after each forward in its heap.", part, rows)
 
 
 def bytes_section(data: dict) -> str:
