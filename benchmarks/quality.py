@@ -37,14 +37,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import SHARED_DATA, PEERS, PeakRSS, add_eval_args, c4_texts, load_smollm2, peer_variant, run_info, wikitext
+from common import SHARED_DATA, PEERS, QUANTIZING_PEERS, PeakRSS, add_eval_args, c4_texts, load_smollm2, peer_variant, run_info, wikitext
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_lrs import LowRankSparseConfig, compress_
 from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.evaluation import perplexity, zero_shot
+from optimum_lrs.nn.quantize import quantized_nbytes
 from optimum_lrs.nn.linear import LowRankSparseLinear
+from optimum_lrs.nn.quantized_linear import QuantizedLowRankSparseLinear
 from reparameterize import rescale_pairs
 
 
@@ -64,6 +66,52 @@ def peer_arg(text: str) -> tuple[str, list[float] | None]:
         return name, [float(r) for r in ratios.split(",")] if ratios else None
     except ValueError:
         raise argparse.ArgumentTypeError(f"--peer {text!r}: ratios must be numbers, e.g. oats:0.5") from None
+
+
+def bits_arg(text: str) -> tuple[int, int, bool]:
+    """`--factor-bits BITS:GROUP[:feedback]`, e.g. 4:64 (rounded to nearest) or 4:64:feedback (error feedback)."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3) or parts[2:] not in ([], ["feedback"]):
+            raise ValueError
+        return int(parts[0]), int(parts[1]), parts[2:] == ["feedback"]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--factor-bits {text!r}: give BITS:GROUP[:feedback], e.g. 4:64") from None
+
+
+def targeted_linears(model) -> dict[str, tuple[int, int]]:
+    """(out, in) of the linear layers compression targets and GPTQ quantizes: every one but lm_head."""
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, LowRankSparseLinear)) and name != "lm_head"}
+
+
+def stored_bytes(model, factor_bits: tuple[int, int] | None = None) -> int:
+    """Bytes of the targeted layers' weights as they would be stored: compressed layers with 16-bit factors, or
+    `factor_bits` (bits, group) codes with a 16-bit scale per group (a `QuantizedLowRankSparseLinear`'s own),
+    plus their index tensors; dense layers in 16
+    bits, or their kept weights and a bitmask where that is smaller (Wanda, SparseGPT). Quantizing peers report
+    their own bytes."""
+    total = 0
+    for name in targeted_linears(model):
+        m = model.get_submodule(name)
+        if isinstance(m, LowRankSparseLinear):
+            index = sum(getattr(m, n).numel() * getattr(m, n).element_size() for n in m.storage.index_names())
+            if isinstance(m, QuantizedLowRankSparseLinear):
+                factor_bits = (m.bits, m.group_size)
+            total += (2 * m.num_parameters + index if factor_bits is None else
+                      quantized_nbytes(m.out_features, m.in_features, m.rank, m.nnz, index, *factor_bits))
+        else:
+            kept = int((m.weight != 0).sum())
+            total += min(2 * kept + m.out_features * -(-m.in_features // 8), 2 * m.weight.numel())
+    return total
+
+
+def quantize_factors(model, bits: int, group: int, feedback: bool) -> None:
+    """Every compressed layer's factors stored as `bits`-bit group codes, in place (`QuantizedLowRankSparseLinear`,
+    as `quantization=` makes them at the end of compression), with or without error feedback."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LowRankSparseLinear):
+            model.set_submodule(name, QuantizedLowRankSparseLinear.quantize(m, bits, group, feedback))
 
 
 def block_shares(model) -> dict[str, float]:
@@ -96,6 +144,9 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=100, help="C4 documents kept out of calibration for evaluation")
     parser.add_argument("--rescale", type=float, nargs="+", default=[], metavar="C",
                         help="also run every variant on the model rescaled by C (function-preserving)")
+    parser.add_argument("--factor-bits", type=bits_arg, nargs="+", default=[], metavar="BITS:GROUP[:feedback]",
+                        help="also evaluate every variant with its factors stored as BITS-bit codes, one scale per "
+                             "GROUP values, rounded to nearest (4:64) or with error feedback (4:64:feedback)")
     parser.add_argument("--verbose", action="store_true", help="log each compression step (per-block notes)")
     parser.add_argument("--tasks", type=lambda text: text.split(","), default=[],
                         help="also zero-shot accuracy on these lm-eval tasks, comma-separated")
@@ -128,9 +179,12 @@ def main() -> None:
                "evaluation": f"first {args.windows} windows of {args.seq_len} tokens",
                "calibration": f"C4 sample without its last {args.heldout} documents", "common": args.common,
                **({"zero_shot_setting": {"tasks": args.tasks, "limit": args.limit}} if args.tasks else {}),
-               "dense": evaluate(model), "runs": []}
+               "dense": evaluate(model), "dense_bf16_bytes": 2 * sum(o * i for o, i in targeted_linears(model).values()),
+               "runs": []}
     print(f"dense: {results['dense']}", flush=True)
-    def record(run: dict) -> None:
+    def record(run: dict, model) -> None:
+        run.setdefault("stored_bytes", stored_bytes(model, run.get("factor_bits")))
+        run["byte_ratio"] = run["stored_bytes"] / results["dense_bf16_bytes"]
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,12 +200,15 @@ def main() -> None:
         results["peer_calibration"] = list(windows.shape)
     for ratio in args.ratios:
         for peer, only in args.peer:
-            if only is not None and ratio not in only:
+            if (only is not None and ratio not in only) or (peer in QUANTIZING_PEERS and ratio != args.ratios[0]):
                 continue
             python = args.peer_python if PEERS[peer] == "llm-compressor" else args.threebasil_python
             pruned, info = peer_variant(model, python, peer, ratio, windows_file, args.threads, args.threebasil_repo)
-            record({"variant": f"{peer} ({PEERS[peer]})", "peer": True, "ratio": ratio, "seconds": info["seconds"],
-                    "peak_rss_bytes": info["peak_rss_bytes"], "kept_fraction": info["kept_fraction"], **evaluate(pruned)})
+            record({"variant": f"{peer} ({PEERS[peer]})", "peer": True,
+                    "ratio": 1.0 if peer in QUANTIZING_PEERS else ratio, "seconds": info["seconds"],
+                    "peak_rss_bytes": info["peak_rss_bytes"], "kept_fraction": info["kept_fraction"],
+                    **{k: info[k] for k in ("stored_bytes", "distinct_per_group") if k in info}, **evaluate(pruned)},
+                   pruned)
             del pruned
         for (name, *pairs), scale in itertools.product(args.variant, [1.0, *args.rescale]):
             config = LowRankSparseConfig.from_overrides([*args.common, *pairs], param_ratio=ratio)
@@ -164,12 +221,19 @@ def main() -> None:
             record({"variant": name if scale == 1.0 else f"{name}, rescaled x{scale:g}", "rescale": scale,
                     "settings": [*args.common, *pairs], "ratio": ratio, "seconds": time.perf_counter() - start,
                     "peak_rss_bytes": mem.peak, "block_shares": block_shares(variant),
-                    "block_matching": getattr(compressed, "block_matching", None), **evaluate(variant)})
+                    "block_matching": getattr(compressed, "block_matching", None), **evaluate(variant)}, variant)
+            for bits, group, feedback in args.factor_bits if scale == 1.0 else []:
+                quantize_factors(quantized := copy.deepcopy(variant), bits, group, feedback)
+                record({"variant": f"{name}, {bits}-bit factors" + (", error feedback" if feedback else ""),
+                        "factor_bits": [bits, group], "error_feedback": feedback, "ratio": ratio,
+                        "settings": [*args.common, *pairs], "seconds": 0.0, **evaluate(quantized)}, quantized)
+                del quantized
             del variant
-    print(f"\n| variant | ratio | WikiText-2 | held-out C4 | seconds |\n|---|---|---|---|---|")
-    print(f"| dense | 1.0 | {results['dense']['wikitext2']:.2f} | {results['dense']['c4_heldout']:.2f} | - |")
+    print(f"\n| variant | ratio | bytes / dense bf16 | WikiText-2 | held-out C4 | seconds |\n|---|---|---|---|---|---|")
+    print(f"| dense | 1.0 | 1.000 | {results['dense']['wikitext2']:.2f} | {results['dense']['c4_heldout']:.2f} | - |")
     for r in results["runs"]:
-        print(f"| {r['variant']} | {r['ratio']} | {r['wikitext2']:.2f} | {r['c4_heldout']:.2f} | {r['seconds']:.0f} |")
+        print(f"| {r['variant']} | {r['ratio']} | {r['byte_ratio']:.3f} | {r['wikitext2']:.2f} | {r['c4_heldout']:.2f} | "
+              f"{r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -235,6 +235,28 @@ def compile_section(data: dict) -> str:
         "first compiled call (which compiles) apart.", part, rows)
 
 
+def frontier_section(data: dict) -> str:
+    """Perplexity against stored bytes: our compression at several budgets with float and integer factors, and
+    the 4- and 3-bit GPTQ peers, in one run."""
+    dense = data["dense"]
+    rows = [["dense (bfloat16)", "100%", "-", "1.000", ppl(dense["wikitext2"]), ppl(dense["c4_heldout"])]]
+    for r in sorted(data["runs"], key=lambda r: r["byte_ratio"]):
+        bits = r.get("factor_bits")
+        rows.append([r["variant"].split(",")[0], "-" if is_peer(r) else f"{r['ratio']:.0%}",
+                     "-" if is_peer(r) else f"{bits[0]} (groups of {bits[1]}"
+                     f"{', error feedback' if r.get('error_feedback') else ''})" if bits else "16",
+                     f"{r['byte_ratio']:.3f}", ppl(r["wikitext2"]), ppl(r["c4_heldout"])])
+    return section(
+        "Bytes against quality",
+        f"{data['model']}, the protocol of the first section. Bytes are the targeted linear layers' as stored, over "
+        "their dense bfloat16 bytes: our factors in 16 bits, or as integer codes with a 16-bit scale per group, plus "
+        "the bitmask of S's positions (one bit per weight); GPTQ's codes plus a 16-bit scale per group of 64 "
+        "(symmetric, llm-compressor). Our codes are made after the fit (`quantization=`): rounded to nearest, or with "
+        "U and V's rounding fed into S's values first (error feedback). Rows by bytes; "
+        "perplexity on WikiText-2 and held-out C4:", data,
+        table(["method", "kept parameters", "factor bits", "bytes / dense bf16", "WikiText-2", "held-out C4"], rows))
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
@@ -350,6 +372,7 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("performance.json", inference_section),
     ("performance.json", dtypes_section),
     ("performance.json", compile_section),
+    ("frontier_rtn.json", frontier_section),
     ("performance.json", offload_section),
     ("performance.json", bytes_section),
     ("performance.json", training_section),

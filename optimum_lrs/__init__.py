@@ -6,8 +6,9 @@ with transformers, so that `from_pretrained` can compress on load and reload com
 
 from .io.checkpoint import CheckpointError, register_model_type
 from .allocation import CapAllocation, GlobalGreedyAllocation, UniformAllocation, register_allocator
-from .config import CalibrationConfig, LowRankSparseConfig, RefitConfig, RPCAConfig
+from .config import CalibrationConfig, FactorQuantization, LowRankSparseConfig, RefitConfig, RPCAConfig
 from .nn.linear import LowRankSparseLinear
+from .nn.quantized_linear import QuantizedLowRankSparseLinear
 from .integrations.peft import LowRankSparseLoraConfig, LowRankSparseLoraLinear, load_adapter, lora_target_modules
 from .io.model_card import model_card, push_to_hub
 from .modeling import LRSModelForCausalLM
@@ -23,6 +24,7 @@ register_model_type()
 
 __all__ = [
     "CalibrationConfig",
+    "FactorQuantization",
     "CapAllocation",
     "CheckpointError",
     "GlobalGreedyAllocation",
@@ -31,6 +33,7 @@ __all__ = [
     "LRSQuantizer",
     "LowRankSparseConfig",
     "LowRankSparseLinear",
+    "QuantizedLowRankSparseLinear",
     "LowRankSparseLoraConfig",
     "LowRankSparseLoraLinear",
     "RPCAConfig",

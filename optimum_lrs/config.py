@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "optimum_lrs"
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# Quantized factors (`quantization`) are format 3; a checkpoint without them stays format 2, which older readers take.
+QUANTIZED_FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 # Block matching steps of block_matching_steps="auto" (the lr / steps sweep: docs/research-notes.md).
 AUTO_MATCHING_STEPS = 8
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -122,6 +124,30 @@ class CalibrationConfig:
         checks.choice("CalibrationConfig", "pipeline", self.pipeline, PIPELINES)
 
 
+@dataclass
+class FactorQuantization:
+    """U, V and S's values stored as `bits`-bit integer codes (4 or 8) with one scale per `group_size` values,
+    rounded to nearest once each layer is final (`nn.quantize`, `QuantizedLowRankSparseLinear`). The group size
+    must divide every compressed layer's input and output width (64 for SmolLM2's 576). `error_feedback`: round
+    U and V first and add what that changed in U V at S's positions to S's values before rounding them."""
+
+    bits: int = 4
+    group_size: int = 64
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        from .nn.quantize import QUANT_BITS
+
+        self.error_feedback = checks.flag("FactorQuantization", "error_feedback", self.error_feedback)
+
+        if self.bits not in QUANT_BITS:
+            checks.fail("FactorQuantization", "bits", f"one of {QUANT_BITS}", self.bits)
+        self.group_size = checks.integer("FactorQuantization", "group_size", self.group_size, 2)
+        if self.group_size % 2:
+            checks.fail("FactorQuantization", "group_size", "an even integer (4-bit codes pack in pairs)",
+                        self.group_size)
+
+
 def _check_names(field: str, value: Any, allow_regex: bool) -> list[str] | str | None:
     if value is None:
         return None
@@ -168,6 +194,8 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         factor_dtype: dtype of the stored factors; `"auto"` keeps the dense weight's.
         seed: seed of every random choice, so that a run repeats exactly.
         rpca, refit, calibration: `RPCAConfig`, `RefitConfig`, `CalibrationConfig` (or dicts of their fields).
+        quantization: None (factors in `factor_dtype`) or a `FactorQuantization` (or a dict of its fields, or the
+            bits alone: `quantization=4`) storing the factors as integer codes.
         calibration_data, tokenizer, cache_dir, base_model: the run's inputs (`inputs`), never saved as such:
             texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`; a tokenizer for texts; a directory for
             Stage 1 results reused by a rerun; the dense model's Hub id for the model card (default: the model's
@@ -187,6 +215,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         rpca: RPCAConfig | dict | None = None,
         refit: RefitConfig | dict | None = None,
         calibration: CalibrationConfig | dict | None = None,
+        quantization: FactorQuantization | dict | int | None = None,
         *,
         calibration_data: Any = None,
         tokenizer: Any = None,
@@ -207,6 +236,10 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if self.rpca.tol is None:  # the refits re-fit both parts, so Stage 1 only has to give them a start
             self.rpca.tol = 1e-4 if self.refit.selection == "allocation" else 1e-2
         self.calibration = _sub_config(CalibrationConfig, "calibration", calibration)
+        if isinstance(quantization, int) and not isinstance(quantization, bool):
+            quantization = {"bits": quantization}
+        self.quantization = None if quantization is None else _sub_config(FactorQuantization, "quantization",
+                                                                             quantization)
         if self.refit.objective == "second_moment" and not activation_aware:
             checks.fail("LowRankSparseConfig", "refit.objective", '"rms" with activation_aware=False (the second '
                         'moment comes from calibration inputs)', self.refit.objective)
@@ -280,11 +313,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """config.json's form: the recipe, then what compression wrote; the run's inputs stay out."""
-        out = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "param_ratio": self.param_ratio,
+        out = {"quant_method": QUANT_METHOD, "format_version": QUANTIZED_FORMAT_VERSION if self.quantization else FORMAT_VERSION,
+               "param_ratio": self.param_ratio,
                "allocation": self.allocation.to_dict(), "target_modules": self.target_modules,
                "modules_to_not_convert": self.modules_to_not_convert, "activation_aware": self.activation_aware,
                "sparse_format": self.sparse_format, "factor_dtype": self.factor_dtype, "seed": self.seed,
                "rpca": asdict(self.rpca), "refit": asdict(self.refit), "calibration": asdict(self.calibration),
+               **({"quantization": asdict(self.quantization)} if self.quantization else {}),
                "compressed": None if self.compressed is None else asdict(self.compressed)}
         return json.loads(json.dumps(out))  # a deep, JSON-clean copy
 

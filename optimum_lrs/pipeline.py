@@ -20,6 +20,8 @@ from .block_matching import MatchResult, match_block
 from .calibration import calibration_windows
 from .config import CompressionResult, LowRankSparseConfig
 from .nn.linear import LowRankSparseLinear
+from .nn.quantize import check_bits
+from .nn.quantized_linear import QuantizedLowRankSparseLinear
 from .distributed import Ranks
 from .extract import build_layer
 from .progress import progress
@@ -67,7 +69,31 @@ def _install(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, layer:
 
 def _replace(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, source: nn.Linear,
              config: LowRankSparseConfig) -> dict:
-    return _install(model, c, keep, build_layer(c, keep, source, config))
+    return _install(model, c, keep, _final_storage(build_layer(c, keep, source, config), config))
+
+
+def _final_storage(layer: LowRankSparseLinear, config: LowRankSparseConfig) -> LowRankSparseLinear:
+    """The layer as it is stored for good: with `config.quantization`, its factors rounded to integer codes."""
+    q = config.quantization
+    return layer if q is None else QuantizedLowRankSparseLinear.quantize(layer, q.bits, q.group_size, q.error_feedback)
+
+
+def _store_final(model: nn.Module, names: list[str], config: LowRankSparseConfig) -> None:
+    """`_final_storage` of the installed layers `names`, once block matching has tuned their float factors: with
+    the sequential pipeline the next blocks then calibrate on what the stored layers compute."""
+    if config.quantization is not None:
+        for name in names:
+            model.set_submodule(name, _final_storage(model.get_submodule(name), config))
+
+
+def _check_quantization(targets: dict[str, nn.Linear], config: LowRankSparseConfig) -> None:
+    """Refuse before any work a group size that does not divide a targeted layer's widths."""
+    q = config.quantization
+    for name, module in targets.items() if q is not None else ():
+        try:
+            check_bits(q.bits, q.group_size, {"out_features": module.out_features, "in_features": module.in_features})
+        except ValueError as exc:
+            raise ValueError(f"LowRankSparseConfig.quantization: layer {name!r}: {exc}") from None
 
 
 def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: dict[str, nn.Linear], budget: int,
@@ -154,6 +180,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
             if config.matching_steps and inputs is not None:
                 matching[prefix] = _match(block, prefix, dict(zip(layers, built)), inputs, reference, config, ranks)
                 note += _matching_note(matching[prefix])
+            _store_final(model, [c.name for c in candidates], config)
         else:
             held += candidates
             note += " (uniform counts; the allocation follows the last block)"
@@ -219,6 +246,8 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
                                       reference, config, ranks)
             if ranks.writes:
                 logger.info("%s%s", prefix, _matching_note(matching[prefix]).removeprefix(","))
+        _store_final(model, [c.name for c in candidates], config)
+        if inputs is not None:
             inputs = inputs.advance(inputs.forward(block) if propagate else reference)
         if stream is not None:
             stream.done(prefix, block)
@@ -276,6 +305,7 @@ def _record(model: nn.Module, config: LowRankSparseConfig, entries: dict[str, di
 def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     """Compress every targeted layer of `model` in place and write the allocation into `config`."""
     targets, budget = targets_and_budget(model, config)
+    _check_quantization(targets, config)
     calibration = _calibration(model, config)
     try:
         blocks = decoder_blocks(model, targets)
@@ -301,6 +331,7 @@ def compress_blocks(model: nn.Module, config: LowRankSparseConfig, stream: Any,
     block (`streaming.compress_checkpoint`). `start(blocks)` materialises what lies outside the blocks and returns its
     tensor names, which this returns. `scratch`: an empty directory for CAP's pools."""
     targets, budget = targets_and_budget(model, config, check_weights=False)  # checked as each block loads
+    _check_quantization(targets, config)
     blocks = decoder_blocks(model, targets)
     rest = start(blocks)
     calibration = _calibration(model, config)

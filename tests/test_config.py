@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from optimum_lrs import (CalibrationConfig, CapAllocation, GlobalGreedyAllocation, LowRankSparseConfig, RefitConfig,
-                         RPCAConfig, UniformAllocation)
-from optimum_lrs.config import FORMAT_VERSION
+from optimum_lrs import (CalibrationConfig, CapAllocation, FactorQuantization, GlobalGreedyAllocation,
+                         LowRankSparseConfig, RefitConfig, RPCAConfig, UniformAllocation)
+from optimum_lrs.config import FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, READABLE_FORMATS
 
 # (where, value): a constructor keyword, or "group.field" of a nested config ("cap." is CapAllocation's,
 # "allocation." UniformAllocation's), or "saved.key" of config.json's dict only `from_dict` reads.
@@ -41,14 +41,18 @@ BAD_VALUES = [
     ("refit.block_matching_steps", 2.0), ("refit.block_matching_steps", "eight"), ("refit.block_matching_steps", None),
     ("calibration.seq_len", 1), ("calibration.num_samples", 0), ("calibration.pipeline", "parallel"),
     ("calibration.pipeline", None),
-    ("saved.format_version", FORMAT_VERSION + 1), ("saved.quant_method", "gptq"), ("saved.compressed", []),
+    ("quantization", "int4"), ("quantization", True), ("quantization.bits", 3), ("quantization.bits", 16),
+    ("quantization.bits", "4"), ("quantization.group_size", 33), ("quantization.group_size", 0),
+    ("quantization.error_feedback", 1),
+    ("saved.format_version", max(READABLE_FORMATS) + 1), ("saved.quant_method", "gptq"), ("saved.compressed", []),
     ("compressed.modules", []), ("compressed.modules", {"a": {"rank": -1, "nnz": 0}}),
     ("compressed.modules", {"a": {"rank": 1}}), ("compressed.modules", {"a": {"rank": 1, "nnz": 2, "size": 3}}),
     ("compressed.evaluation", {"perplexity": float("nan")}), ("compressed.evaluation", [1]),
     ("compressed.evaluation", {"ok": True}), ("compressed.base_model", ""),
 ]
 OWNERS = {"": "LowRankSparseConfig", "allocation": "UniformAllocation", "cap": "CapAllocation", "rpca": "RPCAConfig",
-          "refit": "RefitConfig", "calibration": "CalibrationConfig", "saved": "LowRankSparseConfig",
+          "refit": "RefitConfig", "calibration": "CalibrationConfig", "quantization": "FactorQuantization",
+          "saved": "LowRankSparseConfig",
           "compressed": "LowRankSparseConfig.compressed"}
 MODULES = {"m.a": {"rank": 2, "nnz": 5, "rpca_iterations": 4, "rpca_residual": 1e-5}}
 
@@ -76,7 +80,7 @@ def test_every_field_has_a_rejected_value():
     for name in LowRankSparseConfig._fields():
         assert name in tested, name
     for group, cls in (("allocation", UniformAllocation), ("cap", CapAllocation), ("rpca", RPCAConfig),
-                       ("refit", RefitConfig), ("calibration", CalibrationConfig)):
+                       ("refit", RefitConfig), ("calibration", CalibrationConfig), ("quantization", FactorQuantization)):
         for name in inspect.signature(cls).parameters:
             assert f"{group}.{name}" in tested, (group, name)
 

@@ -215,8 +215,8 @@ def test_a_new_quantization_config_for_a_compressed_checkpoint_gets_transformers
 
 
 def test_checkpoint_from_a_newer_format_version_is_refused(copy):
-    edit_json(copy / "config.json", lambda c: c["quantization_config"].update(format_version=3))
-    with pytest.raises(ValueError, match="format_version 3 is not supported by this optimum_lrs"):
+    edit_json(copy / "config.json", lambda c: c["quantization_config"].update(format_version=4))
+    with pytest.raises(ValueError, match="format_version 4 is not supported by this optimum_lrs"):
         AutoModelForCausalLM.from_pretrained(copy)
 
 

@@ -115,6 +115,19 @@ def test_streamed_cap_equals_in_memory_cap_with_one_block_at_a_time(sharded_dens
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["streamed"]
 
 
+def test_streamed_quantized_factors_equal_in_memory_ones_tensor_for_tensor(sharded_dense, tmp_path):
+    """With `quantization`, each block's layers are stored as codes before the block is written (and, in the
+    sequential pipeline, before the next block calibrates on its outputs)."""
+    def config() -> LowRankSparseConfig:
+        return settings(pipeline="sequential", quantization={"bits": 4, "group_size": 32})
+
+    AutoModelForCausalLM.from_pretrained(sharded_dense, quantization_config=config()).save_pretrained(tmp_path / "memory")
+    compress_checkpoint(sharded_dense, tmp_path / "streamed", config())
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert any(k.endswith("lowrank_u_codes") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def test_a_shard_that_vanishes_mid_stream_fails_naming_it_and_leaves_no_output(sharded_dense, tmp_path, monkeypatch):
     work = tmp_path / "dense"
     work.mkdir()

@@ -1,4 +1,6 @@
-"""Peer compression with llm-compressor (Wanda or SparseGPT, one-shot, unstructured), run in its own venv.
+"""Peer compression with llm-compressor, run in its own venv: Wanda or SparseGPT (one-shot, unstructured, at
+--sparsity) or GPTQ weight quantization (`gptq_w4`, `gptq_w3`: symmetric integer codes, one scale per group of
+--group-size weights along each row, as llm-compressor's W4A16 scheme with a smaller group).
 
 llmcompressor pins an older transformers than optimum-lrs, so quality.py and performance.py run this script
 with the peer venv's python and the same calibration windows, then evaluates the saved weights with
@@ -30,10 +32,31 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+GPTQ_BITS = {"gptq_w4": 4, "gptq_w3": 3}
+
+
+def gptq_recipe(bits: int, group_size: int):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                        ignore=["lm_head"])
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A GPTQ-quantized layer's weight as the codes times their scales (the values its forward computes with)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    return fake_quantize(module.weight, module.weight_scale, module.weight_zero_point,
+                         module.quantization_scheme.weights)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=["wanda", "sparsegpt"], required=True)
-    parser.add_argument("--sparsity", type=float, required=True)
+    parser.add_argument("--method", choices=["wanda", "sparsegpt", *GPTQ_BITS], required=True)
+    parser.add_argument("--sparsity", type=float, default=0.0, help="for wanda and sparsegpt")
+    parser.add_argument("--group-size", type=int, default=64, help="for gptq: weights per scale")
     parser.add_argument("--calibration", required=True, help="safetensors file with an `input_ids` (N, L) tensor")
     parser.add_argument("--output", required=True)
     parser.add_argument("--threads", type=int, default=2)
@@ -55,19 +78,31 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     ids = load_file(args.calibration)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[args.method]
-    recipe = modifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])
+    if args.method in GPTQ_BITS:
+        recipe = gptq_recipe(GPTQ_BITS[args.method], args.group_size)
+    else:
+        modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[args.method]
+        recipe = modifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])
     start = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
-    weights = {f"{name}.weight": m.weight.detach().contiguous() for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    quantized = args.method in GPTQ_BITS
+    with torch.no_grad():
+        weights = {f"{name}.weight": (dequantized_weight(m) if quantized else m.weight).detach().contiguous()
+                   for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
     save_file(weights, args.output)
     shutil.rmtree(dense_dir)
     kept = sum(int((w != 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss(),
-                      "kept_fraction": kept, "layers": len(weights)}))
+    info = {"seconds": seconds, "peak_rss_bytes": peak_rss(), "kept_fraction": kept, "layers": len(weights)}
+    if quantized:
+        # The stored bytes: the codes, and a 16-bit scale per group (symmetric: no zero points).
+        bits = GPTQ_BITS[args.method]
+        info["stored_bytes"] = sum(w.numel() * bits // 8 + w.numel() // args.group_size * 2 for w in weights.values())
+        # A check that the weights are the codes' values: at most 2^bits distinct ones in a group.
+        info["distinct_per_group"] = max(len(set(group.tolist())) for w in weights.values()
+                                         for group in w.reshape(-1, args.group_size)[:64])
+    print(json.dumps(info))
 
 
 if __name__ == "__main__":

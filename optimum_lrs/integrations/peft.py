@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..nn.linear import LowRankSparseLinear
+from ..nn.quantized_linear import QuantizedLowRankSparseLinear
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
@@ -64,6 +65,13 @@ class LowRankSparseLoraLinear(nn.Module, LoraLayer):
         """Append scale * B and A to the base layer's low-rank factors (rank grows by the LoRA rank)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
+        if isinstance(base, QuantizedLowRankSparseLinear):
+            # Appending B and A to integer codes would round the adapter to the codes' grid: the merged model
+            # would not compute what the trained one does.
+            raise ValueError(
+                "cannot merge LoRA into quantized factors (QuantizedLowRankSparseLinear stores U and V as integer "
+                "codes, and merging would round the adapter): keep the adapter unmerged (save it with "
+                "model.save_pretrained, load it with PeftModel.from_pretrained), or compress without quantization")
         for name in adapter_names:
             if name not in self.lora_A:
                 continue

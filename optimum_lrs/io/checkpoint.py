@@ -21,9 +21,13 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from ..config import QUANT_METHOD, LowRankSparseConfig
+from ..config import QUANT_METHOD, FactorQuantization, LowRankSparseConfig
 from ..nn.linear import LowRankSparseLinear
-from ..nn.storage import FACTOR_NAMES, STORAGES, factor_names
+from ..nn.quantized_linear import QUANTIZED_FACTORS, QuantizedLowRankSparseLinear
+from ..nn.storage import FACTOR_NAMES, STORAGES
+
+# Every name a compressed layer's tensor can have, float or quantized factors, any layout.
+LAYER_TENSOR_NAMES = (*FACTOR_NAMES, *(f"{f}_{part}" for f in QUANTIZED_FACTORS for part in ("codes", "scales")))
 
 logger = logging.getLogger(__name__)
 
@@ -125,43 +129,69 @@ def _expect(cond: bool, message: str) -> None:
 
 
 def empty_layer_from_headers(
-    name: str, dense: nn.Linear, entry: dict, headers: dict[str, TensorInfo], dtype: torch.dtype | None = None
+    name: str, dense: nn.Linear, entry: dict, headers: dict[str, TensorInfo], dtype: torch.dtype | None = None,
+    quantization: FactorQuantization | None = None,
 ) -> LowRankSparseLinear:
-    """A meta-device `LowRankSparseLinear` shaped exactly as the checkpoint's tensors, after checking them.
+    """A meta-device compressed layer shaped exactly as the checkpoint's tensors, after checking them: a
+    `QuantizedLowRankSparseLinear` where config.json says `quantization`, else a `LowRankSparseLinear`.
 
-    Its factors get `dtype` (the checkpoint's own when None); transformers casts the stored tensors into it.
+    Its factors (or scales) get `dtype` (the checkpoint's own when None); transformers casts the stored tensors
+    into it.
     """
     layouts = [f for f, s in STORAGES.items() if any(f"{name}.{i}" in headers for i in s.index_names())]
     _expect(len(layouts) <= 1, f"compressed layer {name!r} has the index tensors of {' and '.join(layouts)} "
                                "layouts; a layer stores one")
     sparse_format = layouts[0] if layouts else "csr"
-    keys = {f: f"{name}.{f}" for f in factor_names(sparse_format)}
+    stored_codes = f"{name}.lowrank_u_codes" in headers
+    _expect(stored_codes == (quantization is not None),
+            f"compressed layer {name!r} holds {'integer codes' if stored_codes else 'float factors'} but config.json "
+            f"{'says no' if stored_codes else 'says'} quantization; the checkpoint is damaged: save or download it again")
+    storage = STORAGES[sparse_format]
+    leaves = ([f"{f}_{part}" for f in QUANTIZED_FACTORS for part in ("codes", "scales")]
+              if quantization else ["lowrank_u", "lowrank_v", "sparse_values"])
+    keys = {f: f"{name}.{f}" for f in (*leaves, *storage.index_names())}
     if dense.bias is not None:
         keys["bias"] = f"{name}.bias"
     for key in keys.values():
         _expect(key in headers, f"no file of the checkpoint holds tensor {key!r} for compressed layer {name!r} "
                                 f"(files: {sorted({h.file for h in headers.values()})})")
-    u, v, vals = (headers[keys[f]] for f in ("lowrank_u", "lowrank_v", "sparse_values"))
     out_f, in_f = dense.out_features, dense.in_features
-    rank, nnz = v.shape[0] if len(v.shape) == 2 else -1, vals.shape[0] if len(vals.shape) == 1 else -1
-    where = f"layer {name!r} (file {u.file})"
-    _expect(u.shape == (out_f, rank) and v.shape == (rank, in_f),
-            f"{where}: lowrank_u {u.shape} and lowrank_v {v.shape} do not form a ({out_f} x {in_f}) product")
-    _expect(vals.shape == (nnz,), f"{where}: sparse_values has shape {vals.shape}, expected one dimension")
-    storage = STORAGES[sparse_format]
-    for index_name, (shape, index_dtype) in storage.index_specs(out_f, in_f, nnz).items():
-        stored = headers[keys[index_name]]
-        _expect(stored.shape == shape and stored.dtype == index_dtype,
-                f"{where}: {index_name} is {stored.dtype} {stored.shape}, expected {index_dtype} {shape} "
-                f"in the {sparse_format} layout of {nnz} sparse values")
-    _expect(u.dtype is not None and u.dtype.is_floating_point and u.dtype == v.dtype == vals.dtype,
-            f"{where}: factor dtypes differ or are not floating point ({u.dtype}, {v.dtype}, {vals.dtype})")
+    first = headers[keys[leaves[0]]]
+    where = f"layer {name!r} (file {first.file})"
+    if quantization:
+        rank, nnz = first.shape[0] if len(first.shape) == 2 else -1, entry.get("nnz")
+        stored_dtype = headers[keys["lowrank_u_scales"]].dtype
+        expected = QuantizedLowRankSparseLinear.factor_specs(out_f, in_f, rank, nnz, quantization.bits,
+                                                             quantization.group_size, stored_dtype)
+        setting = f" for rank {rank} and {nnz} sparse values at {quantization.bits} bits, groups of {quantization.group_size}"
+    else:
+        u, v, vals = (headers[keys[f]] for f in leaves)
+        rank, nnz = v.shape[0] if len(v.shape) == 2 else -1, vals.shape[0] if len(vals.shape) == 1 else -1
+        _expect(u.shape == (out_f, rank) and v.shape == (rank, in_f),
+                f"{where}: lowrank_u {u.shape} and lowrank_v {v.shape} do not form a ({out_f} x {in_f}) product")
+        _expect(vals.shape == (nnz,), f"{where}: sparse_values has shape {vals.shape}, expected one dimension")
+        stored_dtype, expected, setting = u.dtype, {}, ""
+    float_leaves = [f for f in leaves if not f.endswith("_codes")]
+    _expect(stored_dtype is not None and stored_dtype.is_floating_point
+            and all(headers[keys[f]].dtype == stored_dtype for f in float_leaves),
+            f"{where}: factor dtypes differ or are not floating point ({[headers[keys[f]].dtype for f in float_leaves]})")
+    expected.update(storage.index_specs(out_f, in_f, nnz))
+    for tensor_name, (shape, tensor_dtype) in expected.items():
+        stored = headers[keys[tensor_name]]
+        _expect(stored.shape == shape and stored.dtype == tensor_dtype,
+                f"{where}: {tensor_name} is {stored.dtype} {stored.shape}, expected {tensor_dtype} {shape} "
+                f"in the {sparse_format} layout of {nnz} sparse values{setting}")
     _expect(entry.get("rank") == rank and entry.get("nnz") == nnz,
             f"{where}: config.json records rank={entry.get('rank')}, nnz={entry.get('nnz')} but the tensors "
             f"hold rank={rank}, nnz={nnz}")
     with torch.device("meta"):
-        layer = LowRankSparseLinear(in_f, out_f, rank, nnz, bias=dense.bias is not None, dtype=dtype or u.dtype,
-                                    sparse_format=sparse_format)
+        if quantization:
+            layer = QuantizedLowRankSparseLinear(in_f, out_f, rank, nnz, dense.bias is not None, dtype or stored_dtype,
+                                                 sparse_format=sparse_format, bits=quantization.bits,
+                                                 group_size=quantization.group_size)
+        else:
+            layer = LowRankSparseLinear(in_f, out_f, rank, nnz, bias=dense.bias is not None,
+                                        dtype=dtype or stored_dtype, sparse_format=sparse_format)
     layer.source_file = headers[keys[storage.index_names()[0]]].file  # named by the post-load checks of the index arrays
     return layer
 
@@ -182,12 +212,12 @@ def replace_with_empty_layers(model: nn.Module, config: LowRankSparseConfig, fil
             raise CheckpointError(f"config.json lists compressed layer {name!r}, which this model does not have") from None
         _expect(isinstance(dense, nn.Linear), f"compressed layer {name!r} replaces a {type(dense).__name__}, not an nn.Linear")
         dtype = config.factor_torch_dtype(dense.weight.dtype)
-        model.set_submodule(name, empty_layer_from_headers(name, dense, entry, headers, dtype))
+        model.set_submodule(name, empty_layer_from_headers(name, dense, entry, headers, dtype, config.quantization))
     # Tensors that belong to no announced layer would be dropped with a mere warning: refuse them.
     for key, info in headers.items():
         module, _, leaf = key.rpartition(".")
-        stray_factor = leaf in FACTOR_NAMES and module not in listed
-        dense_leftover = module in listed and leaf not in (*FACTOR_NAMES, "bias")
+        stray_factor = leaf in LAYER_TENSOR_NAMES and module not in listed
+        dense_leftover = module in listed and leaf not in (*LAYER_TENSOR_NAMES, "bias")
         _expect(not (stray_factor or dense_leftover),
                 f"{info.file}: tensor {key!r} does not belong to the compressed layers config.json describes")
     # transformers would initialise a missing tensor randomly and only warn: refuse instead.

@@ -94,7 +94,10 @@ def model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard:
         "[optimum-lrs](https://pypi.org/project/optimum-lrs/) (CAP, arXiv 2505.03801): every targeted linear layer "
         f"is stored as U V + S (low-rank factors plus a sparse matrix whose positions are kept as "
         f"{STORAGES[config.sparse_format].description}), with ranks and sparse entries shared out "
-        "across layers under one parameter budget.",
+        "across layers under one parameter budget."
+        + ("" if config.quantization is None else
+           f" U, V and the sparse values are stored as {config.quantization.bits}-bit integer codes with one scale "
+           f"per {config.quantization.group_size} values."),
         "",
         "| budget (param_ratio) | allocation | compressed layers | kept parameters | dense parameters |",
         "|---|---|---|---|---|",

@@ -44,12 +44,16 @@ class LowRankSparseLinear(nn.Module):
         self.out_features = out_features
         self.sparse_format = sparse_format
         factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
-        self.lowrank_u = nn.Parameter(torch.empty(out_features, rank, **factory), requires_grad=False)
-        self.lowrank_v = nn.Parameter(torch.empty(rank, in_features, **factory), requires_grad=False)
-        self.sparse_values = nn.Parameter(torch.empty(nnz, **factory), requires_grad=False)
+        self._register_factors(rank, nnz, factory)
         for name, (shape, index_dtype) in self.storage.index_specs(out_features, in_features, nnz).items():
             self.register_buffer(name, torch.empty(shape, dtype=index_dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+
+    def _register_factors(self, rank: int, nnz: int, factory: dict) -> None:
+        """U, V and S's values as frozen parameters (what transformers casts with `dtype=` and PEFT trains around)."""
+        self.lowrank_u = nn.Parameter(torch.empty(self.out_features, rank, **factory), requires_grad=False)
+        self.lowrank_v = nn.Parameter(torch.empty(rank, self.in_features, **factory), requires_grad=False)
+        self.sparse_values = nn.Parameter(torch.empty(nnz, **factory), requires_grad=False)
 
     @classmethod
     def from_factors(
@@ -101,14 +105,21 @@ class LowRankSparseLinear(nn.Module):
         """This layer with S's positions stored in `sparse_format` (the same tensors when it already is)."""
         if sparse_format == self.sparse_format:
             return self
-        factory = {"dtype": self.lowrank_u.dtype, "device": self.lowrank_u.device}
-        layer = type(self)(self.in_features, self.out_features, self.rank, self.nnz, self.bias is not None,
-                           sparse_format=sparse_format, **factory)
+        layer = self._empty_like(sparse_format)
         rows, cols = self.csr_arrays()
         with torch.no_grad():
-            layer._copy_factors(self.lowrank_u, self.lowrank_v, self.sparse_values, self.bias)
+            layer._take_factors(self)
             layer.storage.fill(layer, rows, cols)
         return layer
+
+    def _empty_like(self, sparse_format: str) -> LowRankSparseLinear:
+        """An uninitialised layer of this one's class, sizes and dtype, in `sparse_format`."""
+        return LowRankSparseLinear(self.in_features, self.out_features, self.rank, self.nnz, self.bias is not None,
+                                   self.factor_dtype, self.lowrank_u.device, sparse_format)
+
+    def _take_factors(self, other: LowRankSparseLinear) -> None:
+        """U, V, S's values and bias copied from a layer of the same class and sizes, as stored."""
+        self._copy_factors(other.lowrank_u, other.lowrank_v, other.sparse_values, other.bias)
 
     def _copy_factors(self, lowrank_u: torch.Tensor, lowrank_v: torch.Tensor, values: torch.Tensor,
                       bias: torch.Tensor | None) -> None:
@@ -134,6 +145,11 @@ class LowRankSparseLinear(nn.Module):
     @property
     def rank(self) -> int:
         return self.lowrank_u.shape[1]
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: its factors'."""
+        return self.lowrank_u.dtype
 
     @property
     def nnz(self) -> int:
@@ -170,7 +186,7 @@ class LowRankSparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LowRankSparseLinear expected last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).to(self.lowrank_u.dtype)
+        flat = x.reshape(-1, self.in_features).to(self.factor_dtype)
         return self.storage.forward(self, flat).reshape(*lead, self.out_features)
 
     def _rebuilt_weight(self) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""`QuantizedLowRankSparseLinear`: a compressed layer whose U, V and sparse values are stored as integer codes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .linear import LowRankSparseLinear
+from .quantize import check_bits, dequantize_groups, pack_codes, quantize_groups, unpack_codes
+
+# The factors, each stored as `<name>_codes` (uint8, packed; a buffer) and `<name>_scales` (the factor dtype; a
+# frozen parameter, like the float factors it replaces).
+QUANTIZED_FACTORS = ("lowrank_u", "lowrank_v", "sparse_values")
+
+
+# Output rows per dense product while feeding the low-rank rounding back into S (bounds the transient memory).
+_FEEDBACK_ROWS = 1024
+
+
+def _lowrank_change(layer: LowRankSparseLinear, rounded: QuantizedLowRankSparseLinear) -> torch.Tensor:
+    """(U V - U~ V~) at S's positions, in the values' order (row-major), float32: U~, V~ the rounded factors."""
+    rows, cols = layer.csr_arrays()
+    u, v = layer.lowrank_u.float(), layer.lowrank_v.float()
+    u_rounded, v_rounded = rounded.lowrank_u.float(), rounded.lowrank_v.float()
+    change = []
+    for r0 in range(0, layer.out_features, _FEEDBACK_ROWS):
+        r1 = min(r0 + _FEEDBACK_ROWS, layer.out_features)
+        block = u[r0:r1] @ v - u_rounded[r0:r1] @ v_rounded
+        counts = rows[r0 + 1:r1 + 1].long() - rows[r0:r1].long()
+        row_ids = torch.repeat_interleave(torch.arange(r1 - r0, device=block.device), counts)
+        change.append(block[row_ids, cols[int(rows[r0]):int(rows[r1])].long()])
+    return torch.cat(change)
+
+
+class QuantizedLowRankSparseLinear(LowRankSparseLinear):
+    """y = x (U V + S)^T + b as `LowRankSparseLinear`, with U, V and S's values stored as `bits`-bit group codes
+    and one scale per `group_size` values (`nn.quantize`): at 4 bits about a quarter of their 16-bit bytes. S's
+    positions keep their layout (`sparse_format`).
+
+    Groups run along dimensions every layer shares: U is stored transposed (rank, out_features), grouped along
+    `out_features`; V (rank, in_features) along `in_features`; S's values along their row-major stream, the last
+    group zero-padded. `lowrank_u`, `lowrank_v` and `sparse_values` read the dequantized tensors; a forward
+    dequantizes them once into a transient float layer and runs its product.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, nnz: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 sparse_format: str = "bitmask", bits: int = 4, group_size: int = 64):
+        check_bits(bits, group_size, {"out_features": out_features, "in_features": in_features})
+        self.bits, self.group_size, self._nnz = bits, group_size, nnz
+        super().__init__(in_features, out_features, rank, nnz, bias, dtype, device, sparse_format)
+
+    @staticmethod
+    def factor_specs(out_features: int, in_features: int, rank: int, nnz: int, bits: int, group_size: int,
+                     dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the codes and scales of a layer of that size."""
+        padded = -(-nnz // group_size) * group_size
+        rows = {"lowrank_u": (rank, out_features), "lowrank_v": (rank, in_features), "sparse_values": (padded,)}
+        specs = {}
+        for name, shape in rows.items():
+            specs[f"{name}_codes"] = ((*shape[:-1], shape[-1] * bits // 8), torch.uint8)
+            specs[f"{name}_scales"] = ((*shape[:-1], shape[-1] // group_size), dtype)
+        return specs
+
+    def _register_factors(self, rank: int, nnz: int, factory: dict) -> None:
+        specs = self.factor_specs(self.out_features, self.in_features, rank, nnz, self.bits, self.group_size,
+                                  factory["dtype"])
+        for name, (shape, dtype) in specs.items():
+            tensor = torch.empty(shape, dtype=dtype, device=factory["device"])
+            if dtype.is_floating_point:  # scales: cast by `dtype=` as the float factors are; PEFT finds the device
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            else:
+                self.register_buffer(name, tensor)
+
+    @classmethod
+    def quantize(cls, layer: LowRankSparseLinear, bits: int, group_size: int,
+                 error_feedback: bool = True) -> QuantizedLowRankSparseLinear:
+        """`layer` with its factors rounded to nearest group codes (same positions, bias and dtype). With
+        `error_feedback`, U and V are rounded first and what their rounding changed in U V at S's positions is
+        added to S's values before those are rounded: W = U V + S holds there as before, needing no dense W."""
+        out = cls(layer.in_features, layer.out_features, layer.rank, layer.nnz, layer.bias is not None,
+                  layer.factor_dtype, layer.lowrank_u.device, layer.sparse_format, bits, group_size)
+        with torch.no_grad():
+            out._store("lowrank_u", layer.lowrank_u.t())
+            out._store("lowrank_v", layer.lowrank_v)
+            values = layer.sparse_values
+            if error_feedback and layer.nnz and layer.rank:
+                values = values.float() + _lowrank_change(layer, out)
+            out._store("sparse_values", nn.functional.pad(values, (0, -values.numel() % group_size)))
+            for name in layer.storage.index_names():
+                getattr(out, name).copy_(getattr(layer, name))
+            if layer.bias is not None:
+                out.bias.copy_(layer.bias)
+        return out
+
+    def _store(self, name: str, tensor: torch.Tensor) -> None:
+        """Codes and scales of factor `name` from `tensor`, laid out as stored (U transposed, values padded)."""
+        codes, scales = quantize_groups(tensor, self.bits, self.group_size)
+        getattr(self, f"{name}_codes").copy_(pack_codes(codes, self.bits))
+        getattr(self, f"{name}_scales").copy_(scales)
+
+    def _dequantized(self, name: str) -> torch.Tensor:
+        codes = unpack_codes(getattr(self, f"{name}_codes"), self.bits)
+        return dequantize_groups(codes, getattr(self, f"{name}_scales"), self.factor_dtype)
+
+    @property
+    def lowrank_u(self) -> torch.Tensor:
+        return self._dequantized("lowrank_u").t()
+
+    @property
+    def lowrank_v(self) -> torch.Tensor:
+        return self._dequantized("lowrank_v")
+
+    @property
+    def sparse_values(self) -> torch.Tensor:
+        return self._dequantized("sparse_values")[: self._nnz]
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank_u_codes.shape[0]
+
+    @property
+    def nnz(self) -> int:
+        return self._nnz
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        return self.lowrank_u_scales.dtype
+
+    def _empty_like(self, sparse_format: str) -> QuantizedLowRankSparseLinear:
+        return QuantizedLowRankSparseLinear(self.in_features, self.out_features, self.rank, self.nnz,
+                                            self.bias is not None, self.factor_dtype, self.lowrank_u_codes.device,
+                                            sparse_format, self.bits, self.group_size)
+
+    def _take_factors(self, other: QuantizedLowRankSparseLinear) -> None:
+        for name in QUANTIZED_FACTORS:
+            for part in ("codes", "scales"):
+                getattr(self, f"{name}_{part}").copy_(getattr(other, f"{name}_{part}"))
+        if other.bias is not None:
+            self.bias.copy_(other.bias)
+
+    def dequantized(self) -> LowRankSparseLinear:
+        """The same layer with float factors (the dequantized values), sharing the index tensors and bias."""
+        layer = LowRankSparseLinear(self.in_features, self.out_features, 0, 0, False, self.factor_dtype, "meta",
+                                    self.sparse_format)
+        for name, value in (("lowrank_u", self.lowrank_u), ("lowrank_v", self.lowrank_v),
+                            ("sparse_values", self.sparse_values), ("bias", self.bias)):
+            setattr(layer, name, None if value is None else nn.Parameter(value, requires_grad=False))
+        for name in self.storage.index_names():
+            setattr(layer, name, getattr(self, name))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantized()(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
