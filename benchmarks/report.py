@@ -235,9 +235,9 @@ def compile_section(data: dict) -> str:
         "first compiled call (which compiles) apart.", part, rows)
 
 
-def frontier_section(data: dict) -> str:
+def frontier_section(data: dict, title: str = "Bytes against quality") -> str:
     """Perplexity against stored bytes: our compression at several budgets with float and integer factors, and
-    the 4- and 3-bit GPTQ peers, in one run."""
+    the 4- and 3-bit GPTQ peers where the run had them."""
     dense = data["dense"]
     rows = [["dense (bfloat16)", "100%", "-", "1.000", ppl(dense["wikitext2"]), ppl(dense["c4_heldout"])]]
     for r in sorted(data["runs"], key=lambda r: r["byte_ratio"]):
@@ -247,7 +247,7 @@ def frontier_section(data: dict) -> str:
                      f"{', error feedback' if r.get('error_feedback') else ''})" if bits else "16",
                      f"{r['byte_ratio']:.3f}", ppl(r["wikitext2"]), ppl(r["c4_heldout"])])
     return section(
-        "Bytes against quality",
+        title,
         f"{data['model']}, the protocol of the first section. Bytes are the targeted linear layers' as stored, over "
         "their dense bfloat16 bytes: our factors in 16 bits, or as integer codes with a 16-bit scale per group, plus "
         "the bitmask of S's positions (one bit per weight); GPTQ's codes plus a 16-bit scale per group of 64 "
@@ -373,6 +373,7 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("performance.json", dtypes_section),
     ("performance.json", compile_section),
     ("frontier_rtn.json", frontier_section),
+    ("frontier_feedback.json", lambda d: frontier_section(d, "Quantized factors: rounding with error feedback")),
     ("performance.json", offload_section),
     ("performance.json", bytes_section),
     ("performance.json", training_section),
