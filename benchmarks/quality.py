@@ -44,9 +44,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_lrs import LowRankSparseConfig, compress_
 from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.evaluation import perplexity, zero_shot
-from optimum_lrs.nn.quantize import quantized_nbytes
 from optimum_lrs.nn.linear import LowRankSparseLinear
-from optimum_lrs.nn.quantized_linear import QuantizedLowRankSparseLinear
+from optimum_lrs.nn.quantized_linear import QuantizedLowRankSparseLinear, quantized_nbytes
 from reparameterize import rescale_pairs
 
 

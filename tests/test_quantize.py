@@ -9,9 +9,9 @@ from optimum_lrs.nn.quantize import (
     dequantize_groups,
     pack_codes,
     quantize_groups,
-    quantized_nbytes,
     unpack_codes,
 )
+from optimum_lrs.nn.quantized_linear import quantized_nbytes
 
 
 @pytest.mark.parametrize("bits", QUANT_BITS)

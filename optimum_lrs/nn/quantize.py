@@ -71,12 +71,3 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
         unsigned = torch.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
     return (unsigned.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
 
-
-def quantized_nbytes(out_features: int, in_features: int, rank: int, nnz: int, index_bytes: int, bits: int,
-                     group_size: int, scale_bytes: int = 2) -> int:
-    """Bytes of a layer whose U, V and values are stored as `bits`-bit codes with one `scale_bytes` scale per
-    group, plus `index_bytes` for S's positions (bias excluded, as for the dense layers it is compared with)."""
-    value_groups = -(-nnz // group_size)
-    groups = rank * (out_features // group_size + in_features // group_size) + value_groups
-    codes = rank * (out_features + in_features) + value_groups * group_size
-    return codes * bits // 8 + groups * scale_bytes + index_bytes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,6 +32,17 @@ def _lowrank_change(layer: LowRankSparseLinear, rounded: QuantizedLowRankSparseL
         row_ids = torch.repeat_interleave(torch.arange(r1 - r0, device=block.device), counts)
         change.append(block[row_ids, cols[int(rows[r0]):int(rows[r1])].long()])
     return torch.cat(change)
+
+
+def quantized_nbytes(out_features: int, in_features: int, rank: int, nnz: int, index_bytes: int, bits: int,
+                     group_size: int, scale_bytes: int = 2) -> int:
+    """Bytes of a layer whose U, V and values are stored as `bits`-bit codes with one `scale_bytes` scale per
+    group (`QuantizedLowRankSparseLinear.factor_specs`), plus `index_bytes` for S's positions (bias excluded, as
+    for the dense layers it is compared with)."""
+    specs = QuantizedLowRankSparseLinear.factor_specs(out_features, in_features, rank, nnz, bits, group_size,
+                                                      torch.float32)
+    return index_bytes + sum(math.prod(shape) * (scale_bytes if dtype.is_floating_point else 1)
+                             for shape, dtype in specs.values())
 
 
 class QuantizedLowRankSparseLinear(LowRankSparseLinear):
