@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .gptq import gptq_codes
 from .linear import LowRankSparseLinear
 from .quantize import check_bits, dequantize_groups, pack_codes, quantize_groups, unpack_codes
 
@@ -32,6 +33,15 @@ def _lowrank_change(layer: LowRankSparseLinear, rounded: QuantizedLowRankSparseL
         row_ids = torch.repeat_interleave(torch.arange(r1 - r0, device=block.device), counts)
         change.append(block[row_ids, cols[int(rows[r0]):int(rows[r1])].long()])
     return torch.cat(change)
+
+
+def _positions(layer: LowRankSparseLinear) -> torch.Tensor:
+    """S's positions as a bool (out_features, in_features) matrix: where True, in row-major order, are the values."""
+    rows, cols = layer.csr_arrays()
+    row_of = torch.repeat_interleave(torch.arange(layer.out_features, device=cols.device), rows.long().diff())
+    keep = torch.zeros(layer.out_features, layer.in_features, dtype=torch.bool, device=cols.device)
+    keep[row_of, cols.long()] = True
+    return keep
 
 
 def quantized_nbytes(out_features: int, in_features: int, rank: int, nnz: int, index_bytes: int, bits: int,
@@ -86,20 +96,26 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
                 self.register_buffer(name, tensor)
 
     @classmethod
-    def quantize(cls, layer: LowRankSparseLinear, bits: int, group_size: int,
-                 error_feedback: bool = True) -> QuantizedLowRankSparseLinear:
-        """`layer` with its factors rounded to nearest group codes (same positions, bias and dtype). With
-        `error_feedback`, U and V are rounded first and what their rounding changed in U V at S's positions is
-        added to S's values before those are rounded: W = U V + S holds there as before, needing no dense W."""
+    def quantize(cls, layer: LowRankSparseLinear, bits: int, group_size: int, error_feedback: bool = True,
+                 second_moment: torch.Tensor | None = None) -> QuantizedLowRankSparseLinear:
+        """`layer` with its factors as group codes (same positions, bias and dtype).
+
+        Without `second_moment` the codes are rounded to nearest; with `error_feedback`, U and V are rounded
+        first and what their rounding changed in U V at S's positions is added to S's values before those are
+        rounded: W = U V + S holds there as before, needing no dense W. With the layer's input second moment
+        (in_features, in_features), the codes are fitted to the layer's outputs instead (`_fit_codes`)."""
         out = cls(layer.in_features, layer.out_features, layer.rank, layer.nnz, layer.bias is not None,
                   layer.factor_dtype, layer.lowrank_u.device, layer.sparse_format, bits, group_size)
         with torch.no_grad():
-            out._store("lowrank_u", layer.lowrank_u.t())
-            out._store("lowrank_v", layer.lowrank_v)
-            values = layer.sparse_values
-            if error_feedback and layer.nnz and layer.rank:
-                values = values.float() + _lowrank_change(layer, out)
-            out._store("sparse_values", nn.functional.pad(values, (0, -values.numel() % group_size)))
+            if second_moment is not None:
+                out._fit_codes(layer, second_moment)
+            else:
+                out._store("lowrank_u", layer.lowrank_u.t())
+                out._store("lowrank_v", layer.lowrank_v)
+                values = layer.sparse_values
+                if error_feedback and layer.nnz and layer.rank:
+                    values = values.float() + _lowrank_change(layer, out)
+                out._store("sparse_values", nn.functional.pad(values, (0, -values.numel() % group_size)))
             for name in layer.storage.index_names():
                 getattr(out, name).copy_(getattr(layer, name))
             if layer.bias is not None:
@@ -108,9 +124,42 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
 
     def _store(self, name: str, tensor: torch.Tensor) -> None:
         """Codes and scales of factor `name` from `tensor`, laid out as stored (U transposed, values padded)."""
-        codes, scales = quantize_groups(tensor, self.bits, self.group_size)
+        self._store_codes(name, *quantize_groups(tensor, self.bits, self.group_size))
+
+    def _store_codes(self, name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
         getattr(self, f"{name}_codes").copy_(pack_codes(codes, self.bits))
         getattr(self, f"{name}_scales").copy_(scales)
+
+    def _fit_codes(self, layer: LowRankSparseLinear, second_moment: torch.Tensor) -> None:
+        """Codes of `layer`'s factors fitted to its outputs on inputs of that second moment H (`nn.gptq`): V's by
+        GPTQ's sweep over H; U refitted to the rounded V (least squares on the outputs, r x r) and swept over the
+        low-rank inputs' second moment V~ H V~^T; then S's values swept over the whole rest, W - U~ V~, with S's
+        positions fixed, so that what U and V's rounding changed anywhere, not only at S's positions, is made up
+        where S can. Scales are those rounding to nearest would take from the tensor being swept."""
+        group, top = self.group_size, 2 ** (self.bits - 1) - 1
+        h = second_moment.detach().float().to(layer.lowrank_u.device)
+        residual = layer.dense_weight().float()
+        if layer.rank:
+            u, v = layer.lowrank_u.float(), layer.lowrank_v.float()
+            v_scales = quantize_groups(v, self.bits, group)[1]
+            v_codes = gptq_codes(v, h, v_scales.repeat_interleave(group, -1), top)
+            v_rounded = v_codes.float() * v_scales.repeat_interleave(group, -1)
+            low_h = v_rounded @ h @ v_rounded.t()
+            damped = low_h + 1e-6 * low_h.diagonal().mean().clamp_min(1e-30) * torch.eye(layer.rank, device=h.device)
+            u = torch.linalg.solve(damped, (u @ (v @ h @ v_rounded.t())).t()).t()
+            u_scales = quantize_groups(u.t(), self.bits, group)[1]
+            u_codes = gptq_codes(u, low_h, u_scales.repeat_interleave(group, -1).t(), top)
+            self._store_codes("lowrank_u", u_codes.t(), u_scales)
+            self._store_codes("lowrank_v", v_codes, v_scales)
+            residual -= (u_codes.float() * u_scales.repeat_interleave(group, -1).t()) @ v_rounded
+        if layer.nnz:
+            keep = _positions(layer)
+            values = nn.functional.pad(residual[keep], (0, -layer.nnz % group))
+            scales = quantize_groups(values, self.bits, group)[1]
+            entry_scales = torch.ones_like(residual)
+            entry_scales[keep] = scales.repeat_interleave(group)[: layer.nnz]
+            codes = gptq_codes(residual, h, entry_scales, top, keep)[keep]
+            self._store_codes("sparse_values", nn.functional.pad(codes, (0, -layer.nnz % group)), scales)
 
     def _dequantized(self, name: str) -> torch.Tensor:
         codes = unpack_codes(getattr(self, f"{name}_codes"), self.bits)
