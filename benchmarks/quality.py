@@ -217,7 +217,10 @@ def main() -> None:
             with PeakRSS() as mem:
                 compress_(variant, config)
             compressed = variant.config.quantization_config.compressed
-            record({"variant": name if scale == 1.0 else f"{name}, rescaled x{scale:g}", "rescale": scale,
+            q = config.quantization
+            codes = {} if q is None else {"factor_bits": [q.bits, q.group_size], "rounding": q.rounding,
+                                          "error_feedback": q.error_feedback and q.rounding == "nearest"}
+            record({"variant": name if scale == 1.0 else f"{name}, rescaled x{scale:g}", "rescale": scale, **codes,
                     "settings": [*args.common, *pairs], "ratio": ratio, "seconds": time.perf_counter() - start,
                     "peak_rss_bytes": mem.peak, "block_shares": block_shares(variant),
                     "block_matching": getattr(compressed, "block_matching", None), **evaluate(variant)}, variant)

@@ -242,17 +242,18 @@ def frontier_section(data: dict, title: str = "Bytes against quality") -> str:
     rows = [["dense (bfloat16)", "100%", "-", "1.000", ppl(dense["wikitext2"]), ppl(dense["c4_heldout"])]]
     for r in sorted(data["runs"], key=lambda r: r["byte_ratio"]):
         bits = r.get("factor_bits")
+        how = ", fitted" if r.get("rounding") == "gptq" else ", error feedback" if r.get("error_feedback") else ""
         rows.append([r["variant"].split(",")[0], "-" if is_peer(r) else f"{r['ratio']:.0%}",
-                     "-" if is_peer(r) else f"{bits[0]} (groups of {bits[1]}"
-                     f"{', error feedback' if r.get('error_feedback') else ''})" if bits else "16",
+                     "-" if is_peer(r) else f"{bits[0]} (groups of {bits[1]}{how})" if bits else "16",
                      f"{r['byte_ratio']:.3f}", ppl(r["wikitext2"]), ppl(r["c4_heldout"])])
     return section(
         title,
         f"{data['model']}, the protocol of the first section. Bytes are the targeted linear layers' as stored, over "
         "their dense bfloat16 bytes: our factors in 16 bits, or as integer codes with a 16-bit scale per group, plus "
         "the bitmask of S's positions (one bit per weight); GPTQ's codes plus a 16-bit scale per group of 64 "
-        "(symmetric, llm-compressor). Our codes are made after the fit (`quantization=`): rounded to nearest, or with "
-        "U and V's rounding fed into S's values first (error feedback). Rows by bytes; "
+        "(symmetric, llm-compressor). Our codes are made after the fit (`quantization=`): rounded to nearest, with "
+        "U and V's rounding fed into S's values first (error feedback), or fitted to each layer's calibration inputs "
+        "(`rounding=\"gptq\"`, the default). Rows by bytes; "
         "perplexity on WikiText-2 and held-out C4:", data,
         table(["method", "kept parameters", "factor bits", "bytes / dense bf16", "WikiText-2", "held-out C4"], rows))
 
@@ -374,6 +375,7 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("performance.json", compile_section),
     ("frontier_rtn.json", frontier_section),
     ("frontier_feedback.json", lambda d: frontier_section(d, "Quantized factors: rounding with error feedback")),
+    ("frontier_fitted.json", lambda d: frontier_section(d, "Quantized factors: codes fitted to the inputs")),
     ("performance.json", offload_section),
     ("performance.json", bytes_section),
     ("performance.json", training_section),

@@ -36,6 +36,8 @@ READABLE_FORMATS = (1, 2, 3)
 # Block matching steps of block_matching_steps="auto" (the lr / steps sweep: docs/research-notes.md).
 AUTO_MATCHING_STEPS = 8
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# How quantized factors get their codes (FactorQuantization.rounding).
+ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass
@@ -127,18 +129,25 @@ class CalibrationConfig:
 @dataclass
 class FactorQuantization:
     """U, V and S's values stored as `bits`-bit integer codes (4 or 8) with one scale per `group_size` values,
-    rounded to nearest once each layer is final (`nn.quantize`, `QuantizedLowRankSparseLinear`). The group size
-    must divide every compressed layer's input and output width (64 for SmolLM2's 576). `error_feedback`: round
-    U and V first and add what that changed in U V at S's positions to S's values before rounding them."""
+    once each layer is final (`nn.quantize`, `QuantizedLowRankSparseLinear`). The group size must divide every
+    compressed layer's input and output width (64 for SmolLM2's 576).
+
+    `rounding`: `"gptq"` fits the codes to each layer's calibration inputs (`nn.gptq`: GPTQ's sweep over V, U,
+    then S's values with their positions fixed; the run then calibrates, as activation-aware compression
+    does); `"nearest"` rounds every factor to nearest. `error_feedback` (rounding to
+    nearest): round U and V first and add what that changed in U V at S's positions to S's values before
+    rounding them."""
 
     bits: int = 4
     group_size: int = 64
+    rounding: str = "gptq"
     error_feedback: bool = True
 
     def __post_init__(self) -> None:
         from .nn.quantize import QUANT_BITS
 
         self.error_feedback = checks.flag("FactorQuantization", "error_feedback", self.error_feedback)
+        checks.choice("FactorQuantization", "rounding", self.rounding, ROUNDINGS)
 
         if self.bits not in QUANT_BITS:
             checks.fail("FactorQuantization", "bits", f"one of {QUANT_BITS}", self.bits)
@@ -337,8 +346,14 @@ class LowRankSparseConfig(QuantizationConfigMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        """True when compression runs the model on calibration tokens (loss-driven or activation-aware)."""
-        return self.allocation.loss_driven or self.activation_aware or self.matching_required
+        """True when compression runs the model on calibration tokens (loss-driven or activation-aware
+        allocation, block matching asked for, or codes fitted to the layers' inputs)."""
+        return self.allocation.loss_driven or self.activation_aware or self.matching_required or self.fits_codes
+
+    @property
+    def fits_codes(self) -> bool:
+        """True when quantized factors get codes fitted to calibration inputs (`FactorQuantization.rounding`)."""
+        return self.quantization is not None and self.quantization.rounding == "gptq"
 
     @property
     def matching_required(self) -> bool:

@@ -28,7 +28,7 @@ from .progress import progress
 from .sequential import BlockInputs, decoder_blocks, first_block_inputs, relative_error
 from .stage1.activations import InputStatistics, dense_statistics
 from .stage1.decompose import layer_candidates
-from .targets import is_hub_id, targets_and_budget
+from .targets import attention_layers, is_hub_id, targets_and_budget
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +68,41 @@ def _install(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, layer:
 
 
 def _replace(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, source: nn.Linear,
-             config: LowRankSparseConfig) -> dict:
-    return _install(model, c, keep, _final_storage(build_layer(c, keep, source, config), config))
+             config: LowRankSparseConfig, moment: torch.Tensor | None = None) -> dict:
+    return _install(model, c, keep, _final_storage(build_layer(c, keep, source, config), config, moment))
 
 
-def _final_storage(layer: LowRankSparseLinear, config: LowRankSparseConfig) -> LowRankSparseLinear:
-    """The layer as it is stored for good: with `config.quantization`, its factors rounded to integer codes."""
+def _final_storage(layer: LowRankSparseLinear, config: LowRankSparseConfig,
+                   moment: torch.Tensor | None = None) -> LowRankSparseLinear:
+    """The layer as it is stored for good: with `config.quantization`, its factors as integer codes, fitted to
+    its inputs' second moment `moment` where `rounding="gptq"` and one was measured, else rounded to nearest."""
     q = config.quantization
-    return layer if q is None else QuantizedLowRankSparseLinear.quantize(layer, q.bits, q.group_size, q.error_feedback)
+    if q is None:
+        return layer
+    return QuantizedLowRankSparseLinear.quantize(layer, q.bits, q.group_size, q.error_feedback,
+                                                 moment if q.rounding == "gptq" else None)
 
 
-def _store_final(model: nn.Module, names: list[str], config: LowRankSparseConfig) -> None:
+def _code_moments(model: nn.Module, block: nn.Module, names: list[str], inputs: BlockInputs | None,
+                  config: LowRankSparseConfig, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The second moments that fitted codes (`rounding="gptq"`) need: each of the block's layers `names` (float,
+    final) on this block's calibration inputs, attention's layers weighting the sink position (`InputStatistics`).
+    Empty where the codes are rounded to nearest (fitted codes make the run calibrate: `needs_calibration`)."""
+    if not config.fits_codes or inputs is None:
+        return {}
+    layers = {name: model.get_submodule(name) for name in names}
+    with InputStatistics(layers, True, ranks, attention_layers(model, names)) as stats:
+        inputs.forward(block)
+    return stats.second_moments()
+
+
+def _store_final(model: nn.Module, names: list[str], config: LowRankSparseConfig,
+                 moments: dict[str, torch.Tensor] | None = None) -> None:
     """`_final_storage` of the installed layers `names`, once block matching has tuned their float factors: with
     the sequential pipeline the next blocks then calibrate on what the stored layers compute."""
     if config.quantization is not None:
         for name in names:
-            model.set_submodule(name, _final_storage(model.get_submodule(name), config))
+            model.set_submodule(name, _final_storage(model.get_submodule(name), config, (moments or {}).get(name)))
 
 
 def _check_quantization(targets: dict[str, nn.Linear], config: LowRankSparseConfig) -> None:
@@ -100,16 +119,19 @@ def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: d
                        calibration: torch.Tensor | None) -> dict[str, dict]:
     """Statistics of the dense model in one pass, Stage 1 of every layer, one allocation, extraction."""
     ratio = budget / sum(m.weight.numel() for m in targets.values())
-    scales, moments = {}, {}
+    scales, moments, code_moments = {}, {}, {}
     if config.activation_aware:
         stats = dense_statistics(model, targets, calibration, CALIBRATION_BATCH, config.refit.objective == "second_moment")
         scales, moments = stats.scales(), stats.second_moments() if stats.grams is not None else {}
+    if config.fits_codes:  # the dense model's inputs: no compressed layers yet
+        code_moments = dense_statistics(model, targets, calibration, CALIBRATION_BATCH, True,
+                                        attention_layers(model, list(targets))).second_moments()
     candidates = [layer_candidates(name, module, config, scales.get(name), ratio, moments.get(name))
                   for name, module in progress(targets.items(), desc="RPCA (stage 1)", unit="layer")]
     problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration, consumable=True)
     allocation = allocate(problem)
     # each dense layer is held no longer than the model holds it: freed as its layer is replaced
-    return {c.name: _replace(model, c, allocation[c.name], targets.pop(c.name), config)
+    return {c.name: _replace(model, c, allocation[c.name], targets.pop(c.name), config, code_moments.get(c.name))
             for c in progress(candidates, desc="extract factors", unit="layer")}
 
 
@@ -180,7 +202,8 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
             if config.matching_steps and inputs is not None:
                 matching[prefix] = _match(block, prefix, dict(zip(layers, built)), inputs, reference, config, ranks)
                 note += _matching_note(matching[prefix])
-            _store_final(model, [c.name for c in candidates], config)
+            names = [c.name for c in candidates]
+            _store_final(model, names, config, _code_moments(model, block, names, inputs, config, ranks))
         else:
             held += candidates
             note += " (uniform counts; the allocation follows the last block)"
@@ -225,7 +248,7 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
     layer's start and second moment."""
     ranks = Ranks()
     inputs = None
-    if config.matching_steps and calibration is not None:
+    if (config.matching_steps or config.fits_codes) and calibration is not None:
         inputs = _first_block_inputs(model, blocks, calibration, ranks)
     entries, matching = {}, {}
     for prefix, block in progress(blocks, desc="extract factors", unit="block", disable=not ranks.writes or None):
@@ -241,12 +264,13 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
         entries.update({c.name: _install(model, c, keep[c.name], layer) for c, layer in zip(candidates, built)})
         for c in candidates:  # the dense layer is out of the model now: freed here, not at the end
             del dense[c.name]
-        if inputs is not None:
+        if inputs is not None and config.matching_steps:
             matching[prefix] = _match(block, prefix, {c.name: layer for c, layer in zip(candidates, built)}, inputs,
                                       reference, config, ranks)
             if ranks.writes:
                 logger.info("%s%s", prefix, _matching_note(matching[prefix]).removeprefix(","))
-        _store_final(model, [c.name for c in candidates], config)
+        names = [c.name for c in candidates]
+        _store_final(model, names, config, _code_moments(model, block, names, inputs, config, ranks))
         if inputs is not None:
             inputs = inputs.advance(inputs.forward(block) if propagate else reference)
         if stream is not None:

@@ -102,3 +102,11 @@ def targets_and_budget(model: nn.Module, config: LowRankSparseConfig, check_weig
             f"compressed layer ({len(targets)}); raise param_ratio"
         )
     return targets, budget
+
+
+def attention_layers(model: nn.Module, names: list[str]) -> frozenset[str]:
+    """The layers among `names` that sit in an attention module (their parent's class name ends in "Attention",
+    as transformers names them: LlamaAttention, Qwen2Attention, ...): their first position is the sink that
+    every later token reads (`InputStatistics(sink_weighted=...)`)."""
+    return frozenset(name for name in names
+                     if type(model.get_submodule(name.rpartition(".")[0])).__name__.endswith("Attention"))

@@ -44,6 +44,7 @@ BAD_VALUES = [
     ("quantization", "int4"), ("quantization", True), ("quantization.bits", 3), ("quantization.bits", 16),
     ("quantization.bits", "4"), ("quantization.group_size", 33), ("quantization.group_size", 0),
     ("quantization.error_feedback", 1),
+    ("quantization.rounding", "stochastic"),
     ("saved.format_version", max(READABLE_FORMATS) + 1), ("saved.quant_method", "gptq"), ("saved.compressed", []),
     ("compressed.modules", []), ("compressed.modules", {"a": {"rank": -1, "nnz": 0}}),
     ("compressed.modules", {"a": {"rank": 1}}), ("compressed.modules", {"a": {"rank": 1, "nnz": 2, "size": 3}}),

@@ -23,17 +23,25 @@ class InputStatistics:
     (`dense_statistics`) and over one decoder block's forwards (the block pipeline) alike. Ranks that forward
     different batches keep each batch's sums apart, to add them in one fixed order (`Ranks.sums_in_batch_order`);
     one process adds them as they come, which gives the same bits with one matrix per layer held, not one per batch.
+
+    Layers in `sink_weighted` count the first position of each sequence as many times as the sequence has
+    tokens: attention's inputs (q, k, v) at the first position are read by every later token (it is the
+    attention sink, which most heads attend to), so an error there is an error everywhere. Measured for fitted
+    codes (docs/research-notes.md, "Codes fitted to the layers' inputs").
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], second_moment: bool = False, ranks: Ranks | None = None):
+    def __init__(self, modules: dict[str, nn.Linear], second_moment: bool = False, ranks: Ranks | None = None,
+                 sink_weighted: frozenset[str] = frozenset()):
         self.modules = modules
         self.ranks = ranks or Ranks()
+        self.sink_weighted = sink_weighted
         # per forward call (or their running total): the squared inputs summed over its tokens, its token count
         self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
         self.grams: dict[str, list[torch.Tensor]] | None = {name: [] for name in modules} if second_moment else None
         self.counts: dict[str, list[int]] = {name: [] for name in modules}
         self._handles: list = []
-        self._last: tuple | None = None  # (input, its sums): layers fed the same tensor (q, k, v) share them
+        # (input, weighted, its sums): layers fed the same tensor alike (q, k, v) share them
+        self._last: tuple | None = None
 
     def _add(self, sums: list[torch.Tensor], part: torch.Tensor) -> None:
         if self.ranks.world == 1 and sums:
@@ -42,15 +50,20 @@ class InputStatistics:
             sums.append(part)
 
     def _hook_for(self, name: str):
+        weighted = name in self.sink_weighted
+
         def hook(_module: nn.Module, args: tuple) -> None:
-            if self._last is None or self._last[0] is not args[0]:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if self._last is None or self._last[0] is not args[0] or self._last[1] != weighted:
+                x = args[0].detach()
+                if weighted and x.dim() == 3:  # the first position counts once per token of its sequence
+                    x = torch.cat([x[:, :1] * x.shape[1] ** 0.5, x[:, 1:]], 1)
+                x = x.reshape(-1, x.shape[-1])
                 gram = None
                 if self.grams is not None:
                     x32 = x.float()
                     gram = (x32.t() @ x32).double().cpu()  # float32 products, float64 totals
-                self._last = (args[0], x.double().square().sum(0).cpu(), gram, x.shape[0])
-            _, squares, gram, count = self._last
+                self._last = (args[0], weighted, x.double().square().sum(0).cpu(), gram, x.shape[0])
+            _, _, squares, gram, count = self._last
             self._add(self.parts[name], squares)
             if gram is not None:
                 self._add(self.grams[name], gram)
@@ -101,11 +114,11 @@ def model_body(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
 
 @torch.no_grad()
 def dense_statistics(model: nn.Module, modules: dict[str, nn.Linear], windows: torch.Tensor, batch_size: int = 4,
-                     second_moment: bool = False) -> InputStatistics:
+                     second_moment: bool = False, sink_weighted: frozenset[str] = frozenset()) -> InputStatistics:
     """The target layers' input statistics from one pass of the dense model over `windows` (the whole-model
     form of the one-shot pipeline's statistics)."""
     body = model_body(model, modules)
-    with InputStatistics(modules, second_moment) as stats:
+    with InputStatistics(modules, second_moment, sink_weighted=sink_weighted) as stats:
         for start in progress(range(0, windows.shape[0], batch_size), desc="activation statistics", unit="batch"):
             body(windows[start:start + batch_size], use_cache=False)  # no KV cache: 94 MiB for SmolLM2 at 4 x 512
     return stats
