@@ -189,7 +189,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
 
     Args:
         param_ratio: fraction of the targeted linear layers' dense parameter count to keep, counted as
-            `sum r (m + n) + nnz(S)` over all compressed matrices; met globally to within 0.1%.
+            `sum r (m + n) + nnz(S)` over all compressed matrices; met globally to within 0.1% (default 0.5).
         allocation: how the budget is shared among layers: an allocation config (`UniformAllocation`,
             `CapAllocation`, `GlobalGreedyAllocation`, or any registered one) or a registered method's name
             for its defaults (`"uniform"`, `"cap"`, `"global_greedy"`).
@@ -205,6 +205,9 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         rpca, refit, calibration: `RPCAConfig`, `RefitConfig`, `CalibrationConfig` (or dicts of their fields).
         quantization: None (factors in `factor_dtype`) or a `FactorQuantization` (or a dict of its fields, or the
             bits alone: `quantization=4`) storing the factors as integer codes.
+        byte_ratio: the budget in bytes instead of `param_ratio`: the compressed layers' stored bytes (factors or
+            codes and scales, and the bitmask) as a fraction of the targeted layers' dense bfloat16 bytes; turned
+            into the parameter budget that fills it (`targets.byte_budget`). Needs the bitmask layout.
         calibration_data, tokenizer, cache_dir, base_model: the run's inputs (`inputs`), never saved as such:
             texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`; a tokenizer for texts; a directory for
             Stage 1 results reused by a rerun; the dense model's Hub id for the model card (default: the model's
@@ -213,7 +216,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        param_ratio: float = 0.5,
+        param_ratio: float | None = None,
         allocation: AllocationConfig | str = "uniform",
         target_modules: list[str] | str | None = None,
         modules_to_not_convert: list[str] | None = None,
@@ -225,6 +228,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         refit: RefitConfig | dict | None = None,
         calibration: CalibrationConfig | dict | None = None,
         quantization: FactorQuantization | dict | int | None = None,
+        byte_ratio: float | None = None,
         *,
         calibration_data: Any = None,
         tokenizer: Any = None,
@@ -232,12 +236,24 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         base_model: str | None = None,
     ):
         self.quant_method = QUANT_METHOD
-        self.param_ratio = checks.real("LowRankSparseConfig", "param_ratio", param_ratio, 0.0, 1.0, True, True)
+        if byte_ratio is None:
+            self.param_ratio = checks.real("LowRankSparseConfig", "param_ratio",
+                                           0.5 if param_ratio is None else param_ratio, 0.0, 1.0, True, True)
+            self.byte_ratio = None
+        elif param_ratio is not None:
+            checks.fail("LowRankSparseConfig", "byte_ratio", "None where param_ratio is given (one budget: give "
+                        "param_ratio or byte_ratio)", byte_ratio)
+        else:
+            self.param_ratio = None
+            self.byte_ratio = checks.real("LowRankSparseConfig", "byte_ratio", byte_ratio, 0.0, 1.0, True, True)
         self.allocation = allocation_config(allocation)
         self.target_modules = _check_names("target_modules", target_modules, allow_regex=True)
         self.modules_to_not_convert = _check_names("modules_to_not_convert", modules_to_not_convert, allow_regex=False)
         self.activation_aware = checks.flag("LowRankSparseConfig", "activation_aware", activation_aware)
         self.sparse_format = checks.choice("LowRankSparseConfig", "sparse_format", sparse_format, SPARSE_FORMATS)
+        if self.byte_ratio is not None and self.sparse_format != "bitmask":
+            checks.fail("LowRankSparseConfig", "sparse_format", '"bitmask" with byte_ratio (its bytes do not depend '
+                        "on the allocation; CSR's index bytes do)", self.sparse_format)
         self.factor_dtype = checks.choice("LowRankSparseConfig", "factor_dtype", factor_dtype, FACTOR_DTYPES)
         self.seed = checks.integer("LowRankSparseConfig", "seed", seed, 0)
         self.refit = _sub_config(RefitConfig, "refit", refit)
@@ -323,7 +339,7 @@ class LowRankSparseConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """config.json's form: the recipe, then what compression wrote; the run's inputs stay out."""
         out = {"quant_method": QUANT_METHOD, "format_version": QUANTIZED_FORMAT_VERSION if self.quantization else FORMAT_VERSION,
-               "param_ratio": self.param_ratio,
+               "param_ratio": self.param_ratio, **({"byte_ratio": self.byte_ratio} if self.byte_ratio is not None else {}),
                "allocation": self.allocation.to_dict(), "target_modules": self.target_modules,
                "modules_to_not_convert": self.modules_to_not_convert, "activation_aware": self.activation_aware,
                "sparse_format": self.sparse_format, "factor_dtype": self.factor_dtype, "seed": self.seed,
@@ -343,6 +359,11 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         import torch
 
         return model_dtype if self.factor_dtype == "auto" else getattr(torch, self.factor_dtype)
+
+    @property
+    def budget_setting(self) -> str:
+        """The budget as the user set it, for messages: `param_ratio=0.5` or `byte_ratio=0.27`."""
+        return f"param_ratio={self.param_ratio}" if self.byte_ratio is None else f"byte_ratio={self.byte_ratio}"
 
     @property
     def needs_calibration(self) -> bool:

@@ -227,7 +227,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
                 model.set_submodule(c.name, targets[c.name])
             stream.drop(block)
     if final:
-        check_budget(budget - carry, budget, config.allocation.name, config.param_ratio)
+        check_budget(budget - carry, budget, config.allocation.name, config.budget_setting)
         return entries, matching
     for c in held:
         model.set_submodule(c.name, targets[c.name])
@@ -321,8 +321,8 @@ def _record(model: nn.Module, config: LowRankSparseConfig, entries: dict[str, di
     layers = {name: model.get_submodule(name) for name in entries}
     kept = sum(e["rank"] * (layers[n].in_features + layers[n].out_features) + e["nnz"] for n, e in entries.items())
     dense = sum(m.in_features * m.out_features for m in layers.values())
-    logger.info("compressed %d layers: kept %d of %d parameters (%.2f%%, budget %.2f%%)",
-                len(entries), kept, dense, 100 * kept / dense, 100 * config.param_ratio)
+    logger.info("compressed %d layers: kept %d of %d parameters (%.2f%%, budget %s)",
+                len(entries), kept, dense, 100 * kept / dense, config.budget_setting)
 
 
 @torch.no_grad()

@@ -95,13 +95,35 @@ def targets_and_budget(model: nn.Module, config: LowRankSparseConfig, check_weig
         for name, module in targets.items():
             check_weight(name, module)
     dense = sum(m.weight.numel() for m in targets.values())
-    budget = round(config.param_ratio * dense)
+    budget = round(config.param_ratio * dense) if config.byte_ratio is None else byte_budget(targets, config)
     if budget < len(targets):
         raise ValueError(
-            f"param_ratio={config.param_ratio} keeps {budget} of {dense} parameters, fewer than one per "
-            f"compressed layer ({len(targets)}); raise param_ratio"
+            f"{config.budget_setting} keeps {budget} of {dense} parameters, fewer than one per compressed layer "
+            f"({len(targets)}); raise {config.budget_setting.partition('=')[0]}"
         )
     return targets, budget
+
+
+def byte_budget(targets: dict[str, nn.Linear], config: LowRankSparseConfig) -> int:
+    """The parameters to keep so that the compressed layers' stored bytes are `config.byte_ratio` of the targeted
+    layers' dense bfloat16 bytes. With the bitmask layout the positions cost one bit per weight whatever the
+    allocation keeps, and every kept parameter costs the same: its factor dtype's bytes, or with `quantization`
+    bits / 8 plus its share of a scale (one per group, in the factor dtype). So bytes are affine in the kept
+    parameters, and any allocation that meets the parameter budget meets the byte budget. S's code stream is
+    padded to whole groups, which costs under a group per layer: that much is set aside."""
+    dense_bytes = 2 * sum(m.weight.numel() for m in targets.values())
+    mask_bytes = sum(m.out_features * -(-m.in_features // 8) for m in targets.values())
+    weight = next(iter(targets.values())).weight
+    scalar = torch.empty((), dtype=config.factor_torch_dtype(weight.dtype)).element_size()
+    q = config.quantization
+    per_parameter = scalar if q is None else q.bits / 8 + scalar / q.group_size
+    padding = 0 if q is None else len(targets) * ((q.group_size - 1) * q.bits / 8 + scalar)  # at most, per layer
+    room = config.byte_ratio * dense_bytes - mask_bytes - padding
+    if room <= 0:
+        raise ValueError(f"byte_ratio={config.byte_ratio} is below what the bitmask layout alone takes "
+                         f"({mask_bytes / dense_bytes:.4f} of the dense bfloat16 bytes, one bit per weight); give a "
+                         "byte_ratio above that")
+    return int(room / per_parameter)
 
 
 def attention_layers(model: nn.Module, names: list[str]) -> frozenset[str]:

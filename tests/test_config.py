@@ -44,7 +44,7 @@ BAD_VALUES = [
     ("quantization", "int4"), ("quantization", True), ("quantization.bits", 3), ("quantization.bits", 16),
     ("quantization.bits", "4"), ("quantization.group_size", 33), ("quantization.group_size", 0),
     ("quantization.error_feedback", 1),
-    ("quantization.rounding", "stochastic"),
+    ("quantization.rounding", "stochastic"), ("byte_ratio", 0.0), ("byte_ratio", 1.5), ("byte_ratio", "small"),
     ("saved.format_version", max(READABLE_FORMATS) + 1), ("saved.quant_method", "gptq"), ("saved.compressed", []),
     ("compressed.modules", []), ("compressed.modules", {"a": {"rank": -1, "nnz": 0}}),
     ("compressed.modules", {"a": {"rank": 1}}), ("compressed.modules", {"a": {"rank": 1, "nnz": 2, "size": 3}}),
@@ -87,8 +87,13 @@ def test_every_field_has_a_rejected_value():
 
 
 def test_the_constructor_is_small():
-    """The recipe's top level stays a handful of fields; the rest lives in the nested configs."""
-    assert len(inspect.signature(LowRankSparseConfig).parameters) <= 16
+    """The recipe's top level stays a handful of fields, the rest lives in the nested configs, and the run's
+    inputs (never saved) are keyword-only, apart from it."""
+    parameters = inspect.signature(LowRankSparseConfig).parameters.values()
+    recipe = [p.name for p in parameters if p.kind is not p.KEYWORD_ONLY]
+    inputs = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
+    assert len(recipe) <= 16, recipe
+    assert inputs == ["calibration_data", "tokenizer", "cache_dir", "base_model"]
 
 
 def test_the_second_moment_objective_needs_calibration_inputs_and_a_refit():
@@ -245,3 +250,15 @@ def test_a_newly_registered_allocator_is_accepted_by_the_config():
         LowRankSparseConfig(allocation="uniform_again")
     with pytest.raises(ValueError, match="UniformAgain has no registered allocator"):
         LowRankSparseConfig(allocation=UniformAgain())
+
+
+def test_one_budget_and_the_bitmask_with_byte_ratio():
+    cfg = LowRankSparseConfig(byte_ratio=0.27, quantization=4)
+    assert (cfg.param_ratio, cfg.byte_ratio, cfg.budget_setting) == (None, 0.27, "byte_ratio=0.27")
+    assert LowRankSparseConfig.from_dict(cfg.to_dict()) == cfg
+    assert "byte_ratio" not in LowRankSparseConfig().to_dict() and LowRankSparseConfig().param_ratio == 0.5
+    with pytest.raises(ValueError, match=r"byte_ratio must be None where param_ratio is given .* got 0.3"):
+        LowRankSparseConfig(param_ratio=0.5, byte_ratio=0.3)
+    with pytest.raises(ValueError, match=r"sparse_format must be \"bitmask\" with byte_ratio .* got 'csr'"):
+        LowRankSparseConfig(byte_ratio=0.3, sparse_format="csr")
+    assert LowRankSparseConfig.from_overrides(["byte_ratio=0.3"]).byte_ratio == 0.3

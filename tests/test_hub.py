@@ -49,7 +49,7 @@ def test_push_to_hub_writes_card_and_reloads_identically(hub, compressed, tmp_pa
     assert card.data.library_name == "transformers"
     assert {"optimum-lrs", "low-rank", "sparse", "allocation-uniform"} <= set(card.data.tags)
     assert "pip install optimum-lrs" in card.text and "import optimum_lrs" in card.text
-    assert "12.5" in card.text and "| 0.5 | uniform |" in card.text and "allocation.png" in card.text
+    assert "12.5" in card.text and "| param_ratio=0.5 | uniform |" in card.text and "allocation.png" in card.text
     assert "positions are kept as a bitmask" in card.text  # the default layout, named as stored
     assert "Block output matching lowered the output error of 2 of 2 decoder blocks" in card.text  # on by default
     assert json.loads(files["config.json"])["model_type"] == "optimum_lrs"

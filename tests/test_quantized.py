@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from optimum_lrs import (FactorQuantization, LowRankSparseConfig, LowRankSparseLinear, LowRankSparseLoraConfig,
-                         QuantizedLowRankSparseLinear)
+                         QuantizedLowRankSparseLinear, model_card)
 from optimum_lrs import config as config_module
 from optimum_lrs.nn.quantized_linear import QUANTIZED_FACTORS
 
@@ -165,3 +165,28 @@ def test_a_layer_rounds_each_factor_in_its_own_groups():
         assert bool((rel < 0.15).all()), rel
     x = torch.randn(5, 96, generator=g)
     assert torch.allclose(q(x), x @ q.dense_weight().t(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("byte_ratio, quantization", [(0.3, FactorQuantization(bits=4, group_size=GROUP)),
+                                                      (0.45, FactorQuantization(bits=8, group_size=GROUP)),
+                                                      (0.6, None)])
+def test_a_byte_budget_is_met_within_half_a_percent(dense_checkpoint, byte_ratio, quantization, tmp_path):
+    cfg = LowRankSparseConfig(byte_ratio=byte_ratio, quantization=quantization)
+    model = AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=cfg)
+    compressed = layers(model)
+    dense_bf16 = 2 * sum(m.in_features * m.out_features for m in compressed.values())
+    # the bytes as stored: every tensor of the compressed layers but the bias (float32 factors without codes)
+    stored = sum(t.numel() * t.element_size() for m in compressed.values()
+                 for name, t in [*m.named_parameters(), *m.named_buffers()] if name != "bias")
+    assert stored / dense_bf16 == pytest.approx(byte_ratio, rel=0.005)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (saved["byte_ratio"], saved["param_ratio"]) == (byte_ratio, None)
+    assert f"| byte_ratio={byte_ratio} |" in str(model_card(model))
+
+
+def test_a_byte_budget_below_the_bitmask_alone_is_refused(dense_checkpoint):
+    # the bitmask takes 1/16 of the dense bfloat16 bytes
+    with pytest.raises(ValueError, match=r"byte_ratio=0.05 is below what the bitmask layout alone takes \(0.0625"):
+        AutoModelForCausalLM.from_pretrained(dense_checkpoint,
+                                             quantization_config=LowRankSparseConfig(byte_ratio=0.05, quantization=4))

@@ -184,7 +184,7 @@ def allocate(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     if pool < problem.budget * (1 - BUDGET_TOLERANCE):
         raise ValueError(
             f"the RPCA candidates hold {pool} parameters, fewer than the budget of {problem.budget} "
-            f"(param_ratio={problem.config.param_ratio}); lower param_ratio, or lower rpca.l1_weight so that "
+            f"({problem.config.budget_setting}); lower the budget, or lower rpca.l1_weight so that "
             "the sparse part keeps more entries"
         )
     allocation = ALLOCATORS[type(problem.config.allocation)](problem)
@@ -203,12 +203,12 @@ def check_allocation(problem: AllocationProblem, allocation: dict[str, LayerAllo
             raise RuntimeError(f"allocator {method!r} returned {a} for {c.name}, outside its pools "
                                f"(rank <= {c.rank_pool}, nnz <= {c.sparse_pool})")
     if budget_check:
-        check_budget(kept_parameters(problem, allocation), problem.budget, method, problem.config.param_ratio)
+        check_budget(kept_parameters(problem, allocation), problem.budget, method, problem.config.budget_setting)
 
 
-def check_budget(kept: int, budget: int, method: str, param_ratio: float) -> None:
+def check_budget(kept: int, budget: int, method: str, setting: str) -> None:
     if abs(kept - budget) > BUDGET_TOLERANCE * budget:
         raise ValueError(
             f"allocation {method!r} kept {kept} parameters for a budget of {budget} "
-            f"(more than {BUDGET_TOLERANCE:.1%} off); the candidate pools cannot meet param_ratio={param_ratio}"
+            f"(more than {BUDGET_TOLERANCE:.1%} off); the candidate pools cannot meet {setting}"
         )

@@ -99,9 +99,9 @@ def model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard:
            f" U, V and the sparse values are stored as {config.quantization.bits}-bit integer codes with one scale "
            f"per {config.quantization.group_size} values."),
         "",
-        "| budget (param_ratio) | allocation | compressed layers | kept parameters | dense parameters |",
+        "| budget | allocation | compressed layers | kept parameters | dense parameters |",
         "|---|---|---|---|---|",
-        f"| {config.param_ratio} | {config.allocation.name} | {len(rows)} | {kept:,} ({kept / dense:.1%}) | {dense:,} |",
+        f"| {config.budget_setting} | {config.allocation.name} | {len(rows)} | {kept:,} ({kept / dense:.1%}) | {dense:,} |",
         "",
     ]
     if result.block_matching is not None:
