@@ -57,9 +57,8 @@ class _TrainableFactors(nn.Module):
 
     def __init__(self, layer: LowRankSparseLinear):
         super().__init__()
-        rows, cols = layer.csr_arrays()
-        row_of = torch.repeat_interleave(torch.arange(layer.out_features, device=cols.device), rows.long().diff())
-        self.positions = row_of * layer.in_features + cols.long()
+        rows, cols = layer.sparse_positions()
+        self.positions = rows * layer.in_features + cols
         self.shape = (layer.out_features, layer.in_features)
         tensors = (layer.lowrank_u, layer.lowrank_v, layer.sparse_values)
         self.scales = tuple(_rms(t) for t in tensors)

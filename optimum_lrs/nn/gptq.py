@@ -32,9 +32,9 @@ def inverse_factor(second_moment: torch.Tensor) -> torch.Tensor:
 def gptq_codes(weight: torch.Tensor, second_moment: torch.Tensor, scales: torch.Tensor, top: int,
                keep: torch.Tensor | None = None) -> torch.Tensor:
     """int8 codes (weight's shape) in [-top, top] for `weight` (rows, cols) with one scale per entry (`scales`,
-    same shape), chosen column by column to keep x (W - codes * scales)^T small for inputs x whose
-    second moment is `second_moment` (cols, cols); a zero scale forces a zero code. Where `keep` (bool, weight's shape) is False the entry is
-    zero whatever its weight: its whole value is error that later columns absorb."""
+    same shape), chosen column by column to keep x (W - codes * scales)^T small for inputs x whose second moment
+    is `second_moment` (cols, cols); a zero scale forces a zero code. Where `keep` (bool, weight's shape) is False
+    the entry is zero whatever its weight: its whole value is error that later columns absorb."""
     rows, cols = weight.shape
     factor = inverse_factor(second_moment).float()
     w = weight.detach().float().clone()

@@ -138,6 +138,11 @@ class LowRankSparseLinear(nn.Module):
         """S's row offsets and column indices (int64 for the bitmask layout, stored dtypes for CSR)."""
         return self.storage.csr_arrays(self)
 
+    def sparse_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row and the column (int64) of each of S's values, in the values' order."""
+        rows, cols = self.csr_arrays()
+        return torch.repeat_interleave(torch.arange(self.out_features, device=cols.device), rows.long().diff()), cols.long()
+
     def csr_problem(self) -> str | None:
         """Why the stored positions of S do not describe a valid sparse matrix, or None when they do."""
         return self.storage.problem(self)

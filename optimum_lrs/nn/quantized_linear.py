@@ -37,10 +37,9 @@ def _lowrank_change(layer: LowRankSparseLinear, rounded: QuantizedLowRankSparseL
 
 def _positions(layer: LowRankSparseLinear) -> torch.Tensor:
     """S's positions as a bool (out_features, in_features) matrix: where True, in row-major order, are the values."""
-    rows, cols = layer.csr_arrays()
-    row_of = torch.repeat_interleave(torch.arange(layer.out_features, device=cols.device), rows.long().diff())
+    rows, cols = layer.sparse_positions()
     keep = torch.zeros(layer.out_features, layer.in_features, dtype=torch.bool, device=cols.device)
-    keep[row_of, cols.long()] = True
+    keep[rows, cols] = True
     return keep
 
 
