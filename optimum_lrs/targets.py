@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -11,6 +12,7 @@ from transformers.quantizers import HfQuantizer
 
 from .config import LowRankSparseConfig
 from .nn.linear import LowRankSparseLinear
+from .nn.storage import STORAGES
 
 
 def is_hub_id(name: str) -> bool:
@@ -112,7 +114,10 @@ def byte_budget(targets: dict[str, nn.Linear], config: LowRankSparseConfig) -> i
     parameters, and any allocation that meets the parameter budget meets the byte budget. S's code stream is
     padded to whole groups, which costs under a group per layer: that much is set aside."""
     dense_bytes = 2 * sum(m.weight.numel() for m in targets.values())
-    mask_bytes = sum(m.out_features * -(-m.in_features // 8) for m in targets.values())
+    storage = STORAGES[config.sparse_format]  # the bitmask: its index bytes do not depend on nnz
+    mask_bytes = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                     for m in targets.values()
+                     for shape, dtype in storage.index_specs(m.out_features, m.in_features, 0).values())
     weight = next(iter(targets.values())).weight
     scalar = torch.empty((), dtype=config.factor_torch_dtype(weight.dtype)).element_size()
     q = config.quantization
