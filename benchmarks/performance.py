@@ -10,6 +10,7 @@ each part with the command, commit, date, machine and versions of its run; `benc
     python benchmarks/performance.py bytes kernels inference training --threads 2
     python benchmarks/performance.py dtypes compile offload --threads 2
     python benchmarks/performance.py scaling --threads 2
+    python benchmarks/performance.py quantized --threads 2
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from common import PeakRSS, c4_texts, header, load_smollm2, run_info
 from safetensors.torch import save_file
 
-from optimum_lrs import LowRankSparseConfig, compress_, robust_pca
+from optimum_lrs import FactorQuantization, LowRankSparseConfig, compress_, robust_pca
 from optimum_lrs.allocation import AllocationProblem, LayerCandidates, allocate
 from optimum_lrs.calibration import calibration_windows
 from optimum_lrs.io.checkpoint import read_headers
@@ -139,7 +140,8 @@ def _compress_child(args) -> None:
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     load_rss = peak_rss()
     config = LowRankSparseConfig(param_ratio=args.ratio, allocation=args.allocation, calibration_data=c4_texts(),
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer,
+                                 quantization=FactorQuantization(bits=args.bits) if args.bits else None)
     start = time.perf_counter()
     compress_(model, config)  # drops the GGUF loader's quantizer, so that the result saves as optimum_lrs
     seconds = time.perf_counter() - start
@@ -314,6 +316,103 @@ def dtypes_part(args, model_dir: Path) -> dict:
             print(f"| {case} | {name} | {row['dense']:.3f} | {row['compressed']:.3f} | {row['ratio']:.2f}x | "
                   f"{row['dense_logit_distance']:.4f} | {row['compressed_logit_distance']:.4f} |", flush=True)
     return {"rows": rows}
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _structure(model) -> dict[str, tuple[float, float]]:
+    """Per projection name: the mean rank as a fraction of min(out, in) and the mean density of S over the model's
+    compressed layers, as its compression chose them."""
+    from optimum_lrs.nn.quantized_linear import QuantizedLowRankSparseLinear
+
+    found: dict[str, list[tuple[float, float]]] = {name: [] for name in PROJECTIONS}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantizedLowRankSparseLinear) and name.rsplit(".", 1)[-1] in found:
+            found[name.rsplit(".", 1)[-1]].append((layer.rank / min(layer.in_features, layer.out_features),
+                                                   layer.nnz / (layer.in_features * layer.out_features)))
+    return {k: (statistics.mean(r for r, _ in v), statistics.mean(d for _, d in v)) for k, v in found.items() if v}
+
+
+def _random_quantized(in_features: int, out_features: int, rank: int, density: float, generator: torch.Generator):
+    """A 4-bit-factor bitmask layer of that structure with random codes, scales and positions (speed depends on the
+    structure only): weights of about the dense layers' initial scale."""
+    from optimum_lrs.nn.quantized_linear import QuantizedLowRankSparseLinear
+    from optimum_lrs.nn.storage import pack_bits
+
+    keep = torch.rand(out_features, in_features, generator=generator) < density
+    layer = QuantizedLowRankSparseLinear(in_features, out_features, rank, int(keep.sum()), dtype=torch.bfloat16,
+                                         sparse_format="bitmask", bits=4, group_size=64)
+    with torch.no_grad():
+        layer.sparse_bitmask.copy_(pack_bits(keep))
+        for name in ("lowrank_u", "lowrank_v", "sparse_values"):
+            codes = getattr(layer, f"{name}_codes")
+            codes.copy_(torch.randint(0, 256, codes.shape, generator=generator, dtype=torch.uint8))
+            getattr(layer, f"{name}_scales").fill_(0.004)
+    return layer
+
+
+def quantized_part(args) -> dict:
+    """Decoding (greedy, 32 tokens after 16, batch 1 and 8) and a 512-token prefill (batch 1) with 4-bit factors in
+    bfloat16 against the dense bfloat16 model, every model timed in turn within each round:
+    - SmolLM2-135M compressed at `--quantized-ratio` kept with the defaults and `FactorQuantization(bits=4)`
+      (fitted codes; the frontier's point at GPTQ W4's bytes), where attention, norms, head and Python are most
+      of a token's time;
+    - a slice of Llama-2-7B's shapes (4 blocks, hidden 4096, MLP 11008, random weights; vocabulary cut to 4096 so
+      that the head's share of the weights, about 2%, is the full model's), its projections given the ranks and
+      densities SmolLM2's compression chose for the same projection (as fractions), codes random."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from optimum_lrs import LRSModelForCausalLM
+    from optimum_lrs.nn import kernels
+
+    if kernels.bitmask_library() is None:
+        raise RuntimeError("the bitmask kernels did not build here; this part measures them")
+    directory = Path(args.model_dir).with_name(f"smollm2-q4-{args.quantized_ratio:g}")
+    if not (directory / "config.json").exists():
+        print(f"compressing SmolLM2 at {args.quantized_ratio:g} with 4-bit factors into {directory} (not timed)",
+              flush=True)
+        _child_json([sys.executable, __file__, "_compress", "--threads", str(args.threads), "--ratio",
+                     str(args.quantized_ratio), "--bits", "4", "--save", str(directory)])
+    dense, tokenizer = load_smollm2()
+    small = {"dense": dense.to(torch.bfloat16).eval(),
+             "4-bit factors": LRSModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()}
+    structure = _structure(small["4-bit factors"])
+    g = torch.Generator().manual_seed(0)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=4096, torch_dtype="bfloat16")
+    big_dense = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16).eval()
+    big = copy.deepcopy(big_dense)
+    for name, module in list(big.named_modules()):
+        kind = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and kind in structure:
+            rank_fraction, density = structure[kind]
+            rank = round(rank_fraction * min(module.in_features, module.out_features))
+            big.set_submodule(name, _random_quantized(module.in_features, module.out_features, rank, density, g))
+    models = {"SmolLM2-135M": small, "Llama-2-7B shapes, 4 blocks": {"dense": big_dense, "4-bit factors": big}}
+    rows = []
+    print("| model | case | batch | dense bf16 s | 4-bit factors s | ratio |\n|---|---|---|---|---|---|")
+    for model_name, pair in models.items():
+        weights = {kind: sum(p.numel() * p.element_size() for p in m.parameters()) +
+                   sum(b.numel() * b.element_size() for b in m.buffers()) for kind, m in pair.items()}
+        vocab = pair["dense"].config.vocab_size
+        ids = torch.randint(1, vocab, (8, 512), generator=g)
+        for case, batch in (("decode 32", 1), ("decode 32", 8), ("prefill 512", 1)):
+            def run(model, case=case, batch=batch):
+                if case.startswith("prefill"):
+                    return lambda: model(ids[:batch])
+                return lambda: model.generate(ids[:batch, :16], attention_mask=torch.ones_like(ids[:batch, :16]),
+                                              max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+
+            with torch.inference_mode():
+                med = timed_together({kind: run(model) for kind, model in pair.items()}, args.repeats)
+            row = {"model": model_name, "case": case, "batch": batch, "dense": med["dense"],
+                   "quantized": med["4-bit factors"], "ratio": med["4-bit factors"] / med["dense"],
+                   "dense_bytes": weights["dense"], "quantized_bytes": weights["4-bit factors"]}
+            rows.append(row)
+            print(f"| {model_name} | {case} | {batch} | {row['dense']:.3f} | {row['quantized']:.3f} | "
+                  f"{row['ratio']:.2f}x |", flush=True)
+    return {"rows": rows, "structure": structure, "quantized_ratio": args.quantized_ratio}
 
 
 def compile_part(args, model_dir: Path) -> dict:
@@ -622,11 +721,13 @@ def scaling_part(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("parts", nargs="+", choices=["rpca", "quality", "pipeline", "bytes", "kernels", "inference",
-                                                     "dtypes", "compile", "offload", "training", "scaling", "all",
+                                                     "dtypes", "compile", "offload", "training", "scaling", "quantized", "all",
                                                      "_compress", "_offload"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--allocation", default="uniform", help="for _compress")
+    parser.add_argument("--bits", type=int, default=None, help="for _compress: factor bits (FactorQuantization)")
+    parser.add_argument("--quantized-ratio", type=float, default=0.76, help="for quantized: SmolLM2's kept fraction")
     parser.add_argument("--allocations", nargs="+", default=["uniform", "cap"], help="for pipeline")
     parser.add_argument("--save", default=None, help="for _compress")
     parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "optimum-lrs-perf" / "smollm2-compressed"),
@@ -653,7 +754,7 @@ def main() -> None:
     results_file = Path(args.out) / "performance.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     parts = (["rpca", "quality", "pipeline", "bytes", "kernels", "inference", "dtypes", "compile", "offload",
-              "training", "scaling"] if "all" in args.parts else args.parts)
+              "training", "scaling", "quantized"] if "all" in args.parts else args.parts)
     if {"bytes", "inference", "dtypes", "compile", "offload", "training"} & set(parts) and not (model_dir / "config.json").exists():
         print(f"compressing SmolLM2 with the defaults into {model_dir} (not timed)", flush=True)
         _child_json([sys.executable, __file__, "_compress", "--threads", str(args.threads), "--ratio", str(args.ratio),
@@ -682,6 +783,8 @@ def main() -> None:
             results[part] = offload_part(args, model_dir)
         elif part == "training":
             results[part] = training_part(args, model_dir)
+        elif part == "quantized":
+            results[part] = quantized_part(args)
         else:
             results[part] = scaling_part(args)
         results[part].update(run_info(args.threads))

@@ -33,7 +33,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "bitmask_matmul.c"
-HEADERS = (SOURCE.with_name("bitmask_typed.h"),)  # included by SOURCE: part of the cache key
+# Included by SOURCE: part of the cache key.
+HEADERS = tuple(SOURCE.with_name(name) for name in ("bitmask_typed.h", "quantized_typed.h", "quantized_bf16.h"))
 # The factor dtypes the kernels read as stored (widened to float32 in registers), by entry point suffix.
 FACTOR_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 DISABLE_ENV = "OPTIMUM_LRS_NO_KERNELS"
@@ -112,6 +113,9 @@ def bitmask_library() -> ctypes.CDLL | None:
     work = [ctypes.c_void_p, ctypes.c_int64]
     library.lrs_workspace_floats.argtypes = [ctypes.c_int64] * 3
     library.lrs_workspace_floats.restype = ctypes.c_int64
+    library.lrs_quantized_workspace_floats.argtypes = [ctypes.c_int64] * 4
+    library.lrs_quantized_workspace_floats.restype = ctypes.c_int64
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     argtypes = {
         "lrs_bitmask_matmul": [*_ARGTYPES[:-1], *work, ctypes.c_int],
         "lrs_bitmask_matmul_t": _ARGTYPES,
@@ -121,6 +125,8 @@ def bitmask_library() -> ctypes.CDLL | None:
                                     ctypes.c_int64, ctypes.c_void_p, *_ARGTYPES[3:]],
         "lrs_lowrank_bitmask_matmul": [*_ARGTYPES[:3], ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                        ctypes.c_void_p, *_ARGTYPES[3:-1], *work, ctypes.c_int],
+        "lrs_quantized_few": [p, i64, i64, p, p, p, p, i64, p, p, i64, i64, p, p, i64, c_int, i64, p, p, i64, c_int],
+        "lrs_dequantize": [p, p, c_int, i64, i64, p, c_int],
     }
     for name, types in argtypes.items():
         for suffix in FACTOR_SUFFIXES.values():
@@ -232,6 +238,55 @@ def lowrank_bitmask_few(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: tor
         bias_[0].data_ptr() if bias_ else None, mask.data_ptr(), m, mask.shape[1], values.data_ptr(), values.numel(),
         out.data_ptr(), torch.get_num_threads())
     _check(status, "lowrank_bitmask_few", values.numel(), x.shape[0])
+    return out
+
+
+def quantized_bitmask_few(x: torch.Tensor, u: tuple[torch.Tensor, torch.Tensor], v: tuple[torch.Tensor, torch.Tensor],
+                          bias: torch.Tensor | None, mask: torch.Tensor, values: tuple[torch.Tensor, torch.Tensor],
+                          nnz: int, bits: int, group_size: int) -> torch.Tensor:
+    """x (U V + S)^T + bias (float32) for at most `few_tokens()` rows of x, reading the factors as group codes
+    (`nn.quantize`): `u`, `v` and `values` are each (codes, scales), U's codes transposed (rank, m), V's (rank, n),
+    S's values' (whole groups; the first `nnz` are S's). Each row is dequantized into a per-thread buffer while its
+    product runs, so that decoding reads the layer's bytes once, as codes; with bfloat16 scales on a CPU with
+    AVX512-BF16 the products run in bfloat16 pairs (x must then hold bfloat16 values, as the layer's input in its
+    factors' dtype does)."""
+    (u_codes, u_scales), (v_codes, v_scales), (s_codes, s_scales) = u, v, values
+    rank, m = u_codes.shape[0], mask.shape[0]
+    n = x.shape[1]
+    if (mask.shape[1] != -(-n // 8) or u_codes.shape[1] * 8 != m * bits or v_codes.shape != (rank, n * bits // 8)
+            or s_codes.numel() * 8 < nnz * bits):
+        raise ValueError(f"quantized_bitmask_few: shapes x {tuple(x.shape)}, U codes {tuple(u_codes.shape)}, V codes "
+                         f"{tuple(v_codes.shape)}, mask {tuple(mask.shape)}, {s_codes.numel()} value code bytes for "
+                         f"nnz={nnz} at {bits} bits disagree")
+    if not 1 <= x.shape[0] <= few_tokens():
+        raise ValueError(f"quantized_bitmask_few: {x.shape[0]} rows, outside the 1..{few_tokens()} it takes")
+    name = "quantized_bitmask_few"
+    mask, x = _mask(name, mask), _float32(name, x)
+    u_codes, v_codes, s_codes = (_cpu(name, t) for t in (u_codes, v_codes, s_codes))
+    u_scales, v_scales, s_scales = _factors(name, u_scales, v_scales, s_scales)
+    bias_ = () if bias is None else (_float32(name, bias),)
+    out = torch.empty(x.shape[0], m, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    work = _workspace(bitmask_library().lrs_quantized_workspace_floats(x.shape[0], n, rank, threads))
+    status = _entry("lrs_quantized_few", u_scales.dtype)(
+        x.data_ptr(), x.shape[0], n, u_codes.data_ptr(), u_scales.data_ptr(), v_codes.data_ptr(), v_scales.data_ptr(),
+        rank, bias_[0].data_ptr() if bias_ else None, mask.data_ptr(), m, mask.shape[1], s_codes.data_ptr(),
+        s_scales.data_ptr(), nnz, bits, group_size, out.data_ptr(), *work, threads)
+    _check(status, name, nnz, x.shape[0])
+    return out
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """A stream of group codes (`nn.quantize`: `codes` packed, one scale per `group_size` codes) as float32 values,
+    each code * scale rounded to the scales' dtype first, as `quantize.dequantize_groups` computes them."""
+    name = "dequantize_codes"
+    codes, (scales,) = _cpu(name, codes), _factors(name, scales)
+    count = codes.numel() * 8 // bits
+    if scales.numel() * group_size != count:
+        raise ValueError(f"{name}: {count} codes do not make {scales.numel()} groups of {group_size}")
+    out = torch.empty(count, dtype=torch.float32)
+    _entry("lrs_dequantize", scales.dtype)(codes.data_ptr(), scales.data_ptr(), bits, group_size, count,
+                                           out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -43,6 +43,30 @@ def lowrank_bitmask_linear(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: 
     return _lowrank_bitmask_linear(x, lowrank_u, lowrank_v, bias, mask, values)
 
 
+@torch.library.custom_op("optimum_lrs::quantized_bitmask_linear", mutates_args=(), device_types="cpu")
+def _quantized_bitmask_linear_op(x: torch.Tensor, u_codes: torch.Tensor, u_scales: torch.Tensor, v_codes: torch.Tensor,
+                                 v_scales: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
+                                 s_codes: torch.Tensor, s_scales: torch.Tensor, nnz: int, bits: int,
+                                 group_size: int) -> torch.Tensor:
+    return kernels.quantized_bitmask_few(x, (u_codes, u_scales), (v_codes, v_scales), bias, mask, (s_codes, s_scales),
+                                         nnz, bits, group_size)
+
+
+@_quantized_bitmask_linear_op.register_fake
+def _(x, u_codes, u_scales, v_codes, v_scales, bias, mask, s_codes, s_scales, nnz, bits, group_size):
+    return x.new_empty(x.shape[0], mask.shape[0], dtype=torch.float32)
+
+
+def quantized_bitmask_linear(x: torch.Tensor, u: tuple[torch.Tensor, torch.Tensor], v: tuple[torch.Tensor, torch.Tensor],
+                             bias: torch.Tensor | None, mask: torch.Tensor, values: tuple[torch.Tensor, torch.Tensor],
+                             nnz: int, bits: int, group_size: int) -> torch.Tensor:
+    """`kernels.quantized_bitmask_few` (x (U V + S)^T + bias from the factors' codes, up to `kernels.few_tokens()`
+    rows): the registered operator while torch.compile traces, the kernel directly otherwise."""
+    if torch.compiler.is_compiling():
+        return _quantized_bitmask_linear_op(x, *u, *v, bias, mask, *values, nnz, bits, group_size)
+    return kernels.quantized_bitmask_few(x, u, v, bias, mask, values, nnz, bits, group_size)
+
+
 @torch.library.custom_op("optimum_lrs::bitmask_matmul", mutates_args=(), device_types="cpu")
 def bitmask_matmul(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """x (T, n) S^T in float32 for a frozen bitmask-coded S: differentiable in x only (the training path)."""

@@ -37,7 +37,7 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.
     group_size, rounded to nearest: x ~ codes * scales repeated over each group."""
     check_bits(bits, group_size, {"the last dimension": x.shape[-1]})
     top = 2 ** (bits - 1) - 1
-    groups = x.detach().float().reshape(*x.shape[:-1], -1, group_size)
+    groups = x.detach().float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
     scales = groups.abs().amax(-1) / top
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     codes = torch.round(groups / safe.unsqueeze(-1)).clamp_(-top, top).to(torch.int8)
@@ -46,8 +46,10 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes * scales, each scale repeated over its group of the last dimension."""
+    if not codes.numel():
+        return torch.empty(codes.shape, dtype=dtype, device=codes.device)
     group_size = codes.shape[-1] // scales.shape[-1]
-    groups = codes.reshape(*codes.shape[:-1], -1, group_size).float() * scales.float().unsqueeze(-1)
+    groups = codes.reshape(*codes.shape[:-1], scales.shape[-1], group_size).float() * scales.float().unsqueeze(-1)
     return groups.reshape(codes.shape).to(dtype)
 
 
@@ -59,7 +61,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return unsigned
     if codes.shape[-1] % 2:
         raise ValueError(f"4-bit codes pack in pairs: the last dimension must be even, got {codes.shape[-1]}")
-    pairs = unsigned.reshape(*codes.shape[:-1], -1, 2)
+    pairs = unsigned.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
@@ -68,6 +70,6 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         unsigned = packed
     else:
-        unsigned = torch.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
+        unsigned = torch.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     return (unsigned.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
 

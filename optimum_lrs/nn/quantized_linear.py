@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from . import kernels, ops
 from .gptq import gptq_codes
 from .linear import LowRankSparseLinear
 from .quantize import check_bits, dequantize_groups, pack_codes, quantize_groups, unpack_codes
@@ -161,8 +162,11 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
             self._store_codes("sparse_values", nn.functional.pad(codes, (0, -layer.nnz % group)), scales)
 
     def _dequantized(self, name: str) -> torch.Tensor:
-        codes = unpack_codes(getattr(self, f"{name}_codes"), self.bits)
-        return dequantize_groups(codes, getattr(self, f"{name}_scales"), self.factor_dtype)
+        codes, scales = getattr(self, f"{name}_codes"), getattr(self, f"{name}_scales")
+        if kernels.can_run(codes, scales) and kernels.takes_factor_dtype(scales.dtype):
+            values = kernels.dequantize_codes(codes, scales, self.bits, self.group_size)
+            return values.reshape(*codes.shape[:-1], codes.shape[-1] * 8 // self.bits).to(self.factor_dtype)
+        return dequantize_groups(unpack_codes(codes, self.bits), scales, self.factor_dtype)
 
     @property
     def lowrank_u(self) -> torch.Tensor:
@@ -212,6 +216,19 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Up to `kernels.few_tokens()` rows (decoding), bitmask layout, no gradient: one kernel call reading the
+        codes (`kernels.quantized_bitmask_few`); otherwise the float layer `dequantized()` builds, whose product
+        runs as `LowRankSparseLinear`'s (more rows amortise the dequantization)."""
+        flat = x.reshape(-1, self.in_features).to(self.factor_dtype) if x.shape[-1] == self.in_features else x
+        if (self.sparse_format == "bitmask" and 1 <= flat.shape[0] <= kernels.few_tokens()
+                and not (torch.is_grad_enabled() and flat.requires_grad)
+                and kernels.can_run(flat, self.sparse_bitmask) and kernels.takes_factor_dtype(self.factor_dtype)):
+            out = ops.quantized_bitmask_linear(
+                flat.to(torch.float32), *[(getattr(self, f"{name}_codes"), getattr(self, f"{name}_scales"))
+                                          for name in ("lowrank_u", "lowrank_v")],
+                self.bias, self.sparse_bitmask, (self.sparse_values_codes, self.sparse_values_scales), self._nnz,
+                self.bits, self.group_size)
+            return out.to(flat.dtype).reshape(*x.shape[:-1], self.out_features)
         return self.dequantized()(x)
 
     def extra_repr(self) -> str:

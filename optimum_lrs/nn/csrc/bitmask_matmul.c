@@ -14,6 +14,8 @@
  * lrs_bitmask_matmul: y (T, m) += x (T, n) S^T   (the forward's sparse part under autograd)
  * lrs_bitmask_matmul_t: y (T, n) += x (T, m) S   (the gradient with respect to the layer's input)
  * lrs_bitmask_to_dense: dense (m, n) = S         (the rebuilt weight, for layers too dense for the kernels)
+ * lrs_quantized_few: lrs_lowrank_bitmask_few for U, V and S's values stored as group codes (quantized_typed.h)
+ * lrs_dequantize: a stream of group codes as float32 (the quantized layer's factors for longer inputs)
  *
  * Every array is dense, row-major and contiguous. Up to FEW_TOKENS tokens (decoding), each mask byte's 8
  * weights are expanded into a vector once and multiplied with every token. For more tokens only the set
@@ -205,24 +207,71 @@ static inline v8 load8_f16(const uint16_t *p) {
 #endif
 }
 
+/* A float32 rounded to the storage type and back: what a value computed in float32 becomes once stored. */
+static inline float round1_f32(float f) { return f; }
+static inline float round1_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) <= 0x7f800000u) bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u; /* to nearest even, as torch */
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+static inline float round1_f16(float f) {
+#ifdef __F16C__
+    return _cvtsh_ss(_cvtss_sh(f, 0));
+#else
+    return (float)(_Float16)f;
+#endif
+}
+
+#define DEQUANT_WORDS 65536 /* bfloat16 values of S dequantized at a time (a run of rows; 128 KiB, in L2) */
+
+/* Scratch floats per thread of the quantized products: a dequantized row of V or of S's values in float32 (n,
+ * plus slack for reads in eights), or a run of S's rows in bfloat16 (at most DEQUANT_WORDS or one row, plus
+ * slack for reads of 32), or a segment of U's transposed row (ROW_BLOCK). */
+static int64_t quantized_scratch_floats(int64_t n, int64_t r) {
+    (void)r;
+    int64_t words = n > DEQUANT_WORDS ? n : DEQUANT_WORDS;
+    return (n > ROW_BLOCK ? n : ROW_BLOCK) + words / 2 + 64;
+}
+
+/* Floats of the work buffer lrs_quantized_few takes for T tokens, n inputs, rank r and nthreads threads:
+ * z = x V^T, x in bfloat16, and each thread's scratch. */
+int64_t lrs_quantized_workspace_floats(int64_t T, int64_t n, int64_t r, int64_t nthreads) {
+    return T * r + T * n + 16 + nthreads * quantized_scratch_floats(n, r);
+}
+
 #define LRS_PASTE(name, suffix) name##_##suffix
 #define LRS_NAME(name, suffix) LRS_PASTE(name, suffix)
 #define FN(name) LRS_NAME(name, SUFFIX)
 #define LOAD1 FN(load1)
 #define LOAD8 FN(load8)
+#define ROUND1 FN(round1)
 
 #define FT float
 #define SUFFIX f32
 #include "bitmask_typed.h"
+#include "quantized_typed.h"
 #undef FT
 #undef SUFFIX
 
 #define FT uint16_t
-#define SUFFIX bf16
-#include "bitmask_typed.h"
-#undef SUFFIX
-
 #define SUFFIX f16
 #include "bitmask_typed.h"
+#include "quantized_typed.h"
+#undef SUFFIX
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* bfloat16 factors on CPUs with AVX512-BF16: the quantized decoding product in bfloat16 pairs. The layer hands
+ * the kernels its input in its factors' dtype, so x widened from bfloat16 narrows back exactly, and
+ * `vdpbf16ps` multiplies 32 weights by 32 inputs per instruction, products exact and sums in float32: half the
+ * instructions of float32 FMAs over the same expanded weights (both by the rank and S's positions). */
+#include "quantized_bf16.h"
+#define QUANTIZED_FEW_FAST quantized_few_bf16
+#endif
+#define SUFFIX bf16
+#include "bitmask_typed.h"
+#include "quantized_typed.h"
 #undef SUFFIX
 #undef FT
+#undef QUANTIZED_FEW_FAST

@@ -1,0 +1,210 @@
+/* The decoding product of a quantized layer with bfloat16 factors, in bfloat16 pairs (AVX512-BF16): included by
+ * bitmask_matmul.c where the CPU has it, and called by lrs_quantized_few_bf16 (quantized_typed.h) in place of its
+ * float32 loops. Each row is dequantized into a bfloat16 buffer: at 4 bits a group's 16 levels (code * scale,
+ * rounded to bfloat16 as torch rounds) form a table that `vpermw` looks 32 codes up in at once. S's rows are
+ * then multiplied 32 columns at a time: the row's next values are expanded into the lanes of the set mask bits
+ * (`vpexpandw`, zero elsewhere) and `vdpbf16ps` adds their products with 32 inputs into 16 float32 sums. */
+
+static inline float bf16_to_f32(uint16_t h) { return load1_bf16(&h); }
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    f = round1_bf16(f);
+    memcpy(&bits, &f, sizeof bits);
+    return (uint16_t)(bits >> 16);
+}
+
+/* 32 weights from the mask bits `bits`: lane l holds the next of w's values if bit l is set, else 0. Reads 64 bytes
+ * from w, however few bits are set (the buffers have that slack). The load stays a separate instruction: folded
+ * into vpexpandw's memory form (which compilers do) it measured 1.8x slower on Zen 4. */
+static inline __m512bh expand_words(const uint16_t *w, uint32_t bits) {
+    __m512i words = _mm512_loadu_si512(w);
+    __asm__("" : "+v"(words));
+    return (__m512bh)_mm512_maskz_expand_epi16(bits, words);
+}
+
+/* A group's 16 levels (code - 8) * s rounded to bfloat16, twice over: vpermw reads 5 index bits, and the low lane's
+ * index carries the high nibble's lowest bit as its fifth. */
+static inline __m512i level_table(float s) {
+    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(levels, _mm512_set1_ps(s)));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+}
+
+/* One code of a stream, dequantized and rounded to bfloat16. */
+static inline uint16_t dequant1(const uint8_t *codes, const uint16_t *scales, int bits, int64_t group, int64_t pos) {
+    int code = bits == 8 ? codes[pos] - 128 : ((codes[pos >> 1] >> (4 * (pos & 1))) & 15) - 8;
+    return f32_to_bf16((float)code * load1_bf16(scales + pos / group));
+}
+
+/* out[0, count) = the codes [start, start + count) of a stream, dequantized and rounded to bfloat16. At 4 bits
+ * with groups of a multiple of 32, whole aligned runs of 32 codes take one table lookup (`level_table`, built
+ * once per group, in a loop without branches so that the next groups' tables are built while this one's
+ * lookups run); the ends of the range, other widths and group sizes go code by code. */
+static void pairs_dequant(const uint8_t *codes, const uint16_t *scales, int bits, int64_t group, int64_t start,
+                          int64_t count, uint16_t *out) {
+    int64_t i = 0;
+    if (bits == 4 && group % 32 == 0) {
+        for (; i < count && (start + i) % 32; i++) out[i] = dequant1(codes, scales, bits, group, start + i);
+        int64_t runs = (count - i) / 32, per_group = group / 32;
+        int64_t g = (start + i) / group, run = (start + i) % group / 32;
+        const uint8_t *p = codes + (start + i) / 2;
+        for (int64_t done = 0; done < runs; g++, run = 0) {
+            __m512i table = level_table(load1_bf16(scales + g));
+            for (; run < per_group && done < runs; run++, done++, p += 16, i += 32) {
+                /* byte c -> one 32-bit lane c | c << 12: its low half indexes by the low nibble, its high half
+                 * holds the high nibble: the two codes' 16-bit lanes in stream order. */
+                __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+                _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(_mm512_or_si512(c, _mm512_slli_epi32(c, 12)), table));
+            }
+        }
+    }
+    for (; i < count; i++) out[i] = dequant1(codes, scales, bits, group, start + i);
+}
+
+/* sum_j a[j] x[t, j] for T tokens into out[t * stride], a (n,) in bfloat16, xb x's whole chunks in bfloat16
+ * (chunk-major, as quantized_few_bf16 lays them out), x in float32 for the last n % 32: four sums per token hide vdpbf16ps's latency. */
+static inline void pairs_dot(const uint16_t *a, const uint16_t *xb, const float *x, int64_t n, int64_t T, float *out,
+                             int64_t stride) {
+    for (int64_t t = 0; t < T; t++) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int64_t j = 0;
+        for (; j + 128 <= n; j += 128)
+            for (int c = 0; c < 4; c++)
+                acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_loadu_si512(a + j + 32 * c),
+                                          (__m512bh)_mm512_loadu_si512(xb + ((j / 32 + c) * T + t) * 32));
+        for (; j + 32 <= n; j += 32)
+            acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(a + j), (__m512bh)_mm512_loadu_si512(xb + (j / 32 * T + t) * 32));
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+        for (; j < n; j++) sum += bf16_to_f32(a[j]) * x[t * n + j];
+        out[t * stride] = sum;
+    }
+}
+
+/* acc[t] += the products of a row's columns [8 b0, 8 b1) (b0, b1 mask bytes, multiples of 4, within the
+ * row's whole 32-column chunks) with TT tokens: `row` the row's mask bytes, w the value of its first set column
+ * there (bfloat16, in order); returns w past the range's values. NA chunks go in turn to NA sums per token, so
+ * that TT * NA >= 4 chains hide vdpbf16ps's latency. */
+#define ROW_DOT(TT, NA)                                                                                         \
+    static const uint16_t *pairs_row_dot_##TT(const uint16_t *xb, const uint8_t *row, int64_t b0,               \
+                                              int64_t b1, const uint16_t *w, __m512 *acc) {                     \
+        __m512 sums[TT][NA];                                                                                    \
+        for (int t = 0; t < TT; t++)                                                                            \
+            for (int a = 0; a < NA; a++) sums[t][a] = a ? _mm512_setzero_ps() : acc[t];                         \
+        int64_t b = b0;                                                                                         \
+        for (; b + 4 * NA <= b1; b += 4 * NA)                                                                   \
+            for (int a = 0; a < NA; a++) {                                                                      \
+                uint32_t bits;                                                                                  \
+                memcpy(&bits, row + b + 4 * a, 4);                                                              \
+                __m512bh weights = expand_words(w, bits);                                                       \
+                w += __builtin_popcount(bits);                                                                  \
+                for (int t = 0; t < TT; t++)                                                                    \
+                    sums[t][a] = _mm512_dpbf16_ps(sums[t][a], weights,                                          \
+                                                  (__m512bh)_mm512_loadu_si512(xb + ((b + 4 * a) / 4 * TT + t) * 32));  \
+            }                                                                                                   \
+        for (; b < b1; b += 4) {                                                                                \
+            uint32_t bits;                                                                                      \
+            memcpy(&bits, row + b, 4);                                                                          \
+            __m512bh weights = expand_words(w, bits);                                                           \
+            w += __builtin_popcount(bits);                                                                      \
+            for (int t = 0; t < TT; t++)                                                                        \
+                sums[t][0] = _mm512_dpbf16_ps(sums[t][0], weights, (__m512bh)_mm512_loadu_si512(xb + (b / 4 * TT + t) * 32)); \
+        }                                                                                                       \
+        for (int t = 0; t < TT; t++) {                                                                          \
+            for (int a = 1; a < NA; a++) sums[t][0] = _mm512_add_ps(sums[t][0], sums[t][a]);                    \
+            acc[t] = sums[t][0];                                                                                \
+        }                                                                                                       \
+        return w;                                                                                               \
+    }
+ROW_DOT(1, 4)
+ROW_DOT(2, 2)
+ROW_DOT(3, 2)
+ROW_DOT(4, 1)
+ROW_DOT(5, 1)
+ROW_DOT(6, 1)
+ROW_DOT(7, 1)
+ROW_DOT(8, 1)
+#undef ROW_DOT
+
+typedef const uint16_t *(*pairs_row_dot_fn)(const uint16_t *, const uint8_t *, int64_t, int64_t,
+                                           const uint16_t *, __m512 *);
+static const pairs_row_dot_fn pairs_row_dots[9] = {NULL, pairs_row_dot_1, pairs_row_dot_2, pairs_row_dot_3, pairs_row_dot_4,
+                                       pairs_row_dot_5, pairs_row_dot_6, pairs_row_dot_7, pairs_row_dot_8};
+
+/* lrs_quantized_few_bf16's product (its arguments; `starts` the rows' first values): returns 1 (done). */
+static int quantized_few_bf16(const float *x, int64_t T, int64_t n, const uint8_t *u_codes, const uint16_t *u_scales,
+                              const uint8_t *v_codes, const uint16_t *v_scales, int64_t r, const float *bias,
+                              const uint8_t *mask, int64_t m, int64_t nb, const uint8_t *s_codes,
+                              const uint16_t *s_scales, int bits, int64_t group, const int64_t *starts, float *y,
+                              float *work, int nthreads) {
+    float *xv = work;
+    uint16_t *xb = (uint16_t *)(xv + T * r);
+    float *scratch = xv + T * r + (T * n + 1) / 2 + 8;
+    int64_t per_thread = quantized_scratch_floats(n, r);
+    /* Mask bytes in whole 32-column chunks, and per column block: 4096 / T columns (8 KiB of inputs). */
+    const int64_t whole = n / 32 * 4, block = 4096 / T / 32 * 4;
+    /* x in bfloat16, exactly (x holds bfloat16 values: the layer's input in its factors' dtype), chunk-major: the
+     * T tokens' 32 inputs of each whole 32-column chunk side by side, as the products read them (token-major rows
+     * n apart would share L1 sets when n is a multiple of 2 KiB). */
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < n / 32 * 32; j++) {
+            uint32_t u;
+            memcpy(&u, x + t * n + j, sizeof u);
+            xb[(j / 32 * T + t) * 32 + j % 32] = (uint16_t)(u >> 16);
+        }
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint16_t *buffer = (uint16_t *)(scratch + per_thread * omp_get_thread_num());
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < r; k++) {
+            pairs_dequant(v_codes, v_scales, bits, group, k * n, n, buffer);
+            pairs_dot(buffer, xb, x, n, T, xv + k, r);
+        }
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < (m + ROW_BLOCK - 1) / ROW_BLOCK; rb++) {
+            int64_t r0 = rb * ROW_BLOCK, rows = m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK;
+            float acc[FEW_TOKENS][ROW_BLOCK];
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < ROW_BLOCK; i++) acc[t][i] = bias && i < rows ? bias[r0 + i] : 0.0f;
+            for (int64_t k = 0; k < r; k++) {
+                pairs_dequant(u_codes, u_scales, bits, group, k * m + r0, rows, buffer);
+                float u[ROW_BLOCK];
+                for (int64_t i = 0; i < ROW_BLOCK; i++) u[i] = i < rows ? bf16_to_f32(buffer[i]) : 0.0f;
+                for (int64_t t = 0; t < T; t++) {
+                    const float z = xv[t * r + k];
+                    for (int64_t i = 0; i < ROW_BLOCK; i++) acc[t][i] += u[i] * z;
+                }
+            }
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < rows; i++) y[t * m + r0 + i] = acc[t][i];
+            /* S's values dequantized a run of rows at a time (at most DEQUANT_WORDS, or one row), so that the
+             * ends of a range, which go code by code, are few; the run's rows then go through the columns a block at
+             * a time, whose inputs (at most 8 KiB) stay in L1 while every row of the run reads them. */
+            for (int64_t i0 = r0, run = DEQUANT_WORDS / n > 1 ? DEQUANT_WORDS / n : 1; i0 < r0 + rows; i0 += run) {
+                int64_t i1 = i0 + run < r0 + rows ? i0 + run : r0 + rows; /* run <= ROW_BLOCK rows: the block's */
+                pairs_dequant(s_codes, s_scales, bits, group, starts[i0], starts[i1] - starts[i0], buffer);
+                const uint16_t *w[ROW_BLOCK];
+                __m512 sums[ROW_BLOCK][FEW_TOKENS];
+                for (int64_t i = i0; i < i1; i++) {
+                    w[i - i0] = buffer + (starts[i] - starts[i0]);
+                    for (int64_t t = 0; t < T; t++) sums[i - i0][t] = _mm512_setzero_ps();
+                }
+                for (int64_t b0 = 0; b0 < whole; b0 += block) {
+                    int64_t b1 = b0 + block < whole ? b0 + block : whole;
+                    for (int64_t i = i0; i < i1; i++)
+                        w[i - i0] = pairs_row_dots[T](xb, mask + i * nb, b0, b1, w[i - i0], sums[i - i0]);
+                }
+                for (int64_t i = i0; i < i1; i++)
+                    for (int64_t t = 0; t < T; t++) {
+                        float sum = _mm512_reduce_add_ps(sums[i - i0][t]);
+                        const uint16_t *tw = w[i - i0];
+                        for (int64_t tb = whole; tb < nb; tb++)
+                            for (unsigned byte = mask[i * nb + tb]; byte; byte &= byte - 1)
+                                sum += bf16_to_f32(*tw++) * x[t * n + tb * 8 + __builtin_ctz(byte)];
+                        y[t * m + i] += sum;
+                    }
+            }
+        }
+    }
+    return 1;
+}

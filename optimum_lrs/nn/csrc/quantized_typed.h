@@ -1,0 +1,112 @@
+/* Products of layers whose U, V and S's values are stored as group codes (QuantizedLowRankSparseLinear,
+ * optimum_lrs/nn/quantize.py), written once per scale type: included by bitmask_matmul.c after bitmask_typed.h,
+ * with FT the scales' type (the layer's factor dtype), FN(name) the name with its suffix and LOAD1 as there.
+ *
+ * A stream of codes (V's rows, U's transposed rows, S's values in row-major order) holds `bits` (4 or 8) per
+ * code, unsigned, offset by 2^(bits-1); at 4 bits two share a byte, the even position in the low nibble; one
+ * scale per `group` consecutive codes. The codes are dequantized a row (or a segment of one) at a time into a
+ * small per-thread buffer, which stays in L1 while the row's product reads it: the layer's bytes are read once,
+ * as codes. A dequantized value is code * scale rounded to FT, as the torch reference computes it. */
+
+/* out[0, count) = the codes [start, start + count) of a stream, dequantized and rounded to FT, as float32. */
+static void FN(dequant_f32)(const uint8_t *codes, const FT *scales, int bits, int64_t group, int64_t start,
+                            int64_t count, float *out) {
+    const int offset = 1 << (bits - 1);
+    int64_t i = 0;
+    while (i < count) {
+        int64_t g = (start + i) / group, end = (g + 1) * group - start < count ? (g + 1) * group - start : count;
+        const float s = LOAD1(scales + g);
+        if (bits == 8) {
+            for (; i < end; i++) out[i] = ROUND1((float)((int)codes[start + i] - offset) * s);
+            continue;
+        }
+        float level[16];
+        for (int c = 0; c < 16; c++) level[c] = ROUND1((float)(c - offset) * s);
+        if ((start + i) & 1 && i < end) {
+            out[i] = level[codes[(start + i) >> 1] >> 4];
+            i++;
+        }
+        const uint8_t *p = codes + ((start + i) >> 1);
+        for (; i + 2 <= end; i += 2, p++) {
+            out[i] = level[*p & 15];
+            out[i + 1] = level[*p >> 4];
+        }
+        if (i < end) {
+            out[i] = level[*p & 15];
+            i++;
+        }
+    }
+}
+
+/* The whole layer for decoding, in one call: y (T, m) = x (T, n) (U V + S)^T + bias for T <= lrs_few_tokens(),
+ * with V's codes (r, n), U's transposed codes (r, m), S's value codes (nvalues, padded to whole groups) and their
+ * scales; bias (m,) or NULL. `work` holds lrs_quantized_workspace_floats(T, n, r, nthreads) floats. Returns as
+ * lrs_lowrank_bitmask_few. */
+int FN(lrs_quantized_few)(const float *x, int64_t T, int64_t n, const uint8_t *u_codes, const FT *u_scales,
+                          const uint8_t *v_codes, const FT *v_scales, int64_t r, const float *bias,
+                          const uint8_t *mask, int64_t m, int64_t nb, const uint8_t *s_codes, const FT *s_scales,
+                          int64_t nvalues, int bits, int64_t group, float *y, float *work, int64_t work_floats,
+                          int nthreads) {
+    if (T < 1 || T > lrs_few_tokens()) return -3;
+    if (work_floats < lrs_quantized_workspace_floats(T, n, r, nthreads)) return -1;
+    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
+    if (!starts) return -1;
+    int64_t nnz = row_starts(mask, m, nb, starts);
+    if (nnz != nvalues) {
+        free(starts);
+        return -2;
+    }
+#ifdef QUANTIZED_FEW_FAST
+    if (QUANTIZED_FEW_FAST(x, T, n, u_codes, u_scales, v_codes, v_scales, r, bias, mask, m, nb, s_codes, s_scales,
+                           bits, group, starts, y, work, nthreads)) {
+        free(starts);
+        return 0;
+    }
+#endif
+    float *xv = work, *scratch = work + T * r;
+    int64_t per_thread = quantized_scratch_floats(n, r);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buffer = scratch + per_thread * omp_get_thread_num();
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < r; k++) {
+            FN(dequant_f32)(v_codes, v_scales, bits, group, k * n, n, buffer);
+            for (int64_t t = 0; t < T; t++) xv[t * r + k] = dot_f32(buffer, x + t * n, n);
+        }
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < (m + ROW_BLOCK - 1) / ROW_BLOCK; rb++) {
+            int64_t r0 = rb * ROW_BLOCK, rows = m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK;
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < rows; i++) y[t * m + r0 + i] = bias ? bias[r0 + i] : 0.0f;
+            for (int64_t k = 0; k < r; k++) {
+                FN(dequant_f32)(u_codes, u_scales, bits, group, k * m + r0, rows, buffer);
+                for (int64_t t = 0; t < T; t++) {
+                    const float z = xv[t * r + k];
+                    for (int64_t i = 0; i < rows; i++) y[t * m + r0 + i] += buffer[i] * z;
+                }
+            }
+#ifdef __AVX2__
+            for (int64_t i = r0; i < r0 + rows; i++) {
+                /* The row's values, then the float32 loop over them (8 floats of slack past them, as it reads
+                 * values in eights). */
+                int64_t local[2] = {0, starts[i + 1] - starts[i]};
+                FN(dequant_f32)(s_codes, s_scales, bits, group, starts[i], local[1], buffer);
+                forward_few_f32[T](x, mask + i * nb, n, nb, buffer, local, local[1] + 8, 0, 1, y + i, m);
+            }
+#endif
+        }
+    }
+    free(starts);
+    return 0;
+}
+
+/* codes [0, count) of a stream dequantized into out (float32), the groups shared among threads. */
+int FN(lrs_dequantize)(const uint8_t *codes, const FT *scales, int bits, int64_t group, int64_t count, float *out,
+                       int nthreads) {
+    int64_t groups = (count + group - 1) / group;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t g = 0; g < groups; g++)
+        FN(dequant_f32)(codes, scales, bits, group, g * group, count - g * group < group ? count - g * group : group,
+                        out + g * group);
+    return 0;
+}
