@@ -41,9 +41,10 @@ def c4_texts() -> list[str]:
 
 # Peer methods: the script that runs each (in its own venv) and the library it comes from.
 PEERS = {"wanda": "llm-compressor", "sparsegpt": "llm-compressor", "gptq_w4": "llm-compressor",
+         "awq_w4": "llm-compressor",
          "gptq_w3": "llm-compressor", "oats": "3BASiL repo", "3basil": "3BASiL repo", "3basil_tm": "3BASiL repo"}
 # Peers that quantize every weight rather than keep a fraction of them: run once, whatever the ratios.
-QUANTIZING_PEERS = ("gptq_w4", "gptq_w3")
+QUANTIZING_PEERS = ("gptq_w4", "gptq_w3", "awq_w4")
 
 
 def peer_variant(model, python: str, method: str, ratio: float, calibration_file: Path, threads: int,

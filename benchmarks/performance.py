@@ -380,8 +380,8 @@ def quantized_part(args) -> dict:
     structure = _structure(small["4-bit factors"])
     g = torch.Generator().manual_seed(0)
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=4096, torch_dtype="bfloat16")
-    big_dense = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16).eval()
+                         num_key_value_heads=32, vocab_size=4096)
+    big_dense = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     big = copy.deepcopy(big_dense)
     for name, module in list(big.named_modules()):
         kind = name.rsplit(".", 1)[-1]

@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="the first N items of each zero-shot task")
     parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--append", action="store_true",
+                        help="add the runs to OUT's, which must come from the same model, protocol and dense figures")
     add_eval_args(parser)
     args = parser.parse_args()
     if not args.variant and not args.peer:
@@ -181,6 +183,15 @@ def main() -> None:
                "dense": evaluate(model), "dense_bf16_bytes": 2 * sum(o * i for o, i in targeted_linears(model).values()),
                "runs": []}
     print(f"dense: {results['dense']}", flush=True)
+    if args.append and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        same = ("model", "evaluation", "calibration", "common", "dense", "dense_bf16_bytes")
+        if any(earlier.get(key) != results[key] for key in same):
+            parser.error(f"--append: {args.out} differs in {[k for k in same if earlier.get(k) != results[k]]}; "
+                         "write a new file instead")
+        results["runs"] = earlier["runs"]
+        results["appended"] = [*earlier.get("appended", []), {k: results[k] for k in ("command", "date", "commit") if k in results}]
+        results.update({k: earlier[k] for k in ("command", "date", "commit") if k in earlier})
     def record(run: dict, model) -> None:
         run.setdefault("stored_bytes", stored_bytes(model, run.get("factor_bits")))
         run["byte_ratio"] = run["stored_bytes"] / results["dense_bf16_bytes"]

@@ -36,8 +36,13 @@ works: [benchmarks.md](benchmarks.md); how the defaults were chosen: [research-n
 
 def provenance(data: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items())
-    lines = [f"    {data['command']}", "",
+    commands = [data["command"], *(a["command"] for a in data.get("appended", []))]
+    lines = ["\n".join(f"    {c}" for c in commands), "",
              f"Ran {data['date']} at commit `{data.get('commit') or 'unrecorded'}` on {data['machine']}; {versions}."]
+    lines += [f"The second command's runs were added {a['date']} at commit `{a.get('commit') or 'unrecorded'}`."
+              if i == 0 and len(data["appended"]) == 1 else
+              f"Runs added by command {i + 2}: {a['date']} at commit `{a.get('commit') or 'unrecorded'}`."
+              for i, a in enumerate(data.get("appended", []))]
     return "\n".join(lines)
 
 
@@ -269,11 +274,58 @@ def frontier_section(data: dict, title: str = "Bytes against quality") -> str:
         f"{data['model']}, the protocol of the first section. Bytes are the targeted linear layers' as stored, over "
         "their dense bfloat16 bytes: our factors in 16 bits, or as integer codes with a 16-bit scale per group, plus "
         "the bitmask of S's positions (one bit per weight); GPTQ's codes plus a 16-bit scale per group of 64 "
-        "(symmetric, llm-compressor). Our codes are made after the fit (`quantization=`): rounded to nearest, with "
+        "(symmetric, llm-compressor); AWQ's the same plus a zero point per group at the codes' width (asymmetric, "
+        "llm-compressor, after its activation-aware scaling). Our codes are made after the fit (`quantization=`): rounded to nearest, with "
         "U and V's rounding fed into S's values first (error feedback), or fitted to each layer's calibration inputs "
         "(`rounding=\"gptq\"`, the default). Rows by bytes; "
         "perplexity on WikiText-2 and held-out C4:", data,
         table(["method", "kept parameters", "factor bits", "bytes / dense bf16", "WikiText-2", "held-out C4"], rows))
+
+
+FRONTIER_FILES = ("frontier_rtn.json", "frontier_feedback.json", "frontier_fitted.json")
+FRONTIER_PLOT = PAGE.parent / "frontier.png"
+FRONTIER_LABELS = {"defaults": "16-bit factors", "defaults, 4-bit factors": "4-bit, rounded to nearest",
+                   "defaults, 8-bit factors": "8-bit, rounded to nearest",
+                   "defaults, 4-bit factors, error feedback": "4-bit, error feedback",
+                   "4-bit fitted": "4-bit, fitted (the default)"}
+
+
+def frontier_plot() -> None:
+    """docs/frontier.png: perplexity against bytes on both texts, every frontier file's variants as lines over
+    their budgets and the quantizing peers as points (matplotlib; skipped with a note where it is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: docs/frontier.png not redrawn (pip install matplotlib)")
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[str, list[dict]] = {}
+    dense = None
+    for name in FRONTIER_FILES:
+        if (RESULTS / name).exists():
+            data = json.loads((RESULTS / name).read_text())
+            dense = data["dense"]
+            for r in data["runs"]:
+                series.setdefault(r["variant"], []).append(r)
+    for ax, text, label in zip(axes, ("wikitext2", "c4_heldout"), ("WikiText-2", "held-out C4")):
+        for variant, runs in series.items():
+            runs = sorted({r["byte_ratio"]: r for r in runs}.values(), key=lambda r: r["byte_ratio"])
+            x, y = [r["byte_ratio"] for r in runs], [r[text] for r in runs]
+            if is_peer(runs[0]):
+                ax.scatter(x, y, marker="s", s=40, label=variant.split(" (")[0].replace("_", " ").upper(), zorder=3)
+            else:
+                ax.plot(x, y, marker="o", label=f"ours, {FRONTIER_LABELS.get(variant, variant)}")
+        if dense:
+            ax.axhline(dense[text], color="grey", linestyle=":", label="dense bf16")
+        ax.set(xlabel="bytes / dense bfloat16 (targeted linear layers)", ylabel=f"{label} perplexity", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper right")
+    figure.suptitle("SmolLM2-135M: perplexity against stored bytes", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(FRONTIER_PLOT, dpi=110, metadata={"Software": None})
+    plt.close(figure)
 
 
 def _mib(n: int) -> str:
@@ -394,7 +446,8 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("performance.json", quantized_section),
     ("frontier_rtn.json", frontier_section),
     ("frontier_feedback.json", lambda d: frontier_section(d, "Quantized factors: rounding with error feedback")),
-    ("frontier_fitted.json", lambda d: frontier_section(d, "Quantized factors: codes fitted to the inputs")),
+    ("frontier_fitted.json", lambda d: frontier_section(d, "Quantized factors: codes fitted to the inputs")
+     + f"\n\n![Perplexity against bytes, every frontier run]({FRONTIER_PLOT.name})"),
     ("performance.json", offload_section),
     ("performance.json", bytes_section),
     ("performance.json", training_section),
@@ -496,6 +549,7 @@ def main() -> None:
         return
     PAGE.write_text(page)
     README.write_text(readme)
+    frontier_plot()
 
 
 if __name__ == "__main__":

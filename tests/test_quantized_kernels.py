@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from optimum_lrs import LowRankSparseLinear, QuantizedLowRankSparseLinear
 from optimum_lrs.nn import kernels
 from optimum_lrs.nn.quantize import dequantize_groups, unpack_codes
+from optimum_lrs.nn.quantized_linear import QUANTIZED_KERNEL_ROWS
 
 needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
 
@@ -44,11 +45,12 @@ def assert_near(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
 
 @needs_kernels
 @given(st.sampled_from([8, 16, 32, 64]), st.integers(1, 6), st.integers(1, 6), st.integers(0, 5), st.floats(0.0, 1.0),
-       st.sampled_from([4, 8]), st.booleans(), st.integers(1, 8), st.sampled_from(DTYPES), st.integers(0, 2**16))
+       st.sampled_from([4, 8]), st.booleans(), st.integers(1, 20), st.sampled_from(DTYPES), st.integers(0, 2**16))
 @settings(max_examples=120, deadline=None)
 def test_random_quantized_layers_decode_as_their_dequantized_weight(group, row_groups, col_groups, rank, density, bits,
                                                                     bias, tokens, dtype, seed):
-    """Any group size, rank (0 included), density (empty and full), width, token count (1..8) and factor dtype:
+    """Any group size, rank (0 included), density (empty and full), width, token count (1..20: groups of 8 and
+    what is left) and factor dtype:
     the kernel's product equals the dequantized layer's to float32 summation (the bfloat16 path sums products of
     bfloat16 inputs, which the layer's input in bfloat16 holds exactly)."""
     layer = quantized(group * row_groups, group * col_groups, rank, density, bits, group, bias, seed, dtype)
@@ -69,9 +71,10 @@ def test_random_quantized_layers_decode_as_their_dequantized_weight(group, row_g
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_real_sized_layer_decodes_on_every_token_count(dtype, bits):
     """SmolLM2's MLP shape, groups of 64: runs of 32 codes within groups, ends of rows that go code by code, several
-    rows dequantized at a time and the columns taken in blocks (from 2 tokens on) all meet in one product."""
+    rows dequantized at a time, the columns taken in blocks (from 2 tokens on) and tokens in groups of 8 all meet
+    in one product."""
     layer = quantized(192, 1536, 20, 0.6, bits, 64, True, 0, dtype)
-    for tokens in range(1, kernels.few_tokens() + 1):
+    for tokens in [*range(1, kernels.few_tokens() + 1), 19, 40]:
         x = torch.randn(tokens, 1536, generator=torch.Generator().manual_seed(tokens)).to(dtype)
         args = [(getattr(layer, f"{n}_codes"), getattr(layer, f"{n}_scales")) for n in ("lowrank_u", "lowrank_v")]
         got = kernels.quantized_bitmask_few(x.float(), *args, layer.bias, layer.sparse_bitmask,
@@ -95,19 +98,39 @@ def test_dequantized_codes_equal_the_torch_reference_exactly(dtype, bits):
 
 
 @needs_kernels
-def test_decoding_reads_the_codes_and_longer_inputs_dequantize(monkeypatch):
-    """Up to `few_tokens()` rows a quantized layer never builds its float factors (the kernel reads the codes);
-    from one more row on it does. Without this, decoding a quantized model would dequantize every layer per token."""
+def test_short_inputs_read_the_codes_and_long_ones_rebuild_s_from_them(monkeypatch):
+    """Up to `QUANTIZED_KERNEL_ROWS` rows a quantized layer runs the codes kernel; more rows rebuild S densely from
+    its codes; neither ever builds the float factors' layer, which a gradient does. Without this, decoding a
+    quantized model would dequantize every layer per token."""
     layer = quantized(64, 128, 4, 0.5, 4, 32, True, 0, torch.bfloat16)
-    built = []
+    shapes = [(1, 3, 128), (3, 7, 128), (QUANTIZED_KERNEL_ROWS, 128), (QUANTIZED_KERNEL_ROWS + 1, 128), (300, 128)]
+    inputs = [torch.randn(*shape).to(torch.bfloat16) for shape in shapes]
+    wanted = [reference(layer, x) for x in inputs]
+    calls = []
+    for name in ("quantized_bitmask_few", "quantized_to_dense"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     original = QuantizedLowRankSparseLinear.dequantized
-    monkeypatch.setattr(QuantizedLowRankSparseLinear, "dequantized", lambda self: built.append(1) or original(self))
-    with torch.no_grad():
-        layer(torch.randn(1, 3, 128).to(torch.bfloat16))
-        layer(torch.randn(2, kernels.few_tokens() // 2, 128).to(torch.bfloat16))
-        assert not built
-        layer(torch.randn(kernels.few_tokens() + 1, 128).to(torch.bfloat16))
-    assert built == [1]
+    monkeypatch.setattr(QuantizedLowRankSparseLinear, "dequantized", lambda self: calls.append("float") or original(self))
+    for x, want in zip(inputs, wanted):
+        with torch.no_grad():
+            assert_near(layer(x), want, 2e-2)
+    assert calls == ["quantized_bitmask_few"] * 3 + ["quantized_to_dense"] * 2
+    layer(torch.randn(2, 128, requires_grad=True).to(torch.bfloat16))
+    assert calls[-1] == "float"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_s_rebuilt_from_codes_equals_the_dequantized_one(dtype):
+    """The dense S written from the codes (bfloat16 directly where the build has the pairs path) is the torch
+    reference's dense S, value for value."""
+    layer = quantized(96, 200 // 8 * 8, 3, 0.55, 4, 8, False, 3, dtype)
+    with kernels.disabled():
+        want = layer.dequantized().sparse_matrix().to_dense()
+    got = kernels.quantized_to_dense(layer.sparse_bitmask, (layer.sparse_values_codes, layer.sparse_values_scales),
+                                     layer.nnz, 4, 8, layer.in_features, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
 
 
 @needs_kernels
@@ -123,7 +146,7 @@ def test_a_build_without_avx512_decodes_the_same(tmp_path):
         "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
         "    for bits in (4, 8):\n"
         "        layer = quantized(96, 160, 5, 0.45, bits, 32, True, bits, dtype)\n"
-        "        for tokens in (1, 3, 8):\n"
+        "        for tokens in (1, 3, 8, 13):\n"
         "            x = torch.randn(tokens, 160).to(dtype)\n"
         "            args = [(getattr(layer, n + '_codes'), getattr(layer, n + '_scales')) for n in ('lowrank_u', 'lowrank_v')]\n"
         "            got = kernels.quantized_bitmask_few(x.float(), *args, layer.bias, layer.sparse_bitmask,\n"

@@ -1,6 +1,8 @@
 """Peer compression with llm-compressor, run in its own venv: Wanda or SparseGPT (one-shot, unstructured, at
---sparsity) or GPTQ weight quantization (`gptq_w4`, `gptq_w3`: symmetric integer codes, one scale per group of
---group-size weights along each row, as llm-compressor's W4A16 scheme with a smaller group).
+--sparsity), GPTQ weight quantization (`gptq_w4`, `gptq_w3`: symmetric integer codes, one scale per group of
+--group-size weights along each row, as llm-compressor's W4A16 scheme with a smaller group) or AWQ (`awq_w4`:
+activation-aware channel scaling, then round-to-nearest codes with a scale and a zero point per group, as
+llm-compressor's W4A16_ASYM scheme with the same group).
 
 llmcompressor pins an older transformers than optimum-lrs, so quality.py and performance.py run this script
 with the peer venv's python and the same calibration windows, then evaluates the saved weights with
@@ -33,6 +35,8 @@ def peak_rss() -> int:
 
 
 GPTQ_BITS = {"gptq_w4": 4, "gptq_w3": 3}
+AWQ_BITS = {"awq_w4": 4}
+QUANTIZED_BITS = {**GPTQ_BITS, **AWQ_BITS}
 
 
 def gptq_recipe(bits: int, group_size: int):
@@ -42,6 +46,18 @@ def gptq_recipe(bits: int, group_size: int):
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
     return GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                         ignore=["lm_head"])
+
+
+def awq_recipe(bits: int, group_size: int):
+    """AWQ's scaling search, then llm-compressor's quantization of the scaled weights (asymmetric, as AWQ is)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group_size)
+    return [AWQModifier(), QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"],
+                                                                                             weights=weights)},
+                                                ignore=["lm_head"])]
 
 
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -54,9 +70,9 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=["wanda", "sparsegpt", *GPTQ_BITS], required=True)
+    parser.add_argument("--method", choices=["wanda", "sparsegpt", *QUANTIZED_BITS], required=True)
     parser.add_argument("--sparsity", type=float, default=0.0, help="for wanda and sparsegpt")
-    parser.add_argument("--group-size", type=int, default=64, help="for gptq: weights per scale")
+    parser.add_argument("--group-size", type=int, default=64, help="for gptq and awq: weights per scale")
     parser.add_argument("--calibration", required=True, help="safetensors file with an `input_ids` (N, L) tensor")
     parser.add_argument("--output", required=True)
     parser.add_argument("--threads", type=int, default=2)
@@ -80,6 +96,8 @@ def main() -> None:
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     if args.method in GPTQ_BITS:
         recipe = gptq_recipe(GPTQ_BITS[args.method], args.group_size)
+    elif args.method in AWQ_BITS:
+        recipe = awq_recipe(AWQ_BITS[args.method], args.group_size)
     else:
         modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[args.method]
         recipe = modifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])
@@ -87,7 +105,7 @@ def main() -> None:
     oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
-    quantized = args.method in GPTQ_BITS
+    quantized = args.method in QUANTIZED_BITS
     with torch.no_grad():
         weights = {f"{name}.weight": (dequantized_weight(m) if quantized else m.weight).detach().contiguous()
                    for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
@@ -96,9 +114,12 @@ def main() -> None:
     kept = sum(int((w != 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
     info = {"seconds": seconds, "peak_rss_bytes": peak_rss(), "kept_fraction": kept, "layers": len(weights)}
     if quantized:
-        # The stored bytes: the codes, and a 16-bit scale per group (symmetric: no zero points).
-        bits = GPTQ_BITS[args.method]
-        info["stored_bytes"] = sum(w.numel() * bits // 8 + w.numel() // args.group_size * 2 for w in weights.values())
+        # The stored bytes: the codes, a 16-bit scale per group and, asymmetric (AWQ), a zero point per group
+        # packed at the codes' width.
+        bits = QUANTIZED_BITS[args.method]
+        per_group = 2 + (bits / 8 if args.method in AWQ_BITS else 0)
+        info["stored_bytes"] = round(sum(w.numel() * bits / 8 + w.numel() // args.group_size * per_group
+                                         for w in weights.values()))
         # A check that the weights are the codes' values: at most 2^bits distinct ones in a group.
         info["distinct_per_group"] = max(len(set(group.tolist())) for w in weights.values()
                                          for group in w.reshape(-1, args.group_size)[:64])

@@ -17,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shlex
@@ -115,6 +116,7 @@ def bitmask_library() -> ctypes.CDLL | None:
     library.lrs_workspace_floats.restype = ctypes.c_int64
     library.lrs_quantized_workspace_floats.argtypes = [ctypes.c_int64] * 4
     library.lrs_quantized_workspace_floats.restype = ctypes.c_int64
+    library.lrs_bf16_pairs.argtypes, library.lrs_bf16_pairs.restype = [], ctypes.c_int
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     argtypes = {
         "lrs_bitmask_matmul": [*_ARGTYPES[:-1], *work, ctypes.c_int],
@@ -127,6 +129,7 @@ def bitmask_library() -> ctypes.CDLL | None:
                                        ctypes.c_void_p, *_ARGTYPES[3:-1], *work, ctypes.c_int],
         "lrs_quantized_few": [p, i64, i64, p, p, p, p, i64, p, p, i64, i64, p, p, i64, c_int, i64, p, p, i64, c_int],
         "lrs_dequantize": [p, p, c_int, i64, i64, p, c_int],
+        "lrs_quantized_to_dense": [p, i64, i64, i64, p, p, i64, c_int, i64, p, c_int, p, i64, c_int],
     }
     for name, types in argtypes.items():
         for suffix in FACTOR_SUFFIXES.values():
@@ -244,7 +247,8 @@ def lowrank_bitmask_few(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: tor
 def quantized_bitmask_few(x: torch.Tensor, u: tuple[torch.Tensor, torch.Tensor], v: tuple[torch.Tensor, torch.Tensor],
                           bias: torch.Tensor | None, mask: torch.Tensor, values: tuple[torch.Tensor, torch.Tensor],
                           nnz: int, bits: int, group_size: int) -> torch.Tensor:
-    """x (U V + S)^T + bias (float32) for at most `few_tokens()` rows of x, reading the factors as group codes
+    """x (U V + S)^T + bias (float32) for any rows of x (`few_tokens()` must be non-zero: an AVX2 build; rows go
+    in groups of that many, each group sharing the loaded weights), reading the factors as group codes
     (`nn.quantize`): `u`, `v` and `values` are each (codes, scales), U's codes transposed (rank, m), V's (rank, n),
     S's values' (whole groups; the first `nnz` are S's). Each row is dequantized into a per-thread buffer while its
     product runs, so that decoding reads the layer's bytes once, as codes; with bfloat16 scales on a CPU with
@@ -258,8 +262,8 @@ def quantized_bitmask_few(x: torch.Tensor, u: tuple[torch.Tensor, torch.Tensor],
         raise ValueError(f"quantized_bitmask_few: shapes x {tuple(x.shape)}, U codes {tuple(u_codes.shape)}, V codes "
                          f"{tuple(v_codes.shape)}, mask {tuple(mask.shape)}, {s_codes.numel()} value code bytes for "
                          f"nnz={nnz} at {bits} bits disagree")
-    if not 1 <= x.shape[0] <= few_tokens():
-        raise ValueError(f"quantized_bitmask_few: {x.shape[0]} rows, outside the 1..{few_tokens()} it takes")
+    if x.shape[0] < 1 or not few_tokens():
+        raise ValueError(f"quantized_bitmask_few: {x.shape[0]} rows, or a build without the few-token kernels")
     name = "quantized_bitmask_few"
     mask, x = _mask(name, mask), _float32(name, x)
     u_codes, v_codes, s_codes = (_cpu(name, t) for t in (u_codes, v_codes, s_codes))
@@ -274,6 +278,29 @@ def quantized_bitmask_few(x: torch.Tensor, u: tuple[torch.Tensor, torch.Tensor],
         s_scales.data_ptr(), nnz, bits, group_size, out.data_ptr(), *work, threads)
     _check(status, name, nnz, x.shape[0])
     return out
+
+
+def quantized_to_dense(mask: torch.Tensor, values: tuple[torch.Tensor, torch.Tensor], nnz: int, bits: int,
+                       group_size: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """S as a dense (rows, cols) tensor in `dtype` from `mask` and its values' codes and scales (whole groups; the
+    first `nnz` are S's): the dense rebuild of long inputs, without S's values in float first. bfloat16 is written
+    directly where this build multiplies in bfloat16 pairs, else through float32. The result may be this thread's
+    rebuild buffer (`_rebuild_buffer`): use it before the next call, and never keep it."""
+    name = "quantized_to_dense"
+    codes, (scales,) = values[0], _factors(name, values[1])
+    if mask.shape[1] != -(-cols // 8) or codes.numel() * 8 < nnz * bits:
+        raise ValueError(f"{name}: mask {tuple(mask.shape)}, {codes.numel()} code bytes for nnz={nnz} at {bits} bits "
+                         f"and {cols} columns disagree")
+    mask, codes = _mask(name, mask), _cpu(name, codes)
+    library, threads = bitmask_library(), torch.get_num_threads()
+    direct = dtype == torch.bfloat16 and library.lrs_bf16_pairs()
+    dense = _rebuild_buffer((mask.shape[0], cols), torch.bfloat16 if direct else torch.float32)
+    work = _workspace(library.lrs_quantized_workspace_floats(1, cols, 0, threads))
+    status = _entry("lrs_quantized_to_dense", scales.dtype)(
+        mask.data_ptr(), mask.shape[0], cols, mask.shape[1], codes.data_ptr(), scales.data_ptr(), nnz, bits, group_size,
+        dense.data_ptr(), int(bool(direct)), *work, threads)
+    _check(status, name, nnz, mask.shape[0])
+    return dense.to(dtype)
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -344,6 +371,17 @@ def _workspace(floats: int) -> tuple[int, int]:
     if buffer is None or buffer.numel() < floats:
         buffer = _thread_state.workspace = torch.empty(max(floats, 1), dtype=torch.float32)
     return buffer.data_ptr(), buffer.numel()
+
+
+def _rebuild_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """This thread's buffer for a dense rebuild, kept between calls and grown to the largest rebuilt layer: a fresh
+    90 MB tensor costs about 27 ms of page faults on first touch (a 4096 x 11008 bfloat16 layer), a third of its
+    512-token product. It holds one dense layer's bytes for as long as the thread lives."""
+    size = math.prod(shape) * dtype.itemsize
+    buffer = getattr(_thread_state, "rebuild", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _thread_state.rebuild = torch.empty(size, dtype=torch.uint8)
+    return buffer[:size].view(dtype).view(shape)
 
 
 def _check(status: int, name: str, nvalues: int, rows: int) -> None:

@@ -194,9 +194,13 @@ class LowRankSparseLinear(nn.Module):
         flat = x.reshape(-1, self.in_features).to(self.factor_dtype)
         return self.storage.forward(self, flat).reshape(*lead, self.out_features)
 
+    def _sparse_dense(self) -> torch.Tensor:
+        """S as a transient dense matrix in the factors' dtype, on their device."""
+        return self.storage.dense(self).to(dtype=self.lowrank_u.dtype, device=self.lowrank_u.device)
+
     def _rebuilt_weight(self) -> torch.Tensor:
         """U V + S as a transient dense matrix."""
-        weight = self.storage.dense(self).to(dtype=self.lowrank_u.dtype, device=self.lowrank_u.device)
+        weight = self._sparse_dense()
         return weight.addmm_(self.lowrank_u, self.lowrank_v) if self.rank else weight
 
     def extra_repr(self) -> str:

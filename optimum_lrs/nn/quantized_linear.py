@@ -10,6 +10,7 @@ from torch import nn
 from . import kernels, ops
 from .gptq import gptq_codes
 from .linear import LowRankSparseLinear
+from .storage import dense_product
 from .quantize import check_bits, dequantize_groups, pack_codes, quantize_groups, unpack_codes
 
 # The factors, each stored as `<name>_codes` (uint8, packed; a buffer) and `<name>_scales` (the factor dtype; a
@@ -19,6 +20,10 @@ QUANTIZED_FACTORS = ("lowrank_u", "lowrank_v", "sparse_values")
 
 # Output rows per dense product while feeding the low-rank rounding back into S (bounds the transient memory).
 _FEEDBACK_ROWS = 1024
+# Up to this many input rows the codes kernel runs; from one more on, the dense rebuild (S written densely from its
+# codes into a kept buffer, then torch's product): on 2 cores of a Zen 4 the two cost the same at 32 rows for
+# layers from 576x576 to 4096x11008, the kernel 2-3x cheaper at 8 (decoding), the rebuild 1.4x cheaper at 64.
+QUANTIZED_KERNEL_ROWS = 32
 
 
 def _lowrank_change(layer: LowRankSparseLinear, rounded: QuantizedLowRankSparseLinear) -> torch.Tensor:
@@ -216,20 +221,34 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Up to `kernels.few_tokens()` rows (decoding), bitmask layout, no gradient: one kernel call reading the
-        codes (`kernels.quantized_bitmask_few`); otherwise the float layer `dequantized()` builds, whose product
-        runs as `LowRankSparseLinear`'s (more rows amortise the dequantization)."""
+        """Bitmask layout on the C kernels, no gradient: up to `QUANTIZED_KERNEL_ROWS` rows (decoding, batched
+        decoding, short prompts) one call reading the codes (`kernels.quantized_bitmask_few`); more rows, the dense
+        rebuild, S written densely from its codes (`kernels.quantized_to_dense`). Otherwise (a gradient, CSR, no
+        kernels) the float layer `dequantized()` builds runs its own product."""
         flat = x.reshape(-1, self.in_features).to(self.factor_dtype) if x.shape[-1] == self.in_features else x
-        if (self.sparse_format == "bitmask" and 1 <= flat.shape[0] <= kernels.few_tokens()
-                and not (torch.is_grad_enabled() and flat.requires_grad)
-                and kernels.can_run(flat, self.sparse_bitmask) and kernels.takes_factor_dtype(self.factor_dtype)):
+        if (1 <= flat.shape[0] <= QUANTIZED_KERNEL_ROWS and kernels.few_tokens() and self._reads_codes(flat)
+                and not (torch.is_grad_enabled() and flat.requires_grad)):
             out = ops.quantized_bitmask_linear(
                 flat.to(torch.float32), *[(getattr(self, f"{name}_codes"), getattr(self, f"{name}_scales"))
                                           for name in ("lowrank_u", "lowrank_v")],
                 self.bias, self.sparse_bitmask, (self.sparse_values_codes, self.sparse_values_scales), self._nnz,
                 self.bits, self.group_size)
             return out.to(flat.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self._reads_codes(flat) and not (torch.is_grad_enabled() and flat.requires_grad):
+            return dense_product(self, flat).reshape(*x.shape[:-1], self.out_features)
         return self.dequantized()(x)
+
+    def _reads_codes(self, *inputs: torch.Tensor) -> bool:
+        """Whether the codes kernels run this layer: bitmask layout, CPU tensors, a build for this machine, scales
+        in a dtype they read."""
+        return (self.sparse_format == "bitmask" and kernels.can_run(self.sparse_bitmask, *inputs)
+                and kernels.takes_factor_dtype(self.factor_dtype))
+
+    def _sparse_dense(self) -> torch.Tensor:
+        if not self._reads_codes():
+            return super()._sparse_dense()
+        return kernels.quantized_to_dense(self.sparse_bitmask, (self.sparse_values_codes, self.sparse_values_scales),
+                                          self._nnz, self.bits, self.group_size, self.in_features, self.factor_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"

@@ -69,8 +69,15 @@ def _needs_grad(flat: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and flat.requires_grad
 
 
-def _dense_product(layer: LowRankSparseLinear, flat: torch.Tensor) -> torch.Tensor:
-    """x W^T + b by a transiently rebuilt dense W = U V + S."""
+def dense_product(layer: LowRankSparseLinear, flat: torch.Tensor) -> torch.Tensor:
+    """x W^T + b by a transiently rebuilt dense W: U V + S, or S alone with x V^T U^T added where that costs less
+    than the rebuild's U V (rows (m + n) < m n: prefills shorter than about the layer's width; at 512 tokens a
+    4096 x 11008 layer of rank 448 would otherwise spend more on U V than on the product itself)."""
+    m, n = layer.out_features, layer.in_features
+    if layer.rank and flat.shape[0] * (m + n) < m * n:
+        sparse = layer._sparse_dense()
+        lowrank = nn.functional.linear(nn.functional.linear(flat, layer.lowrank_v), layer.lowrank_u)
+        return nn.functional.linear(flat, sparse, layer.bias) + lowrank
     return nn.functional.linear(flat, layer._rebuilt_weight(), layer.bias)
 
 
@@ -168,7 +175,7 @@ class CSRStorage(SparseStorage):
 
     def forward(self, layer, flat):
         if flat.shape[0] >= DENSE_REBUILD_TOKENS and not _needs_grad(flat):
-            return _dense_product(layer, flat)
+            return dense_product(layer, flat)
         out = (flat @ layer.lowrank_v.t()) @ layer.lowrank_u.t()
         if layer.nnz:
             # CPU sparse kernels (MKL) exist only for float32/float64: run half precision through float32.
@@ -241,7 +248,7 @@ class BitmaskStorage(SparseStorage):
         needs_grad = _needs_grad(flat)
         dense_s = layer.nnz > BITMASK_KERNEL_MAX_DENSITY * layer.in_features * layer.out_features
         if not self._on_kernels(layer, flat) or (dense_s and flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad):
-            return _dense_product(layer, flat)
+            return dense_product(layer, flat)
         mask, values = layer.sparse_bitmask, layer.sparse_values
         if needs_grad:
             out = nn.functional.linear(nn.functional.linear(flat, layer.lowrank_v), layer.lowrank_u, layer.bias)

@@ -15,7 +15,8 @@
  * lrs_bitmask_matmul_t: y (T, n) += x (T, m) S   (the gradient with respect to the layer's input)
  * lrs_bitmask_to_dense: dense (m, n) = S         (the rebuilt weight, for layers too dense for the kernels)
  * lrs_quantized_few: lrs_lowrank_bitmask_few for U, V and S's values stored as group codes (quantized_typed.h)
- * lrs_dequantize: a stream of group codes as float32 (the quantized layer's factors for longer inputs)
+ * lrs_dequantize: a stream of group codes as float32 (the quantized layer's low-rank factors for long inputs)
+ * lrs_quantized_to_dense: dense (m, n) = S from its value codes (the dense rebuild for long inputs)
  *
  * Every array is dense, row-major and contiguous. Up to FEW_TOKENS tokens (decoding), each mask byte's 8
  * weights are expanded into a vector once and multiplied with every token. For more tokens only the set
@@ -61,16 +62,20 @@ static inline uint64_t mask_word(const uint8_t *p, int64_t bytes) {
     return w;
 }
 
-/* starts[i] = index in values of row i's first entry; starts[m] = nnz. Returns nnz. */
-static int64_t row_starts(const uint8_t *mask, int64_t m, int64_t nb, int64_t *starts) {
-    int64_t k = 0;
+/* starts[i] = index in values of row i's first entry; starts[m] = nnz. Returns nnz. The rows are counted by
+ * nthreads threads where the mask is large enough to pay for the parallel region (a decoding call reads it here
+ * and again in its product). */
+static int64_t row_starts(const uint8_t *mask, int64_t m, int64_t nb, int64_t *starts, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (m * nb >= 65536)
     for (int64_t i = 0; i < m; i++) {
-        starts[i] = k;
         const uint8_t *row = mask + i * nb;
+        int64_t k = 0;
         for (int64_t b = 0; b < nb; b += 8) k += __builtin_popcountll(mask_word(row + b, nb - b));
+        starts[i + 1] = k;
     }
-    starts[m] = k;
-    return k;
+    starts[0] = 0;
+    for (int64_t i = 0; i < m; i++) starts[i + 1] += starts[i];
+    return starts[m];
 }
 
 /* x (T, dim) transposed tile by tile: tile q (tokens q * width ...) is a contiguous (dim, width) block at
@@ -268,6 +273,7 @@ int64_t lrs_quantized_workspace_floats(int64_t T, int64_t n, int64_t r, int64_t 
  * instructions of float32 FMAs over the same expanded weights (both by the rank and S's positions). */
 #include "quantized_bf16.h"
 #define QUANTIZED_FEW_FAST quantized_few_bf16
+#define QUANTIZED_DENSE_FAST quantized_dense_bf16
 #endif
 #define SUFFIX bf16
 #include "bitmask_typed.h"
@@ -275,3 +281,13 @@ int64_t lrs_quantized_workspace_floats(int64_t T, int64_t n, int64_t r, int64_t 
 #undef SUFFIX
 #undef FT
 #undef QUANTIZED_FEW_FAST
+#undef QUANTIZED_DENSE_FAST
+
+/* Whether this build has the bfloat16 pairs path (AVX512-BF16): lrs_quantized_to_dense_bf16 writes bfloat16. */
+int lrs_bf16_pairs(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    return 1;
+#else
+    return 0;
+#endif
+}

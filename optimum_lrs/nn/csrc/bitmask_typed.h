@@ -167,7 +167,7 @@ int FN(lrs_bitmask_to_dense)(const uint8_t *mask, int64_t m, int64_t n, int64_t 
                          int64_t nvalues, float *dense, int nthreads) {
     int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
     if (!starts) return -1;
-    if (row_starts(mask, m, nb, starts) != nvalues) {
+    if (row_starts(mask, m, nb, starts, nthreads) != nvalues) {
         free(starts);
         return -2;
     }
@@ -212,7 +212,7 @@ int FN(lrs_lowrank_bitmask_few)(const float *x, int64_t T, int64_t n, const FT *
         free(xv);
         return -1;
     }
-    int64_t nnz = row_starts(mask, m, nb, starts);
+    int64_t nnz = row_starts(mask, m, nb, starts, nthreads);
     if (nnz != nvalues) {
         free(starts);
         free(xv);
@@ -247,7 +247,7 @@ static int FN(lowrank_bitmask_matmul)(const float *x, int64_t T, int64_t n, cons
                                   int64_t work_floats, int nthreads) {
     int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
     if (!starts) return -1;
-    int64_t nnz = row_starts(mask, m, nb, starts);
+    int64_t nnz = row_starts(mask, m, nb, starts, nthreads);
     if (nnz != nvalues) {
         free(starts);
         return -2;

@@ -38,7 +38,7 @@ static void FN(dequant_f32)(const uint8_t *codes, const FT *scales, int bits, in
     }
 }
 
-/* The whole layer for decoding, in one call: y (T, m) = x (T, n) (U V + S)^T + bias for T <= lrs_few_tokens(),
+/* The whole layer in one call: y (T, m) = x (T, n) (U V + S)^T + bias for any T >= 1 where lrs_few_tokens() > 0,
  * with V's codes (r, n), U's transposed codes (r, m), S's value codes (nvalues, padded to whole groups) and their
  * scales; bias (m,) or NULL. `work` holds lrs_quantized_workspace_floats(T, n, r, nthreads) floats. Returns as
  * lrs_lowrank_bitmask_few. */
@@ -47,11 +47,11 @@ int FN(lrs_quantized_few)(const float *x, int64_t T, int64_t n, const uint8_t *u
                           const uint8_t *mask, int64_t m, int64_t nb, const uint8_t *s_codes, const FT *s_scales,
                           int64_t nvalues, int bits, int64_t group, float *y, float *work, int64_t work_floats,
                           int nthreads) {
-    if (T < 1 || T > lrs_few_tokens()) return -3;
+    if (T < 1 || !lrs_few_tokens()) return -3;
     if (work_floats < lrs_quantized_workspace_floats(T, n, r, nthreads)) return -1;
     int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
     if (!starts) return -1;
-    int64_t nnz = row_starts(mask, m, nb, starts);
+    int64_t nnz = row_starts(mask, m, nb, starts, nthreads);
     if (nnz != nvalues) {
         free(starts);
         return -2;
@@ -65,39 +65,92 @@ int FN(lrs_quantized_few)(const float *x, int64_t T, int64_t n, const uint8_t *u
 #endif
     float *xv = work, *scratch = work + T * r;
     int64_t per_thread = quantized_scratch_floats(n, r);
+    /* Tokens in groups of up to FEW_TOKENS (the float32 loops' limit), each group's product dequantizing afresh. */
+    for (int64_t t0 = 0; t0 < T; t0 += FEW_TOKENS) {
+        const int64_t tg = T - t0 < FEW_TOKENS ? T - t0 : FEW_TOKENS;
+        const float *xg = x + t0 * n;
+        float *yg = y + t0 * m;
 #pragma omp parallel num_threads(nthreads)
-    {
-        float *buffer = scratch + per_thread * omp_get_thread_num();
+        {
+            float *buffer = scratch + per_thread * omp_get_thread_num();
 #pragma omp for schedule(static)
-        for (int64_t k = 0; k < r; k++) {
-            FN(dequant_f32)(v_codes, v_scales, bits, group, k * n, n, buffer);
-            for (int64_t t = 0; t < T; t++) xv[t * r + k] = dot_f32(buffer, x + t * n, n);
-        }
-#pragma omp for schedule(static)
-        for (int64_t rb = 0; rb < (m + ROW_BLOCK - 1) / ROW_BLOCK; rb++) {
-            int64_t r0 = rb * ROW_BLOCK, rows = m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK;
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t i = 0; i < rows; i++) y[t * m + r0 + i] = bias ? bias[r0 + i] : 0.0f;
             for (int64_t k = 0; k < r; k++) {
-                FN(dequant_f32)(u_codes, u_scales, bits, group, k * m + r0, rows, buffer);
-                for (int64_t t = 0; t < T; t++) {
-                    const float z = xv[t * r + k];
-                    for (int64_t i = 0; i < rows; i++) y[t * m + r0 + i] += buffer[i] * z;
+                FN(dequant_f32)(v_codes, v_scales, bits, group, k * n, n, buffer);
+                for (int64_t t = 0; t < tg; t++) xv[t * r + k] = dot_f32(buffer, xg + t * n, n);
+            }
+#pragma omp for schedule(static)
+            for (int64_t rb = 0; rb < (m + ROW_BLOCK - 1) / ROW_BLOCK; rb++) {
+                int64_t r0 = rb * ROW_BLOCK, rows = m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK;
+                for (int64_t t = 0; t < tg; t++)
+                    for (int64_t i = 0; i < rows; i++) yg[t * m + r0 + i] = bias ? bias[r0 + i] : 0.0f;
+                for (int64_t k = 0; k < r; k++) {
+                    FN(dequant_f32)(u_codes, u_scales, bits, group, k * m + r0, rows, buffer);
+                    for (int64_t t = 0; t < tg; t++) {
+                        const float z = xv[t * r + k];
+                        for (int64_t i = 0; i < rows; i++) yg[t * m + r0 + i] += buffer[i] * z;
+                    }
                 }
-            }
 #ifdef __AVX2__
-            for (int64_t i = r0; i < r0 + rows; i++) {
-                /* The row's values, then the float32 loop over them (8 floats of slack past them, as it reads
-                 * values in eights). */
-                int64_t local[2] = {0, starts[i + 1] - starts[i]};
-                FN(dequant_f32)(s_codes, s_scales, bits, group, starts[i], local[1], buffer);
-                forward_few_f32[T](x, mask + i * nb, n, nb, buffer, local, local[1] + 8, 0, 1, y + i, m);
-            }
+                for (int64_t i = r0; i < r0 + rows; i++) {
+                    /* The row's values, then the float32 loop over them (8 floats of slack past them, as it reads
+                     * values in eights). */
+                    int64_t local[2] = {0, starts[i + 1] - starts[i]};
+                    FN(dequant_f32)(s_codes, s_scales, bits, group, starts[i], local[1], buffer);
+                    forward_few_f32[tg](xg, mask + i * nb, n, nb, buffer, local, local[1] + 8, 0, 1, yg + i, m);
+                }
 #endif
+            }
         }
     }
     free(starts);
     return 0;
+}
+
+/* dense (m, n) = S from its value codes (the dense rebuild of long inputs): float32, or bfloat16 where out_bf16 and
+ * this build has the bfloat16 pairs path (lrs_bf16_pairs(); else -4). `work` holds
+ * lrs_quantized_workspace_floats(1, n, 0, nthreads) floats. Returns as lrs_bitmask_to_dense. */
+int FN(lrs_quantized_to_dense)(const uint8_t *mask, int64_t m, int64_t n, int64_t nb, const uint8_t *s_codes,
+                               const FT *s_scales, int64_t nvalues, int bits, int64_t group, void *dense,
+                               int out_bf16, float *work, int64_t work_floats, int nthreads) {
+    if (work_floats < lrs_quantized_workspace_floats(1, n, 0, nthreads)) return -1;
+    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
+    if (!starts) return -1;
+    if (row_starts(mask, m, nb, starts, nthreads) != nvalues) {
+        free(starts);
+        return -2;
+    }
+    int status = 0;
+    if (out_bf16) {
+#ifdef QUANTIZED_DENSE_FAST
+        QUANTIZED_DENSE_FAST(mask, m, n, nb, s_codes, s_scales, bits, group, starts, dense, work, nthreads);
+#else
+        status = -4;
+#endif
+        free(starts);
+        return status;
+    }
+    int64_t per_thread = quantized_scratch_floats(n, 0);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buffer = work + n + per_thread * omp_get_thread_num();
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) {
+            const uint8_t *row = mask + i * nb;
+            float *out = (float *)dense + i * n;
+            const int64_t count = starts[i + 1] - starts[i];
+            FN(dequant_f32)(s_codes, s_scales, bits, group, starts[i], count, buffer);
+            int64_t k = 0, b = 0;
+#ifdef __AVX2__
+            for (; b < n / 8; b++) { /* reads 8 values from k: the buffer has that slack */
+                _mm256_storeu_ps(out + b * 8, expand_byte_f32(buffer + k, row[b]));
+                k += __builtin_popcount(row[b]);
+            }
+#endif
+            for (int64_t j = b * 8; j < n; j++) out[j] = (row[j / 8] >> (j % 8)) & 1 ? buffer[k++] : 0.0f;
+        }
+    }
+    free(starts);
+    return status;
 }
 
 /* codes [0, count) of a stream dequantized into out (float32), the groups shared among threads. */
