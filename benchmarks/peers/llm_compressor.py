@@ -60,6 +60,16 @@ def awq_recipe(bits: int, group_size: int):
                                                 ignore=["lm_head"])]
 
 
+def skip_pinning_without_accelerator() -> None:
+    """llmcompressor 0.14's AWQ pins its cached activations for faster copies to an accelerator, which torch refuses
+    where there is none ("Cannot access accelerator device"): on a CPU-only torch the pinning is skipped, in this
+    peer process only (no copy to a device happens that it would speed up)."""
+    if not torch.accelerator.is_available():
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     """A GPTQ-quantized layer's weight as the codes times their scales (the values its forward computes with)."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -97,6 +107,7 @@ def main() -> None:
     if args.method in GPTQ_BITS:
         recipe = gptq_recipe(GPTQ_BITS[args.method], args.group_size)
     elif args.method in AWQ_BITS:
+        skip_pinning_without_accelerator()
         recipe = awq_recipe(AWQ_BITS[args.method], args.group_size)
     else:
         modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[args.method]
@@ -109,19 +120,25 @@ def main() -> None:
     with torch.no_grad():
         weights = {f"{name}.weight": (dequantized_weight(m) if quantized else m.weight).detach().contiguous()
                    for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    if args.method in AWQ_BITS:  # AWQ folds its channel scales into the norms before the layers: those change too
+        for name, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                weights.update({f"{name}.{key}": value.detach().contiguous()
+                                for key, value in module.named_parameters(recurse=False)})
     save_file(weights, args.output)
     shutil.rmtree(dense_dir)
-    kept = sum(int((w != 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
-    info = {"seconds": seconds, "peak_rss_bytes": peak_rss(), "kept_fraction": kept, "layers": len(weights)}
+    linear = {k: w for k, w in weights.items() if w.dim() == 2}
+    kept = sum(int((w != 0).sum()) for w in linear.values()) / sum(w.numel() for w in linear.values())
+    info = {"seconds": seconds, "peak_rss_bytes": peak_rss(), "kept_fraction": kept, "layers": len(linear)}
     if quantized:
         # The stored bytes: the codes, a 16-bit scale per group and, asymmetric (AWQ), a zero point per group
         # packed at the codes' width.
         bits = QUANTIZED_BITS[args.method]
         per_group = 2 + (bits / 8 if args.method in AWQ_BITS else 0)
         info["stored_bytes"] = round(sum(w.numel() * bits / 8 + w.numel() // args.group_size * per_group
-                                         for w in weights.values()))
+                                         for w in linear.values()))
         # A check that the weights are the codes' values: at most 2^bits distinct ones in a group.
-        info["distinct_per_group"] = max(len(set(group.tolist())) for w in weights.values()
+        info["distinct_per_group"] = max(len(set(group.tolist())) for w in linear.values()
                                          for group in w.reshape(-1, args.group_size)[:64])
     print(json.dumps(info))
 

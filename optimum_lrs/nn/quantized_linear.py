@@ -225,18 +225,18 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
         decoding, short prompts) one call reading the codes (`kernels.quantized_bitmask_few`); more rows, the dense
         rebuild, S written densely from its codes (`kernels.quantized_to_dense`). Otherwise (a gradient, CSR, no
         kernels) the float layer `dequantized()` builds runs its own product."""
-        flat = x.reshape(-1, self.in_features).to(self.factor_dtype) if x.shape[-1] == self.in_features else x
-        if (1 <= flat.shape[0] <= QUANTIZED_KERNEL_ROWS and kernels.few_tokens() and self._reads_codes(flat)
-                and not (torch.is_grad_enabled() and flat.requires_grad)):
-            out = ops.quantized_bitmask_linear(
-                flat.to(torch.float32), *[(getattr(self, f"{name}_codes"), getattr(self, f"{name}_scales"))
-                                          for name in ("lowrank_u", "lowrank_v")],
-                self.bias, self.sparse_bitmask, (self.sparse_values_codes, self.sparse_values_scales), self._nnz,
-                self.bits, self.group_size)
-            return out.to(flat.dtype).reshape(*x.shape[:-1], self.out_features)
-        if self._reads_codes(flat) and not (torch.is_grad_enabled() and flat.requires_grad):
-            return dense_product(self, flat).reshape(*x.shape[:-1], self.out_features)
-        return self.dequantized()(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expected last dimension {self.in_features}, got {tuple(x.shape)}")
+        flat = x.reshape(-1, self.in_features).to(self.factor_dtype)
+        if (torch.is_grad_enabled() and flat.requires_grad) or not self._reads_codes(flat):
+            return self.dequantized()(x)
+        if 1 <= flat.shape[0] <= QUANTIZED_KERNEL_ROWS and kernels.few_tokens():
+            codes = [(getattr(self, f"{name}_codes"), getattr(self, f"{name}_scales")) for name in QUANTIZED_FACTORS]
+            out = ops.quantized_bitmask_linear(flat.to(torch.float32), *codes[:2], self.bias, self.sparse_bitmask,
+                                               codes[2], self._nnz, self.bits, self.group_size).to(flat.dtype)
+        else:
+            out = dense_product(self, flat)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _reads_codes(self, *inputs: torch.Tensor) -> bool:
         """Whether the codes kernels run this layer: bitmask layout, CPU tensors, a build for this machine, scales

@@ -231,6 +231,27 @@ static inline float round1_f16(float f) {
 
 #define DEQUANT_WORDS 65536 /* bfloat16 values of S dequantized at a time (a run of rows; 128 KiB, in L2) */
 
+#ifdef __AVX2__
+/* Eight float32 values rounded to the storage type and back, as round1_* does one (scales and codes are finite). */
+static inline __m256 round8_f32(__m256 v) { return v; }
+static inline __m256 round8_bf16(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32((int)0xffff0000u)));
+}
+static inline __m256 round8_f16(__m256 v) {
+#ifdef __F16C__
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    for (int l = 0; l < 8; l++) lanes[l] = round1_f16(lanes[l]);
+    return _mm256_loadu_ps(lanes);
+#endif
+}
+#endif
+
 /* Scratch floats per thread of the quantized products: a dequantized row of V or of S's values in float32 (n,
  * plus slack for reads in eights), or a run of S's rows in bfloat16 (at most DEQUANT_WORDS or one row, plus
  * slack for reads of 32), or a segment of U's transposed row (ROW_BLOCK). */
@@ -252,6 +273,7 @@ int64_t lrs_quantized_workspace_floats(int64_t T, int64_t n, int64_t r, int64_t 
 #define LOAD1 FN(load1)
 #define LOAD8 FN(load8)
 #define ROUND1 FN(round1)
+#define ROUND8 FN(round8)
 
 #define FT float
 #define SUFFIX f32

@@ -16,7 +16,17 @@ static void FN(dequant_f32)(const uint8_t *codes, const FT *scales, int bits, in
     while (i < count) {
         int64_t g = (start + i) / group, end = (g + 1) * group - start < count ? (g + 1) * group - start : count;
         const float s = LOAD1(scales + g);
+#ifdef __AVX2__
+        const __m256 scale = _mm256_set1_ps(s);
+        const __m256i offsets = _mm256_set1_epi32(offset);
+#endif
         if (bits == 8) {
+#ifdef __AVX2__
+            for (; i + 8 <= end; i += 8) {
+                __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + start + i)));
+                _mm256_storeu_ps(out + i, ROUND8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c, offsets)), scale)));
+            }
+#endif
             for (; i < end; i++) out[i] = ROUND1((float)((int)codes[start + i] - offset) * s);
             continue;
         }
@@ -27,6 +37,16 @@ static void FN(dequant_f32)(const uint8_t *codes, const FT *scales, int bits, in
             i++;
         }
         const uint8_t *p = codes + ((start + i) >> 1);
+#ifdef __AVX2__
+        /* eight codes from four bytes: each lane shifts its nibble down (the even position in the low one) */
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), nibble = _mm256_set1_epi32(15);
+        for (; i + 8 <= end; i += 8, p += 4) {
+            int32_t word;
+            memcpy(&word, p, sizeof word);
+            __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), nibble);
+            _mm256_storeu_ps(out + i, ROUND8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c, offsets)), scale)));
+        }
+#endif
         for (; i + 2 <= end; i += 2, p++) {
             out[i] = level[*p & 15];
             out[i + 1] = level[*p >> 4];
