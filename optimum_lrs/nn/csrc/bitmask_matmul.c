@@ -78,6 +78,20 @@ static int64_t row_starts(const uint8_t *mask, int64_t m, int64_t nb, int64_t *s
     return starts[m];
 }
 
+/* The rows' starts (m + 1, allocated here: the caller frees them) of a mask that sets nvalues bits; NULL with
+ * *status -1 (no memory) or -2 (the mask sets another number of bits), the entry points' error codes. */
+static int64_t *mask_row_starts(const uint8_t *mask, int64_t m, int64_t nb, int64_t nvalues, int nthreads,
+                                int *status) {
+    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
+    *status = starts ? 0 : -1;
+    if (starts && row_starts(mask, m, nb, starts, nthreads) != nvalues) {
+        free(starts);
+        starts = NULL;
+        *status = -2;
+    }
+    return starts;
+}
+
 /* x (T, dim) transposed tile by tile: tile q (tokens q * width ...) is a contiguous (dim, width) block at
  * xt + q * dim * width, so that a tile's rows stay close in cache; tokens past T are zero. Work goes in
  * 8 x 8 blocks (transposed in registers under AVX2): a token-major pass reads rows dim apart, which for

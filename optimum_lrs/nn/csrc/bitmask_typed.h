@@ -165,12 +165,9 @@ static const FN(forward_few_fn) FN(forward_few)[9] = {NULL, FN(forward_few_1), F
 /* dense (m, n) = S. Returns 0, or -2 when the mask sets other than nvalues bits (dense untouched). */
 int FN(lrs_bitmask_to_dense)(const uint8_t *mask, int64_t m, int64_t n, int64_t nb, const FT *values,
                          int64_t nvalues, float *dense, int nthreads) {
-    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
-    if (!starts) return -1;
-    if (row_starts(mask, m, nb, starts, nthreads) != nvalues) {
-        free(starts);
-        return -2;
-    }
+    int status;
+    int64_t *starts = mask_row_starts(mask, m, nb, nvalues, nthreads, &status);
+    if (!starts) return status;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < m; i++) {
         const uint8_t *row = mask + i * nb;
@@ -205,18 +202,13 @@ int FN(lrs_lowrank_bitmask_few)(const float *x, int64_t T, int64_t n, const FT *
                             const float *bias, const uint8_t *mask, int64_t m, int64_t nb, const FT *values,
                             int64_t nvalues, float *y, int nthreads) {
     if (T < 1 || T > lrs_few_tokens()) return -3;
-    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
+    int status;
+    int64_t *starts = mask_row_starts(mask, m, nb, nvalues, nthreads, &status);
+    if (!starts) return status;
     float *xv = malloc((size_t)(T * r + 1) * sizeof(float));
-    if (!starts || !xv) {
+    if (!xv) {
         free(starts);
-        free(xv);
         return -1;
-    }
-    int64_t nnz = row_starts(mask, m, nb, starts, nthreads);
-    if (nnz != nvalues) {
-        free(starts);
-        free(xv);
-        return -2;
     }
 #pragma omp parallel num_threads(nthreads)
     {
@@ -230,7 +222,7 @@ int FN(lrs_lowrank_bitmask_few)(const float *x, int64_t T, int64_t n, const FT *
 #pragma omp for schedule(static)
         for (int64_t rb = 0; rb < (m + ROW_BLOCK - 1) / ROW_BLOCK; rb++) {
             int64_t r1 = (rb + 1) * ROW_BLOCK < m ? (rb + 1) * ROW_BLOCK : m;
-            FN(forward_few)[T](x, mask, n, nb, values, starts, nnz, rb * ROW_BLOCK, r1, y, m);
+            FN(forward_few)[T](x, mask, n, nb, values, starts, nvalues, rb * ROW_BLOCK, r1, y, m);
         }
 #endif
     }
@@ -245,20 +237,16 @@ static int FN(lowrank_bitmask_matmul)(const float *x, int64_t T, int64_t n, cons
                                   const FT *u, const float *bias, const uint8_t *mask, int64_t m, int64_t nb,
                                   const FT *values, int64_t nvalues, float *y, int accumulate, float *work,
                                   int64_t work_floats, int nthreads) {
-    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
-    if (!starts) return -1;
-    int64_t nnz = row_starts(mask, m, nb, starts, nthreads);
-    if (nnz != nvalues) {
-        free(starts);
-        return -2;
-    }
+    int status;
+    int64_t *starts = mask_row_starts(mask, m, nb, nvalues, nthreads, &status);
+    if (!starts) return status;
     int64_t row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK;
 #ifdef __AVX2__
     if (T <= FEW_TOKENS && rank == 0 && accumulate) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t rb = 0; rb < row_blocks; rb++) {
             int64_t r1 = (rb + 1) * ROW_BLOCK < m ? (rb + 1) * ROW_BLOCK : m;
-            FN(forward_few)[T](x, mask, n, nb, values, starts, nnz, rb * ROW_BLOCK, r1, y, m);
+            FN(forward_few)[T](x, mask, n, nb, values, starts, nvalues, rb * ROW_BLOCK, r1, y, m);
         }
         free(starts);
         return 0;

@@ -69,13 +69,9 @@ int FN(lrs_quantized_few)(const float *x, int64_t T, int64_t n, const uint8_t *u
                           int nthreads) {
     if (T < 1 || !lrs_few_tokens()) return -3;
     if (work_floats < lrs_quantized_workspace_floats(T, n, r, nthreads)) return -1;
-    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
-    if (!starts) return -1;
-    int64_t nnz = row_starts(mask, m, nb, starts, nthreads);
-    if (nnz != nvalues) {
-        free(starts);
-        return -2;
-    }
+    int status;
+    int64_t *starts = mask_row_starts(mask, m, nb, nvalues, nthreads, &status);
+    if (!starts) return status;
 #ifdef QUANTIZED_FEW_FAST
     if (QUANTIZED_FEW_FAST(x, T, n, u_codes, u_scales, v_codes, v_scales, r, bias, mask, m, nb, s_codes, s_scales,
                            bits, group, starts, y, work, nthreads)) {
@@ -133,13 +129,9 @@ int FN(lrs_quantized_to_dense)(const uint8_t *mask, int64_t m, int64_t n, int64_
                                const FT *s_scales, int64_t nvalues, int bits, int64_t group, void *dense,
                                int out_bf16, float *work, int64_t work_floats, int nthreads) {
     if (work_floats < lrs_quantized_workspace_floats(1, n, 0, nthreads)) return -1;
-    int64_t *starts = malloc((size_t)(m + 1) * sizeof(int64_t));
-    if (!starts) return -1;
-    if (row_starts(mask, m, nb, starts, nthreads) != nvalues) {
-        free(starts);
-        return -2;
-    }
-    int status = 0;
+    int status;
+    int64_t *starts = mask_row_starts(mask, m, nb, nvalues, nthreads, &status);
+    if (!starts) return status;
     if (out_bf16) {
 #ifdef QUANTIZED_DENSE_FAST
         QUANTIZED_DENSE_FAST(mask, m, n, nb, s_codes, s_scales, bits, group, starts, dense, work, nthreads);
