@@ -195,7 +195,8 @@ class LowRankSparseLinear(nn.Module):
         return self.storage.forward(self, flat).reshape(*lead, self.out_features)
 
     def _sparse_dense(self) -> torch.Tensor:
-        """S as a transient dense matrix in the factors' dtype, on their device."""
+        """S as a transient dense matrix in the factors' dtype, on their device: possibly a buffer the next call
+        reuses (a quantized layer's rebuild), so use it at once, outside autograd, and never keep it."""
         return self.storage.dense(self).to(dtype=self.lowrank_u.dtype, device=self.lowrank_u.device)
 
     def _rebuilt_weight(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from . import kernels, ops
 from .gptq import gptq_codes
 from .linear import LowRankSparseLinear
-from .storage import dense_product
+from .storage import dense_product, needs_grad
 from .quantize import check_bits, dequantize_groups, pack_codes, quantize_groups, unpack_codes
 
 # The factors, each stored as `<name>_codes` (uint8, packed; a buffer) and `<name>_scales` (the factor dtype; a
@@ -228,7 +228,7 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expected last dimension {self.in_features}, got {tuple(x.shape)}")
         flat = x.reshape(-1, self.in_features).to(self.factor_dtype)
-        if (torch.is_grad_enabled() and flat.requires_grad) or not self._reads_codes(flat):
+        if needs_grad(flat) or not self._reads_codes(flat):
             return self.dequantized()(x)
         if 1 <= flat.shape[0] <= QUANTIZED_KERNEL_ROWS and kernels.few_tokens():
             codes = [(getattr(self, f"{name}_codes"), getattr(self, f"{name}_scales")) for name in QUANTIZED_FACTORS]

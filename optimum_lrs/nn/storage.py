@@ -65,7 +65,7 @@ def quiet_sparse() -> Iterator[None]:
         yield
 
 
-def _needs_grad(flat: torch.Tensor) -> bool:
+def needs_grad(flat: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and flat.requires_grad
 
 
@@ -174,7 +174,7 @@ class CSRStorage(SparseStorage):
         return weight
 
     def forward(self, layer, flat):
-        if flat.shape[0] >= DENSE_REBUILD_TOKENS and not _needs_grad(flat):
+        if flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad(flat):
             return dense_product(layer, flat)
         out = (flat @ layer.lowrank_v.t()) @ layer.lowrank_u.t()
         if layer.nnz:
@@ -182,7 +182,7 @@ class CSRStorage(SparseStorage):
             half_on_cpu = flat.device.type == "cpu" and flat.dtype in (torch.float16, torch.bfloat16)
             compute = torch.float32 if half_on_cpu else flat.dtype
             sparse = layer.sparse_matrix(compute)
-            if _needs_grad(flat):
+            if needs_grad(flat):
                 sparse_out = _FrozenSparseMatmul.apply(flat.to(compute), sparse, self._transposed(layer, sparse))
             else:
                 with quiet_sparse():
@@ -245,12 +245,12 @@ class BitmaskStorage(SparseStorage):
         `BITMASK_KERNEL_MAX_DENSITY`; under autograd x (U V)^T + b by torch plus x S^T by the kernel
         (differentiable in x). The kernels read bfloat16 and float16 factors as stored and sum in float32; the
         result takes the input's dtype."""
-        needs_grad = _needs_grad(flat)
+        with_grad = needs_grad(flat)
         dense_s = layer.nnz > BITMASK_KERNEL_MAX_DENSITY * layer.in_features * layer.out_features
-        if not self._on_kernels(layer, flat) or (dense_s and flat.shape[0] >= DENSE_REBUILD_TOKENS and not needs_grad):
+        if not self._on_kernels(layer, flat) or (dense_s and flat.shape[0] >= DENSE_REBUILD_TOKENS and not with_grad):
             return dense_product(layer, flat)
         mask, values = layer.sparse_bitmask, layer.sparse_values
-        if needs_grad:
+        if with_grad:
             out = nn.functional.linear(nn.functional.linear(flat, layer.lowrank_v), layer.lowrank_u, layer.bias)
             return out + ops.bitmask_matmul(flat, mask, values).to(out.dtype)
         out = ops.lowrank_bitmask_linear(flat.to(torch.float32), layer.lowrank_u, layer.lowrank_v, layer.bias, mask,
