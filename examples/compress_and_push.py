@@ -44,8 +44,7 @@ def main() -> None:
 
     start = time.perf_counter()
     quantizer = LRSQuantizer.from_pretrained(gguf.parent, file_name=gguf.name)
-    config = LowRankSparseConfig(param_ratio=args.ratio, allocation=args.allocation,
-                                 base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    config = LowRankSparseConfig(param_ratio=args.ratio, allocation=args.allocation)
     model = quantizer.quantize(save_dir=args.output, compression_config=config, overwrite=True, repo_id=args.repo)
     print(f"compressed and saved to {args.output} in {time.perf_counter() - start:.0f} s")
 
@@ -55,7 +54,8 @@ def main() -> None:
     }
     print(f"perplexity: {ppl:.2f}")
 
-    optimum_lrs.push_to_hub(model, args.repo)  # model card and allocation plot, then the checkpoint
+    # model card and allocation plot, then the checkpoint; the GGUF file was local, so the card names the dense model
+    optimum_lrs.push_to_hub(model, args.repo, base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
     quantizer.tokenizer.push_to_hub(args.repo)
     print(f"pushed to {args.repo}")
 

@@ -19,9 +19,8 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import checks
-from .allocation.base import AllocationConfig, allocation_config
-from .allocation.cap.config import CapAllocation
-from .allocation.uniform import UniformAllocation
+from .allocation.base import ALLOCATION_CONFIGS, AllocationConfig, allocation_config
+from .nn.quantize import FactorQuantization
 from .nn.storage import SPARSE_FORMATS
 from .run import CompressionInputs, CompressionResult
 from .stage1.rpca import RPCA_SOLVERS
@@ -36,8 +35,6 @@ READABLE_FORMATS = (1, 2, 3)
 # Block matching steps of block_matching_steps="auto" (the lr / steps sweep: docs/research-notes.md).
 AUTO_MATCHING_STEPS = 8
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# How quantized factors get their codes (FactorQuantization.rounding).
-ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass
@@ -126,37 +123,6 @@ class CalibrationConfig:
         checks.choice("CalibrationConfig", "pipeline", self.pipeline, PIPELINES)
 
 
-@dataclass
-class FactorQuantization:
-    """U, V and S's values stored as `bits`-bit integer codes (4 or 8) with one scale per `group_size` values,
-    once each layer is final (`nn.quantize`, `QuantizedLowRankSparseLinear`). The group size must divide every
-    compressed layer's input and output width (64 for SmolLM2's 576).
-
-    `rounding`: `"gptq"` fits the codes to each layer's calibration inputs (`nn.gptq`: GPTQ's sweep over V, U,
-    then S's values with their positions fixed; the run then calibrates, as activation-aware compression
-    does); `"nearest"` rounds every factor to nearest. `error_feedback` (rounding to
-    nearest): round U and V first and add what that changed in U V at S's positions to S's values before
-    rounding them."""
-
-    bits: int = 4
-    group_size: int = 64
-    rounding: str = "gptq"
-    error_feedback: bool = True
-
-    def __post_init__(self) -> None:
-        from .nn.quantize import QUANT_BITS
-
-        self.error_feedback = checks.flag("FactorQuantization", "error_feedback", self.error_feedback)
-        checks.choice("FactorQuantization", "rounding", self.rounding, ROUNDINGS)
-
-        if self.bits not in QUANT_BITS:
-            checks.fail("FactorQuantization", "bits", f"one of {QUANT_BITS}", self.bits)
-        self.group_size = checks.integer("FactorQuantization", "group_size", self.group_size, 2)
-        if self.group_size % 2:
-            checks.fail("FactorQuantization", "group_size", "an even integer (4-bit codes pack in pairs)",
-                        self.group_size)
-
-
 def _check_names(field: str, value: Any, allow_regex: bool) -> list[str] | str | None:
     if value is None:
         return None
@@ -184,6 +150,17 @@ def _sub_config(cls: type, field: str, value: Any) -> Any:
     checks.fail("LowRankSparseConfig", field, f"None, a {cls.__name__} or a dict of its fields", value)
 
 
+def _method_field(fields: dict[str, Any], path: list[str], pair: str) -> list[str]:
+    """`--set cap.steps=16`: a field of the allocation method `cap`, which it chooses unless another is chosen."""
+    current = fields.get("allocation", path[0])
+    method = current.get("method", "uniform") if isinstance(current, dict) else current
+    if method != path[0]:
+        raise ValueError(f"--set {pair!r} sets a field of allocation {path[0]!r}, but allocation is {method!r}: "
+                         f"drop that allocation or write allocation.{'.'.join(path[1:])}")
+    fields["allocation"] = current if isinstance(current, dict) else {"method": method}
+    return ["allocation", *path[1:]]
+
+
 class LowRankSparseConfig(QuantizationConfigMixin):
     """Configuration of low-rank + sparse compression (CAP, arXiv 2505.03801). docs/configuration.md has them all.
 
@@ -208,10 +185,10 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         byte_ratio: the budget in bytes instead of `param_ratio`: the compressed layers' stored bytes (factors or
             codes and scales, and the bitmask) as a fraction of the targeted layers' dense bfloat16 bytes; turned
             into the parameter budget that fills it (`targets.byte_budget`). Needs the bitmask layout.
-        calibration_data, tokenizer, cache_dir, base_model: the run's inputs (`inputs`), never saved as such:
-            texts, token-id lists, a 2-D id tensor or a `datasets.Dataset`; a tokenizer for texts; a directory for
-            Stage 1 results reused by a rerun; the dense model's Hub id for the model card (default: the model's
-            own id where it is a Hub id).
+        calibration_data, tokenizer, cache_dir: the run's inputs (`inputs`), never saved as such: texts,
+            token-id lists, a 2-D id tensor or a `datasets.Dataset`; a tokenizer for texts; a directory for Stage 1
+            results reused by a rerun. The dense model's Hub id for the model card is read from the model where it
+            is one; `push_to_hub(model, repo, base_model=...)` names it otherwise.
     """
 
     def __init__(
@@ -233,7 +210,6 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         calibration_data: Any = None,
         tokenizer: Any = None,
         cache_dir: str | os.PathLike | None = None,
-        base_model: str | None = None,
     ):
         self.quant_method = QUANT_METHOD
         if byte_ratio is None:
@@ -268,14 +244,8 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         if self.refit.objective == "second_moment" and not activation_aware:
             checks.fail("LowRankSparseConfig", "refit.objective", '"rms" with activation_aware=False (the second '
                         'moment comes from calibration inputs)', self.refit.objective)
-        if isinstance(self.allocation, CapAllocation):
-            cap = self.allocation
-            if cap.refine_iterations is None:
-                cap.refine_iterations = min(5, self.refit.iterations)
-            if cap.refine_iterations > self.refit.iterations:
-                checks.fail("CapAllocation", "refine_iterations",
-                            f"at most RefitConfig.iterations ({self.refit.iterations})", cap.refine_iterations)
-        self.inputs = CompressionInputs(calibration_data, tokenizer, cache_dir, base_model)
+        self.allocation.resolve(self.refit)
+        self.inputs = CompressionInputs(calibration_data, tokenizer, cache_dir)
         self.compressed: CompressionResult | None = None
 
     @classmethod
@@ -304,7 +274,8 @@ class LowRankSparseConfig(QuantizationConfigMixin):
     @classmethod
     def from_overrides(cls, pairs: list[str], **fields: Any) -> LowRankSparseConfig:
         """A config from `fields` updated by `KEY=VALUE` strings (the command line's `--set`). KEY may be dotted
-        into a nested config (`rpca.tol=1e-3`, `allocation.steps=4` after `allocation=cap`); each VALUE is read
+        into a nested config (`rpca.tol=1e-3`, `allocation.steps=4` after `allocation=cap`, or `cap.steps=4`, which
+        chooses that method); each VALUE is read
         as JSON where it parses (`0.5`, `null`, `true`, `["q_proj"]`) and as text otherwise (`cap`); unknown
         keys and bad values get the same errors as in code."""
         fields = {k: dict(v) if isinstance(v, dict) else v for k, v in fields.items()}  # the caller's stay as given
@@ -317,6 +288,8 @@ class LowRankSparseConfig(QuantizationConfigMixin):
                 value = json.loads(text)
             except ValueError:
                 value = text
+            if len(path) > 1 and path[0] in ALLOCATION_CONFIGS and path[0] not in cls._fields():
+                path = _method_field(fields, path, pair)
             node = fields
             for part in path[:-1]:
                 if part == "allocation" and not isinstance(node.get(part), dict):
@@ -390,17 +363,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
     @property
     def stage1_reads_uniform_rank(self) -> bool:
         """True when the allocation reads only each layer's leading uniform-rank triplets and S's size from
-        Stage 1 (uniform allocation, or CAP refitting its candidates, both with re-picked sparse entries)."""
-        return (isinstance(self.allocation, UniformAllocation) and self.refit.selection != "allocation") \
-            or self.cap_refits_candidates
+        Stage 1 (`AllocationConfig.reads_uniform_rank`)."""
+        return self.allocation.reads_uniform_rank(self.refit)
 
     @property
-    def cap_refits_candidates(self) -> bool:
-        """True when CAP's samples keep prefixes of each layer refit at the uniform counts (`candidates="refit"`),
-        which happens where the final layers are refit too, with the count policies."""
-        cap = self.allocation
-        return (isinstance(cap, CapAllocation) and cap.candidates == "refit" and cap.policy != "candidate"
-                and self.refit.selection != "allocation")
+    def streams(self) -> bool:
+        """True when the allocation runs on blocks streamed from disk (`AllocationConfig.streams`)."""
+        return self.allocation.streams(self.refit)
 
     @property
     def is_compressed(self) -> bool:

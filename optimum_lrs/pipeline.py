@@ -25,7 +25,7 @@ from .nn.quantized_linear import QuantizedLowRankSparseLinear
 from .distributed import Ranks
 from .extract import build_layer
 from .progress import progress
-from .sequential import BlockInputs, decoder_blocks, first_block_inputs, relative_error
+from .sequential import BlockInputs, decoder_blocks, find_decoder_blocks, first_block_inputs, relative_error
 from .stage1.activations import InputStatistics, dense_statistics
 from .stage1.decompose import layer_candidates
 from .targets import attention_layers, is_hub_id, targets_and_budget
@@ -163,7 +163,7 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
     """
     dense = sum(m.weight.numel() for m in targets.values())
     shares = uniform_shares({name: m.weight.numel() for name, m in targets.items()}, budget)
-    final = config.allocation.name == "uniform"  # else the layers are built after the global allocation
+    final = config.allocation.per_layer  # else the layers are built after the global allocation
     ranks = Ranks()
     by_block = {prefix: {n: m for n, m in targets.items() if n.startswith(f"{prefix}.")} for prefix, _ in blocks}
     ranks.check_same_run(config, calibration, max(len(layers) for layers in by_block.values()))
@@ -189,25 +189,15 @@ def _compress_by_blocks(model: nn.Module, config: LowRankSparseConfig, targets: 
         check_allocation(problem, allocation, "uniform", budget_check=False)
         carry = problem.budget - kept_parameters(problem, allocation)  # settled in the blocks that follow
         note = f"{prefix}: {len(layers)} layers, kept {kept_parameters(problem, allocation)} parameters"
-        if final or (propagate and inputs is not None):  # final layers, or provisional ones for the next inputs
-            built = ranks.merge({c.name: build_layer(c, allocation[c.name], layers[c.name], config)
-                                 for c in candidates if c.name in mine}, list(layers))
         if final:
-            error = [0.0, 0.0]
-            for c, layer in zip(candidates, built):
-                _add_weight_error(error, layers[c.name], layer, c.column_scale)
-                entries[c.name] = _install(model, c, allocation[c.name], layer)
-                del targets[c.name]
-            note += f", weight error {(error[0] / max(error[1], 1e-30)) ** 0.5:.4f}"
-            if config.matching_steps and inputs is not None:
-                matching[prefix] = _match(block, prefix, dict(zip(layers, built)), inputs, reference, config, ranks)
-                note += _matching_note(matching[prefix])
-            names = [c.name for c in candidates]
-            _store_final(model, names, config, _code_moments(model, block, names, inputs, config, ranks))
+            note += _finish_block(model, block, prefix, candidates, allocation, targets, inputs, reference, config,
+                                  ranks, entries, matching)
         else:
             held += candidates
             note += " (uniform counts; the allocation follows the last block)"
-            if propagate and inputs is not None:
+            if propagate and inputs is not None:  # provisional layers for the next block's inputs
+                built = ranks.merge({c.name: build_layer(c, allocation[c.name], layers[c.name], config)
+                                     for c in candidates if c.name in mine}, list(layers))
                 for c, layer in zip(candidates, built):
                     model.set_submodule(c.name, layer)
             if streamed is not None:
@@ -258,24 +248,40 @@ def _build_after_allocation(model: nn.Module, config: LowRankSparseConfig, held:
         keep = {c.name: allocation[c.name] if streamed is None else streamed.start(c, allocation[c.name], dense[c.name])
                 for c in candidates}
         reference = None if inputs is None else inputs.forward(block)  # the dense block's outputs
-        mine = ranks.share({c.name: dense[c.name] for c in candidates})
-        built = ranks.merge({c.name: build_layer(c, keep[c.name], dense[c.name], config)
-                             for c in candidates if c.name in mine}, [c.name for c in candidates])
-        entries.update({c.name: _install(model, c, keep[c.name], layer) for c, layer in zip(candidates, built)})
-        for c in candidates:  # the dense layer is out of the model now: freed here, not at the end
-            del dense[c.name]
-        if inputs is not None and config.matching_steps:
-            matching[prefix] = _match(block, prefix, {c.name: layer for c, layer in zip(candidates, built)}, inputs,
-                                      reference, config, ranks)
-            if ranks.writes:
-                logger.info("%s%s", prefix, _matching_note(matching[prefix]).removeprefix(","))
-        names = [c.name for c in candidates]
-        _store_final(model, names, config, _code_moments(model, block, names, inputs, config, ranks))
+        note = _finish_block(model, block, prefix, candidates, keep, dense, inputs, reference, config, ranks, entries,
+                             matching)
+        if ranks.writes:
+            logger.info("%s:%s", prefix, note.removeprefix(","))
         if inputs is not None:
             inputs = inputs.advance(inputs.forward(block) if propagate else reference)
         if stream is not None:
             stream.done(prefix, block)
     return entries, matching
+
+
+def _finish_block(model: nn.Module, block: nn.Module, prefix: str, candidates: list[LayerCandidates],
+                  keep: dict[str, LayerAllocation], dense: dict[str, nn.Linear], inputs: BlockInputs | None,
+                  reference: list[torch.Tensor] | None, config: LowRankSparseConfig, ranks: Ranks,
+                  entries: dict[str, dict], matching: dict[str, MatchResult]) -> str:
+    """The end of every block in every block pipeline, once the allocation has decided what its layers `keep`:
+    build the final layers (shared among ranks), install them in place of the `dense` ones (dropped from `dense`,
+    so freed here rather than at the end), match the block to its dense outputs `reference`, and store the layers'
+    final form (quantized codes fitted to the inputs they now see). Records into `entries` and `matching`;
+    returns the log note."""
+    names = [c.name for c in candidates]
+    mine = ranks.share({name: dense[name] for name in names})
+    built = ranks.merge({c.name: build_layer(c, keep[c.name], dense[c.name], config)
+                         for c in candidates if c.name in mine}, names)
+    error = [0.0, 0.0]
+    for c, layer in zip(candidates, built):
+        _add_weight_error(error, dense.pop(c.name), layer, c.column_scale)
+        entries[c.name] = _install(model, c, keep[c.name], layer)
+    note = f", weight error {(error[0] / max(error[1], 1e-30)) ** 0.5:.4f}"
+    if config.matching_steps and inputs is not None:
+        matching[prefix] = _match(block, prefix, dict(zip(names, built)), inputs, reference, config, ranks)
+        note += _matching_note(matching[prefix])
+    _store_final(model, names, config, _code_moments(model, block, names, inputs, config, ranks))
+    return note
 
 
 def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear], inputs: BlockInputs,
@@ -331,16 +337,13 @@ def compress_model(model: nn.Module, config: LowRankSparseConfig) -> nn.Module:
     targets, budget = targets_and_budget(model, config)
     _check_quantization(targets, config)
     calibration = _calibration(model, config)
-    try:
-        blocks = decoder_blocks(model, targets)
-    except ValueError:
+    blocks, reason = find_decoder_blocks(model, targets)
+    if blocks is None:
         if (config.calibration.pipeline == "sequential" or config.matching_required) and calibration is not None:
-            raise
+            raise ValueError(reason)
         if config.matching_steps and calibration is not None:
             logger.info("no decoder blocks found in this %s: compressed without block matching (whole-model "
                         "statistics)", type(model).__name__)
-        blocks = None  # one-shot statistics need no blocks: the whole model in one pass
-    if blocks is None:
         _record(model, config, _compress_one_shot(model, config, targets, budget, calibration))
     else:
         _record(model, config, *_compress_by_blocks(model, config, targets, budget, calibration, blocks,

@@ -42,7 +42,8 @@ def _check_calibration_data(value: Any) -> Any:
 @dataclass
 class CompressionInputs:
     """What a run reads but config.json never holds as given: user data, live objects, and the dense model's
-    Hub id where it cannot be read from the model (a local copy), which the result records for the model card."""
+    Hub id where it cannot be read from the model (a local copy; `optimum-lrs compress --base-model`), which the
+    result records for the model card."""
 
     calibration_data: Any = None
     tokenizer: Any = None
@@ -59,7 +60,7 @@ class CompressionInputs:
                 checks.fail("LowRankSparseConfig", "cache_dir", "None or a directory path", self.cache_dir)
             self.cache_dir = os.fspath(self.cache_dir)
         if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
-            checks.fail("LowRankSparseConfig", "base_model", "None or a Hub model id", self.base_model)
+            checks.fail("CompressionInputs", "base_model", "None or a Hub model id", self.base_model)
 
 
 @dataclass

@@ -20,12 +20,12 @@ from torch import nn
 from .stage1.activations import model_body
 
 
-def decoder_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
-    """The model's decoder blocks, in order, as (module name, block).
+def find_decoder_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[list[tuple[str, nn.Module]] | None, str]:
+    """The model's decoder blocks, in order, as (module name, block), or None and why there are none to use.
 
     They are the children of the `nn.ModuleList` holding the most target layers, preferring one whose children
     are of a class transformers lists in `_no_split_modules` (its name for "a decoder block"). Every target must
-    lie inside a block; otherwise the error names the ones outside.
+    lie inside a block; otherwise the reason names the ones outside.
     """
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
     best, best_key = None, (0, 0)
@@ -37,20 +37,27 @@ def decoder_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[tupl
         if inside and key > best_key:
             best, best_key = name, key
     if best is None:
-        raise ValueError(
+        return None, (
             f"cannot find the decoder blocks of this {type(model).__name__}: no nn.ModuleList holds any of the layers "
             "to compress; CalibrationConfig(pipeline='sequential') and RefitConfig.block_matching_steps need them: pass "
             "LowRankSparseConfig(calibration=CalibrationConfig(pipeline='one_shot'), "
             "refit=RefitConfig(block_matching_steps=0))"
         )
-    blocks = [(f"{best}.{i}", block) for i, block in enumerate(model.get_submodule(best))]
     outside = [t for t in targets if not t.startswith(f"{best}.")]
     if outside:
-        raise ValueError(
+        return None, (
             f"the block pipeline compresses the decoder blocks in {best!r} one by one, but target layers "
             f"{outside[:5]}{' ...' if len(outside) > 5 else ''} lie outside them; leave them out "
             "(modules_to_not_convert / target_modules), or pass calibration.pipeline='one_shot' with refit.block_matching_steps=0"
         )
+    return [(f"{best}.{i}", block) for i, block in enumerate(model.get_submodule(best))], ""
+
+
+def decoder_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """`find_decoder_blocks`'s blocks, or a ValueError saying why there are none (where a run needs them)."""
+    blocks, reason = find_decoder_blocks(model, targets)
+    if blocks is None:
+        raise ValueError(reason)
     return blocks
 
 

@@ -183,7 +183,7 @@ def bound_heap() -> bool:
 @contextlib.contextmanager
 def _scratch(output: Path, config: LowRankSparseConfig) -> Iterator[Path | None]:
     """For CAP, a temporary directory beside `output` (on its disk) for the candidate pools, removed afterwards."""
-    if config.allocation.name == "uniform":
+    if config.allocation.per_layer:
         yield None
         return
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.cap-pools-", dir=output.parent) as directory:
@@ -206,7 +206,7 @@ def compress_checkpoint(source: str | Path, output: str | Path, config: LowRankS
     source, output = Path(source), Path(output)
     if not isinstance(config, LowRankSparseConfig):
         raise TypeError(f"compress_checkpoint expects a LowRankSparseConfig, got {type(config).__name__}")
-    if config.allocation.name != "uniform" and not config.cap_refits_candidates:
+    if not config.streams:
         raise ValueError(
             f"compress_checkpoint streams blocks with allocation='uniform', or 'cap' with its layer policies on refit "
             f"candidates (got allocation={config.allocation!r}, refit.selection={config.refit.selection!r}): this "

@@ -139,10 +139,7 @@ def test_matching_after_a_global_allocation_lowers_every_blocks_output_error(all
 
 
 def test_matching_needs_decoder_blocks(monkeypatch):
-    def no_blocks(*_):
-        raise ValueError("no decoder blocks found")
-
-    monkeypatch.setattr(compress_module, "decoder_blocks", no_blocks)
+    monkeypatch.setattr(compress_module, "find_decoder_blocks", lambda *_: (None, "no decoder blocks found"))
     with pytest.raises(ValueError, match="no decoder blocks"):
         compress_(tiny_llama(), config(matching=4))
     # "auto" (the default) compresses such a model without matching: whole-model statistics

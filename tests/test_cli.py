@@ -7,7 +7,10 @@ import shutil
 import subprocess
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
+from optimum_lrs import LowRankSparseLinear
 from optimum_lrs.integrations.cli import main
 
 from .conftest import REPO
@@ -30,7 +33,7 @@ def compressed(dense_with_tokenizer, tmp_path_factory):
     calib = tmp_path_factory.mktemp("cli-data") / "calib.txt"
     calib.write_text((REPO / "README.md").read_text())
     proc = cli("--quiet", "compress", dense_with_tokenizer, "--ratio", "0.5", "--allocation", "global_greedy",
-               "--activation-aware", "--calibration", calib, "--output", out)
+               "--activation-aware", "--calibration", calib, "--base-model", "org/dense-llama", "--output", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -42,6 +45,12 @@ def test_compress_writes_a_loadable_model_with_card(compressed):
     qc = config["quantization_config"]
     assert config["model_type"] == "optimum_lrs" and qc["allocation"] == {"method": "global_greedy", "lowrank_fraction": 0.2} and qc["activation_aware"]
     assert not [p for p in compressed.parent.iterdir() if ".partial-" in p.name]  # staging directory removed
+    assert qc["compressed"]["base_model"] == "org/dense-llama"  # --base-model, for a model read from a local copy
+    assert "base_model: org/dense-llama" in (compressed / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(compressed)
+    assert {n for n, m in model.named_modules() if isinstance(m, LowRankSparseLinear)} == set(qc["compressed"]["modules"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
 def test_eval_and_record_then_report(compressed, tmp_path):

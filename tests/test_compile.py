@@ -6,12 +6,12 @@ import torch
 from transformers import CompileConfig
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, compress_
-from optimum_lrs.nn import kernels, ops
+from optimum_lrs.nn import kernel_library, kernels, ops
 from optimum_lrs.nn.storage import pack_bits
 
 from .conftest import tiny_llama
 
-pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
+pytestmark = pytest.mark.skipif(kernel_library.compiler() is None, reason="no C compiler on this machine")
 
 
 @pytest.fixture(scope="module")

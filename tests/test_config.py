@@ -25,7 +25,7 @@ BAD_VALUES = [
     ("rpca", "fast"), ("refit", 3), ("calibration", [512]),
     ("calibration_data", 42), ("calibration_data", [1, 2]), ("calibration_data", []),
     ("calibration_data", torch.zeros(3)), ("calibration_data", torch.zeros(2, 3)),
-    ("tokenizer", "gpt2"), ("cache_dir", ""), ("cache_dir", 3), ("base_model", ""), ("base_model", 3),
+    ("tokenizer", "gpt2"), ("cache_dir", ""), ("cache_dir", 3),
     ("allocation.lowrank_fraction", 1.5), ("allocation.lowrank_fraction", -0.01),
     ("cap.steps", -1), ("cap.samples", 0), ("cap.samples", 3), ("cap.batch_size", 0), ("cap.lr", -0.1),
     ("cap.lr", float("inf")), ("cap.policy", "per_layer"), ("cap.candidates", "svd"), ("cap.sigma", 0.0),
@@ -92,8 +92,8 @@ def test_the_constructor_is_small():
     parameters = inspect.signature(LowRankSparseConfig).parameters.values()
     recipe = [p.name for p in parameters if p.kind is not p.KEYWORD_ONLY]
     inputs = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
-    assert len(recipe) <= 16, recipe
-    assert inputs == ["calibration_data", "tokenizer", "cache_dir", "base_model"]
+    assert len(recipe) + len(inputs) <= 16, recipe + inputs
+    assert inputs == ["calibration_data", "tokenizer", "cache_dir"]
 
 
 def test_the_second_moment_objective_needs_calibration_inputs_and_a_refit():
@@ -154,7 +154,7 @@ def test_round_trip_is_exact_and_leaves_the_run_inputs_out():
         modules_to_not_convert=["x"], seed=3, factor_dtype="float16",
         rpca=RPCAConfig(l1_weight=0.02, max_iter=7, tol=1e-3, rho=1.7), refit=RefitConfig(values="rpca", iterations=2),
         calibration=CalibrationConfig(seq_len=64, pipeline="sequential"),
-        calibration_data=["secret text"], tokenizer=lambda t: t, cache_dir="/tmp/secret-cache", base_model="org/secret")
+        calibration_data=["secret text"], tokenizer=lambda t: t, cache_dir="/tmp/secret-cache")
     d = cfg.to_dict()
     assert set(d) == {"quant_method", "format_version", "param_ratio", "allocation", "target_modules",
                       "modules_to_not_convert", "activation_aware", "sparse_format", "factor_dtype", "seed", "rpca",
@@ -197,10 +197,14 @@ def test_overrides_reach_nested_fields_and_refuse_bad_keys():
     assert cfg.allocation == CapAllocation(steps=3, refine_iterations=5) and cfg.rpca.tol == 1e-3
     assert (cfg.calibration.pipeline, cfg.target_modules, cfg.param_ratio) == ("sequential", ["q_proj"], 0.4)
     assert LowRankSparseConfig.from_overrides(["allocation.steps=2"], allocation="cap").allocation.steps == 2
+    assert LowRankSparseConfig.from_overrides(["cap.steps=16"]).allocation == CapAllocation(steps=16, refine_iterations=5)
+    assert LowRankSparseConfig.from_overrides(["cap.lr=0.1", "cap.steps=2"], allocation="cap").allocation.lr == 0.1
     for pairs, message in ((["rpca"], "expected KEY=VALUE"), (["rpca.=1"], "expected KEY=VALUE"),
                            (["seed=1", "seed.value=1"], "seed is not a nested config"),
                            (["refit.colour=red"], "LowRankSparseConfig.refit got unknown keys ['colour']"),
-                           (["allocation.steps=2"], "UniformAllocation got unknown keys ['steps']")):
+                           (["allocation.steps=2"], "UniformAllocation got unknown keys ['steps']"),
+                           (["allocation=uniform", "cap.steps=2"], "allocation is 'uniform': drop that allocation"),
+                           (["cap.colour=red"], "CapAllocation got unknown keys ['colour']")):
         with pytest.raises(ValueError, match=re.escape(message)):
             LowRankSparseConfig.from_overrides(pairs)
 

@@ -1,8 +1,12 @@
-"""The results page is generated from the results files: a figure changed in one and not the other fails here."""
+"""The results page is generated from the results files: a figure changed in one and not the other fails here.
+The README's quick start runs as written."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from .hub_server import HubServer, run_client
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +32,29 @@ def test_results_page_check_fails_on_a_stale_page(tmp_path, monkeypatch):
         assert "out of date" in str(exit.code)
     else:
         raise AssertionError("--check passed on a stale page")
+
+
+def _python_blocks(section: str) -> list[str]:
+    body = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, re.S)
+
+
+def test_readme_quick_start_runs_as_written(dense_with_tokenizer, tmp_path):
+    """The quick start's Python blocks, their placeholders (a model path, texts, a tokenizer) given real values,
+    run on the tiny llama in a fresh interpreter pointed at the local Hub: compress on load both ways, save,
+    reload without recompressing (same logits), push with the card, wrap in LoRA."""
+    blocks = _python_blocks("Quick start")
+    assert len(blocks) >= 3 and '"path/to/model"' in blocks[0] and "push_to_hub" in blocks[-1], blocks
+    model_dir = repr(str(dense_with_tokenizer))
+    setup = (f"import os\nos.chdir({str(tmp_path)!r})\nfrom transformers import AutoTokenizer\n"
+             f"tok = AutoTokenizer.from_pretrained({model_dir})\n"
+             "my_texts = ['A short text to calibrate on, written out in plain words.'] * 4\n")
+    reloaded = ("import torch\nfrom optimum_lrs import LowRankSparseLinear\nids = torch.tensor([[1, 5, 9, 13]])\n"
+                "assert any(isinstance(m, LowRankSparseLinear) for m in again.modules())\n"
+                "with torch.no_grad():\n    assert torch.equal(model(ids).logits, again(ids).logits)\n")
+    code = (setup + blocks[0].replace('"path/to/model"', model_dir) + reloaded + "\n".join(blocks[1:])
+            + "from peft import PeftModel\nassert isinstance(peft_model, PeftModel)\nprint('ok')\n")
+    with HubServer() as hub:
+        assert "ok" in run_client(hub, tmp_path / "home", code)
+        assert {"config.json", "model.safetensors", "README.md", "allocation.png"} <= set(hub.files("me/model-lrs"))
+    assert (tmp_path / "model-lrs" / "config.json").is_file()

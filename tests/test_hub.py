@@ -26,7 +26,7 @@ def hub() -> Iterator[HubServer]:
 
 @pytest.fixture(scope="module")
 def compressed(dense_with_tokenizer, tmp_path_factory) -> Path:
-    cfg = LowRankSparseConfig(param_ratio=0.5, base_model=BASE)
+    cfg = LowRankSparseConfig(param_ratio=0.5)
     model = AutoModelForCausalLM.from_pretrained(dense_with_tokenizer, quantization_config=cfg)
     model.config.quantization_config.compressed.evaluation = {"perplexity": 12.5, "dataset": "x"}  # as `eval --record`
     out = tmp_path_factory.mktemp("hub-compressed")
@@ -39,7 +39,8 @@ def test_push_to_hub_writes_card_and_reloads_identically(hub, compressed, tmp_pa
     run_client(hub, tmp_path / "home1", f"""
         import optimum_lrs
         from transformers import AutoModelForCausalLM
-        optimum_lrs.push_to_hub(AutoModelForCausalLM.from_pretrained({str(compressed)!r}), "user/tiny-lrs")
+        optimum_lrs.push_to_hub(AutoModelForCausalLM.from_pretrained({str(compressed)!r}), "user/tiny-lrs",
+                                base_model={BASE!r})
     """)
     files = hub.files("user/tiny-lrs")
     assert {"config.json", "model.safetensors", "README.md", "allocation.png"} <= set(files)
@@ -52,7 +53,8 @@ def test_push_to_hub_writes_card_and_reloads_identically(hub, compressed, tmp_pa
     assert "12.5" in card.text and "| param_ratio=0.5 | uniform |" in card.text and "allocation.png" in card.text
     assert "positions are kept as a bitmask" in card.text  # the default layout, named as stored
     assert "Block output matching lowered the output error of 2 of 2 decoder blocks" in card.text  # on by default
-    assert json.loads(files["config.json"])["model_type"] == "optimum_lrs"
+    pushed = json.loads(files["config.json"])
+    assert pushed["model_type"] == "optimum_lrs" and pushed["quantization_config"]["compressed"]["base_model"] == BASE
 
     run_client(hub, tmp_path / "home2", f"""
         import torch, optimum_lrs

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import LowRankSparseLinear
-from optimum_lrs.nn import kernels
+from optimum_lrs.nn import kernel_library, kernels
 from optimum_lrs.nn.storage import BITMASK_KERNEL_MAX_DENSITY, DENSE_REBUILD_TOKENS, pack_bits
 
-needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
+needs_kernels = pytest.mark.skipif(kernel_library.compiler() is None, reason="no C compiler on this machine")
 
 # Token counts around every path switch: the per-byte path (<= 8), whole and partial 96-token tiles (and the
 # S^T product's 48-token tiles).
@@ -202,8 +202,8 @@ def test_a_build_without_vector_instructions_reads_every_dtype(tmp_path):
     """Where the compiler cannot target this CPU (no -march=native: no AVX2, no F16C), the portable code reads
     bfloat16 and float16 (its own float16 widening: normal, subnormal, zero, inf) and gives the same products."""
     script = (
-        "import torch\nfrom optimum_lrs.nn import kernels\nfrom optimum_lrs.nn.storage import pack_bits\n"
-        "kernels._FLAG_SETS = (['-O3'],)\n"
+        "import torch\nfrom optimum_lrs.nn import kernel_library, kernels\nfrom optimum_lrs.nn.storage import pack_bits\n"
+        "kernel_library.FLAG_SETS = (['-O3'],)\n"
         "assert kernels.bitmask_library() is not None and kernels.few_tokens() == 0\n"
         "halves = torch.tensor([1.0, -2.5, 6e-5, -3e-7, 0.0, -0.0, 65504.0, 1e-3], dtype=torch.float16)\n"
         "mask = torch.ones(1, 8, dtype=torch.bool)\n"

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import LowRankSparseLinear, QuantizedLowRankSparseLinear
-from optimum_lrs.nn import kernels
+from optimum_lrs.nn import kernel_library, kernels
 from optimum_lrs.nn.quantize import dequantize_groups, unpack_codes
 from optimum_lrs.nn.quantized_linear import QUANTIZED_KERNEL_ROWS
 
-needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
+needs_kernels = pytest.mark.skipif(kernel_library.compiler() is None, reason="no C compiler on this machine")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -139,8 +139,8 @@ def test_a_build_without_avx512_decodes_the_same(tmp_path):
     the same products for every dtype and width."""
     script = (
         "import torch, sys\nsys.path.insert(0, %r)\n"
-        "from optimum_lrs.nn import kernels\n"
-        "kernels._FLAG_SETS = (['-O3', '-mavx2', '-mfma', '-mf16c', '-fopenmp'], ['-O3', '-mavx2', '-mfma', '-mf16c'])\n"
+        "from optimum_lrs.nn import kernel_library, kernels\n"
+        "kernel_library.FLAG_SETS = (['-O3', '-mavx2', '-mfma', '-mf16c', '-fopenmp'], ['-O3', '-mavx2', '-mfma', '-mf16c'])\n"
         "assert kernels.bitmask_library() is not None and kernels.few_tokens() == 8\n"
         "from test_quantized_kernels import quantized, reference, assert_near\n"
         "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"

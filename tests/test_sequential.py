@@ -48,10 +48,7 @@ def test_one_shot_block_by_block_equals_the_whole_model_pass_bit_for_bit(arch, a
     by_blocks = compressed(ARCHITECTURES[arch], by_blocks_cfg)
     assert calls == [1]
 
-    def no_blocks(*_):
-        raise ValueError("no blocks")
-
-    monkeypatch.setattr(compress_module, "decoder_blocks", no_blocks)
+    monkeypatch.setattr(compress_module, "find_decoder_blocks", lambda *_: (None, "no blocks"))
     whole_cfg = config(allocation, "one_shot", matching=0)
     whole = compressed(ARCHITECTURES[arch], whole_cfg)
     assert calls == [1]

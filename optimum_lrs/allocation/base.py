@@ -10,74 +10,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .. import checks
-from ..stage1.rpca import RPCAResult
+from ..stage1.candidates import LayerCandidates
 
 if TYPE_CHECKING:
-    from ..config import LowRankSparseConfig
+    from ..config import LowRankSparseConfig, RefitConfig
 
 # Kept parameters may miss the budget by at most this fraction (METHOD.md: "within 0.1%").
 BUDGET_TOLERANCE = 1e-3
-
-
-@dataclass
-class LayerCandidates:
-    """Stage 1's output for one matrix: singular triplets (cost m + n each) and sparse entries (cost 1 each).
-
-    With activation-aware Stage 1, `rpca` decomposes `W diag(column_scale)`; the factors of W are
-    the low-rank factors with V divided column-wise by the scale, and S likewise. `input_moment` (H = X^T X /
-    tokens, with `refit.objective="second_moment"`) is what the final fit weights the error by.
-    """
-
-    name: str
-    out_features: int
-    in_features: int
-    rpca: RPCAResult
-    column_scale: torch.Tensor | None = None
-    input_moment: torch.Tensor | None = None
-    _sparse_count: int = field(default=-1, init=False, repr=False)  # set by compact
-    _rank_count: int = field(default=-1, init=False, repr=False)  # set by compact
-
-    @property
-    def rank_cost(self) -> int:
-        return self.out_features + self.in_features
-
-    @property
-    def dense_params(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def rank_pool(self) -> int:
-        return self.rpca.rank if self._rank_count < 0 else self._rank_count
-
-    @property
-    def sparse_pool(self) -> int:
-        if self.rpca.sparse is None:
-            return self._sparse_count
-        return int((self.rpca.sparse != 0).sum().item())
-
-    def compact(self, keep_rank: int) -> None:
-        """Free what an allocator that reads only a layer's leading triplets and S's size (uniform, CAP on refit
-        candidates, both with re-picked sparse entries) never reads: S's dense storage and the triplets beyond
-        the first `keep_rank`. The pool sizes stay those Stage 1 found."""
-        self._sparse_count, self._rank_count = self.sparse_pool, self.rank_pool
-        self.rpca.sparse = None
-        if keep_rank < self.rpca.rank:
-            r = self.rpca
-            r.u, r.s, r.vh = r.u[:, :keep_rank].clone(), r.s[:keep_rank].clone(), r.vh[:keep_rank].clone()
-
-    def energy_scores(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared error each candidate removes per parameter, relative to the layer's energy ||W||_F^2.
-
-        Triplet i: sigma_i^2 / ||W||^2 / (m + n); sparse entry at flat position p: S_p^2 / ||W||^2.
-        """
-        energy = (self.rpca.low_rank + self.rpca.sparse).square().sum().clamp_min(torch.finfo(torch.float32).tiny)
-        return self.rpca.s.square() / energy / self.rank_cost, self.rpca.sparse.flatten()[positions].square() / energy
-
-    def sparse_positions(self) -> torch.Tensor:
-        """Flat positions of S's non-zeros, largest |S| first: the order of this layer's sparse candidates."""
-        flat = self.rpca.sparse.flatten()
-        nonzero = flat.nonzero().squeeze(1)
-        return nonzero[flat[nonzero].abs().argsort(descending=True, stable=True)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,15 +64,31 @@ class AllocationProblem:
 @dataclass
 class AllocationConfig:
     """What every allocation method's config has: `lowrank_fraction`, the share of each matrix's budget spent on
-    rank in the uniform allocation, which every method starts from or falls back to (0.2 measured best of
-    0.2 / 0.4 / 0.7 on SmolLM2-135M, docs/research-notes.md). Subclasses set `name` and register a handler."""
+    rank in the uniform allocation, which every method starts from or falls back to (docs/design.md says why
+    0.2). Subclasses set `name`, declare their abilities (the ClassVars and methods below) and register a
+    handler."""
 
     name: ClassVar[str] = ""
     loss_driven: ClassVar[bool] = False  # the method runs the model on calibration tokens
+    # Each layer's share follows from the shapes alone, so a block is final as soon as it is compressed; without
+    # this, every layer's candidates are held until the allocation has seen them all.
+    per_layer: ClassVar[bool] = False
     lowrank_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         self.lowrank_fraction = checks.real(type(self).__name__, "lowrank_fraction", self.lowrank_fraction, 0.0, 1.0)
+
+    def resolve(self, refit: RefitConfig) -> None:
+        """Settle the defaults that depend on the final layers' `RefitConfig` (the parent config calls this)."""
+
+    def reads_uniform_rank(self, refit: RefitConfig) -> bool:
+        """True when the method reads of Stage 1 only each layer's leading uniform-rank triplets and S's size, so
+        Stage 1 is capped at that rank and compacted (`RPCAConfig.max_rank="auto"`)."""
+        return False
+
+    def streams(self, refit: RefitConfig) -> bool:
+        """True when the method runs on blocks streamed from disk one at a time (`compress_checkpoint`)."""
+        return self.per_layer
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self)}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerAllocation, LayerCandidates
+from ..stage1.candidates import LayerCandidates
+from .base import LayerAllocation
 
 
 def keep_best(

@@ -8,6 +8,7 @@ runs dry the other takes up the slack, and what a layer cannot hold goes to laye
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from .base import (
     AllocationConfig,
@@ -17,6 +18,9 @@ from .base import (
     kept_parameters,
     register_allocator,
 )
+
+if TYPE_CHECKING:
+    from ..config import RefitConfig
 
 
 def _fill(c: LayerCandidates, share: int, lowrank_fraction: float) -> LayerAllocation:
@@ -58,6 +62,10 @@ class UniformAllocation(AllocationConfig):
     """Every matrix keeps `param_ratio` of its parameters, `lowrank_fraction` of them as rank."""
 
     name = "uniform"
+    per_layer = True
+
+    def reads_uniform_rank(self, refit: RefitConfig) -> bool:
+        return refit.selection != "allocation"  # RPCA's own S keeps positions beyond the uniform rank's pick
 
 
 @register_allocator(UniformAllocation)

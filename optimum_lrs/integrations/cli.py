@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="activation-aware Stage 1 (default on; needs calibration text)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any LowRankSparseConfig field, dotted into a nested config, VALUE as JSON or text "
-                        "(repeatable): --set calibration.pipeline=sequential --set allocation.steps=4")
+                        "(repeatable): --set calibration.pipeline=sequential --set cap.steps=16 (a method's field chooses it)")
     c.add_argument("--gguf-file", help="GGUF file name inside MODEL's directory (dequantized, then compressed)")
     c.add_argument("--calibration", type=Path, help="calibration text: a .txt file or a .jsonl file with a 'text' field")
     c.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
@@ -98,9 +98,9 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         check_output_dir(args.output, args.overwrite)
         given = {"param_ratio": args.ratio, "allocation": args.allocation, "activation_aware": args.activation_aware,
-                 "seed": args.seed, "base_model": args.base_model, "calibration_data": texts,
-                 "cache_dir": str(args.cache_dir) if args.cache_dir else None}
+                 "seed": args.seed, "calibration_data": texts, "cache_dir": str(args.cache_dir) if args.cache_dir else None}
         config = LowRankSparseConfig.from_overrides(args.overrides, **{k: v for k, v in given.items() if v is not None})
+        config.inputs = replace(config.inputs, base_model=args.base_model)  # for the model card, read from no model
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     with process_group_from_environment(args.device) as several:
@@ -130,7 +130,7 @@ def _streamable(args: argparse.Namespace, config) -> bool:
     from ..io.checkpoint import INDEX_NAME
 
     local = Path(args.model)
-    return (not args.gguf_file and (config.allocation.name == "uniform" or config.cap_refits_candidates)
+    return (not args.gguf_file and config.streams
             and any((local / name).is_file() for name in ("model.safetensors", INDEX_NAME)))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +144,17 @@ def write_card(model: nn.Module, directory: str | Path, repo_id: str | None = No
     plot_allocation(allocation_table(model), directory / PLOT_NAME, title=f"{repo_id or ''} allocation".strip())
 
 
-def push_to_hub(model: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+def push_to_hub(model: PreTrainedModel, repo_id: str, *args: Any, base_model: str | None = None, **kwargs: Any) -> Any:
     """`model.push_to_hub(repo_id, *args, **kwargs)` for a compressed model, with its model card and allocation plot
     committed first (transformers' own push keeps a README it finds in the repo, but writes a template card where
-    there is none). Any other model is pushed as `model.push_to_hub` pushes it."""
-    if lrs_config(model) is None:
+    there is none). `base_model`: the dense model's Hub id, recorded in config.json and the card (where the model
+    was compressed from a local copy; a Hub id it was loaded from is recorded already). Any other model is pushed
+    as `model.push_to_hub` pushes it."""
+    config = lrs_config(model)
+    if config is None:
         return model.push_to_hub(repo_id, *args, **kwargs)
+    if base_model is not None:
+        config.compressed = replace(config.compressed, base_model=base_model)  # checked as a Hub id there
     token = kwargs.get("token")
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id

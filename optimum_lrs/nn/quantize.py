@@ -13,9 +13,44 @@ ranks differ layer by layer, so groups never run along them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .. import checks
+
 QUANT_BITS = (4, 8)
+# How quantized factors get their codes (FactorQuantization.rounding).
+ROUNDINGS = ("gptq", "nearest")
+
+
+@dataclass
+class FactorQuantization:
+    """U, V and S's values stored as `bits`-bit integer codes (4 or 8) with one scale per `group_size` values,
+    once each layer is final (`nn.quantize`, `QuantizedLowRankSparseLinear`). The group size must divide every
+    compressed layer's input and output width (64 for SmolLM2's 576).
+
+    `rounding`: `"gptq"` fits the codes to each layer's calibration inputs (`nn.gptq`: GPTQ's sweep over V, U,
+    then S's values with their positions fixed; the run then calibrates, as activation-aware compression
+    does); `"nearest"` rounds every factor to nearest. `error_feedback` (rounding to
+    nearest): round U and V first and add what that changed in U V at S's positions to S's values before
+    rounding them."""
+
+    bits: int = 4
+    group_size: int = 64
+    rounding: str = "gptq"
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        self.error_feedback = checks.flag("FactorQuantization", "error_feedback", self.error_feedback)
+        checks.choice("FactorQuantization", "rounding", self.rounding, ROUNDINGS)
+
+        if self.bits not in QUANT_BITS:
+            checks.fail("FactorQuantization", "bits", f"one of {QUANT_BITS}", self.bits)
+        self.group_size = checks.integer("FactorQuantization", "group_size", self.group_size, 2)
+        if self.group_size % 2:
+            checks.fail("FactorQuantization", "group_size", "an even integer (4-bit codes pack in pairs)",
+                        self.group_size)
 
 
 def check_bits(bits: int, group_size: int, dims: dict[str, int]) -> None:

@@ -7,11 +7,11 @@ import logging
 import torch
 from torch import nn
 
-from ..allocation import LayerCandidates
 from ..allocation.uniform import stage1_rank_cap, uniform_rank
 from ..config import LowRankSparseConfig
 from ..targets import check_weight
 from . import cache as stage1_cache
+from .candidates import LayerCandidates
 from .rpca import robust_pca
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...nn.storage import index_dtype_for
+from ...stage1.candidates import LayerCandidates
 from ...stage1.rpca import alternating_refit, top_triplets
-from ..base import AllocationProblem, LayerAllocation, LayerCandidates
+from ..base import AllocationProblem, LayerAllocation
 
 
 class PlaceMap:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ... import checks
 from ..base import AllocationConfig
+
+if TYPE_CHECKING:
+    from ...config import RefitConfig
 
 POLICIES = ("layer", "layer_type", "candidate")
 CANDIDATES = ("refit", "rpca")
@@ -26,10 +30,10 @@ class CapAllocation(AllocationConfig):
             same with a layer's rank and sparse count free apart. `"candidate"`: the paper's one Bernoulli
             probability per candidate as METHOD.md reads it (magnitude-informed start within each candidate
             type, moving-average baseline over a window of 5, s <- s - lr (L - b) (m - s) / (s (1 - s)), exact
-            projection onto the budget, global ranking by s at the end); on SmolLM2 it moved 0.01% of the
-            budget (docs/research-notes.md).
+            projection onto the budget, global ranking by s at the end), which hardly moves budget in a few
+            dozen forwards (docs/design.md, "CAP").
         lr: step size; None: the paper's 0.05 for `"candidate"`, 0.02 log-count units for the count policies
-            (on SmolLM2 at 50% 0.05 drifted above uniform, docs/research-notes.md).
+            (docs/design.md says why).
         sigma: spread of the count policies' sampled counts (0.1: about +-10% per layer).
         candidates (count policies, where the final layers are refit): what a sampled count keeps. `"refit"`
             (default): prefixes of each layer refit at the uniform counts, as the final layer would be, so
@@ -67,3 +71,21 @@ class CapAllocation(AllocationConfig):
         self.candidates = checks.choice(owner, "candidates", self.candidates, CANDIDATES)
         if self.refine_iterations is not None:
             self.refine_iterations = checks.integer(owner, "refine_iterations", self.refine_iterations, 0)
+
+    def resolve(self, refit: RefitConfig) -> None:
+        if self.refine_iterations is None:
+            self.refine_iterations = min(5, refit.iterations)
+        if self.refine_iterations > refit.iterations:
+            checks.fail(type(self).__name__, "refine_iterations", f"at most RefitConfig.iterations ({refit.iterations})",
+                        self.refine_iterations)
+
+    def refits_candidates(self, refit: RefitConfig) -> bool:
+        """True when samples keep prefixes of each layer refit at the uniform counts (`candidates="refit"`), which
+        happens where the final layers are refit too, with the count policies."""
+        return self.candidates == "refit" and self.policy != "candidate" and refit.selection != "allocation"
+
+    def reads_uniform_rank(self, refit: RefitConfig) -> bool:
+        return self.refits_candidates(refit)
+
+    def streams(self, refit: RefitConfig) -> bool:
+        return self.refits_candidates(refit)  # the pools are then small enough to keep on disk (cap/streamed.py)

@@ -57,7 +57,7 @@ def allocate_cap(problem: AllocationProblem) -> dict[str, LayerAllocation]:
     if problem.streamed is not None:
         return problem.streamed.allocate(problem)
     targets = {c.name: model.get_submodule(c.name) for c in problem.candidates}
-    refit = cfg.cap_refits_candidates
+    refit = cfg.allocation.refits_candidates(cfg.refit)
     if refit:
         uniform = allocate_uniform(problem)
         pools = [refit_candidates(problem, c, targets[c.name], uniform[c.name])

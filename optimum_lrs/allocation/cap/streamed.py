@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ...sequential import block_output, first_block_inputs, standing_in
-from ..base import AllocationProblem, LayerAllocation, LayerCandidates
+from ...stage1.candidates import LayerCandidates
+from ..base import AllocationProblem, LayerAllocation
 from .candidates import PoolStore, refit_candidates
 from .driver import run_policy
 from .masked import MaskedLinear, NextTokenLoss
