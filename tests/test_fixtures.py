@@ -15,7 +15,9 @@ FIXTURES = sorted(p for p in (Path(__file__).parent / "fixtures").glob("format*/
 
 
 def test_fixtures_exist():
-    assert {p.name for p in FIXTURES} >= {"llama-bitmask", "qwen2-csr"}
+    assert {f"{p.parent.name}/{p.name}" for p in FIXTURES} >= {
+        "format1/llama-bitmask", "format1/qwen2-csr", "format2/llama-bitmask", "format2/qwen2-csr",
+        "format3/llama-bitmask-4bit"}
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -35,11 +37,11 @@ def test_todays_code_writes_the_fixture_tensors_again(fixture, tmp_path):
     redesigned configuration changed config.json's layout, not what compression computes."""
     from optimum_lrs import LowRankSparseConfig, compress_
 
-    from .conftest import tiny_llama, tiny_qwen2
+    from .fixtures.make_fixtures import FIXTURES as RECIPES
 
-    build = {"llama-bitmask": (tiny_llama, "bitmask"), "qwen2-csr": (tiny_qwen2, "csr")}[fixture.name]
-    model = build[0]()
-    compress_(model, LowRankSparseConfig(param_ratio=0.5, activation_aware=False, sparse_format=build[1]))
+    build, fields = {name: (build, fields) for name, build, fields in RECIPES}[fixture.name]
+    model = build()
+    compress_(model, LowRankSparseConfig(param_ratio=0.5, activation_aware=False, **fields))
     model.save_pretrained(tmp_path)
     written, saved = load_file(tmp_path / "model.safetensors"), load_file(fixture / "model.safetensors")
     assert written.keys() == saved.keys()
