@@ -12,10 +12,24 @@ C4 sample shipped with the package (data/README.md) is used.
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def find_tokenizer(source: Any, **kwargs: Any) -> Any:
+    """The tokenizer saved with `source` (a directory or Hub id; `gguf_file=` for one inside a GGUF file), or None
+    where none loads (logged with the reason): the caller says what that means for its run."""
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:  # transformers raises OSError, ValueError, TypeError... depending on what is missing
+        logger.info("no tokenizer loads from %s: %s", source, exc)
+        return None
 
 
 def default_texts() -> list[str]:

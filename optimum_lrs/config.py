@@ -10,6 +10,7 @@ docs/configuration.md describes every field.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -326,6 +327,13 @@ class LowRankSparseConfig(QuantizationConfigMixin):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LowRankSparseConfig) and self.to_dict() == other.to_dict()
+
+    def with_inputs(self, **inputs: Any) -> LowRankSparseConfig:
+        """A copy whose run inputs (`calibration_data`, `tokenizer`, `cache_dir`, `base_model`) are updated: the
+        caller's config stays as given, and reusable for the next model."""
+        config = copy.copy(self)
+        config.inputs = replace(self.inputs, **inputs)
+        return config
 
     def factor_torch_dtype(self, model_dtype: Any) -> Any:
         """The dtype of the stored factors for a model (or dense weight) in `model_dtype`."""

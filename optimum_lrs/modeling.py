@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-from dataclasses import replace
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import cached_file
 
+from .calibration import find_tokenizer
 from .config import QUANT_METHOD, LowRankSparseConfig
 from .integrations.transformers import compress_
 
@@ -73,9 +72,8 @@ class LRSModelForCausalLM:
             model = cls.auto_model_class.from_pretrained(model_id_or_path, gguf_file=gguf_file, **kwargs)
             if compression_config is not None and compression_config.needs_calibration and compression_config.inputs.tokenizer is None:
                 # the GGUF file carries the tokenizer; the compression cannot find it from the directory alone
-                compression_config = copy.copy(compression_config)
-                tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, gguf_file=gguf_file)
-                compression_config.inputs = replace(compression_config.inputs, tokenizer=tokenizer)
+                compression_config = compression_config.with_inputs(
+                    tokenizer=find_tokenizer(model_id_or_path, gguf_file=gguf_file))
             return compress_(model, compression_config) if compression_config is not None else model
         if compression_config is not None:
             kwargs["quantization_config"] = compression_config

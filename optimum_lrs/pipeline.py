@@ -10,14 +10,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from .allocation import AllocationProblem, LayerAllocation, LayerCandidates, allocate
 from .allocation.base import check_allocation, check_budget, kept_parameters
 from .allocation.cap.streamed import StreamedCap
 from .allocation.uniform import allocate_uniform, uniform_shares
 from .block_matching import MatchResult, match_block
-from .calibration import calibration_windows
+from .calibration import calibration_windows, find_tokenizer
 from .config import CompressionResult, LowRankSparseConfig
 from .nn.linear import LowRankSparseLinear
 from .nn.quantize import check_bits
@@ -45,13 +44,12 @@ def _calibration(model: nn.Module, config: LowRankSparseConfig) -> torch.Tensor 
     token_ids = isinstance(data, torch.Tensor) or (isinstance(data, list) and isinstance(data[0], list))
     if tokenizer is None and not token_ids:
         source = getattr(model, "name_or_path", "")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as exc:
+        tokenizer = find_tokenizer(source)
+        if tokenizer is None:
             raise ValueError(
                 f"allocation={config.allocation.name!r}, activation_aware={config.activation_aware} tokenizes calibration text but no tokenizer was given and none "
                 f"loads from {source!r}; pass LowRankSparseConfig(tokenizer=...) or token ids as calibration_data"
-            ) from exc
+            )
     windows = calibration_windows(
         config.inputs.calibration_data, tokenizer, config.calibration.seq_len, config.calibration.num_samples, config.seed,
         vocab_size=model.get_input_embeddings().num_embeddings,

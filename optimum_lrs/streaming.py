@@ -13,8 +13,6 @@ complete.
 from __future__ import annotations
 
 import contextlib
-import copy
-from dataclasses import replace
 import ctypes
 import json
 import logging
@@ -30,8 +28,9 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from .calibration import find_tokenizer
 from .io.checkpoint import INDEX_NAME, CheckpointError, mark_compressed, read_weight_map
 from .pipeline import compress_blocks
 from .config import LowRankSparseConfig
@@ -225,12 +224,10 @@ def compress_checkpoint(source: str | Path, output: str | Path, config: LowRankS
     dtype = dtype or getattr(model_config, "dtype", None) or torch.float32
     tokenizer = config.inputs.tokenizer if tokenizer is None else tokenizer
     if tokenizer is None:  # saved beside the model; where calibration needs one and none loads, the pipeline says so
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            logger.warning("no tokenizer loads from %s (%s); none is saved with the compressed model", source, exc)
-    config = copy.copy(config)  # compression writes the allocation into it: the caller's stays reusable
-    config.inputs = replace(config.inputs, tokenizer=tokenizer)
+        tokenizer = find_tokenizer(source)
+        if tokenizer is None:
+            logger.warning("no tokenizer loads from %s; none is saved with the compressed model", source)
+    config = config.with_inputs(tokenizer=tokenizer)  # a copy: compression writes the allocation into it
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     model.name_or_path = str(source)

@@ -100,7 +100,7 @@ def _compress(args: argparse.Namespace) -> int:
         given = {"param_ratio": args.ratio, "allocation": args.allocation, "activation_aware": args.activation_aware,
                  "seed": args.seed, "calibration_data": texts, "cache_dir": str(args.cache_dir) if args.cache_dir else None}
         config = LowRankSparseConfig.from_overrides(args.overrides, **{k: v for k, v in given.items() if v is not None})
-        config.inputs = replace(config.inputs, base_model=args.base_model)  # for the model card, read from no model
+        config = config.with_inputs(base_model=args.base_model)  # for the model card, read from no model
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     with process_group_from_environment(args.device) as several:

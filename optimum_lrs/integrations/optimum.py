@@ -8,19 +8,18 @@ an interrupted run never leaves a directory that loads as a valid but incomplete
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from optimum.quantization_base import OptimumQuantizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ..calibration import find_tokenizer
 from ..config import LowRankSparseConfig
 from ..distributed import Ranks
 from ..io.model_card import write_card
@@ -97,10 +96,9 @@ class LRSQuantizer(OptimumQuantizer):
         source = {"gguf_file": file_name} if file_name else {}
         model = AutoModelForCausalLM.from_pretrained(model_or_path, **source, **kwargs)
         if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(model_or_path, **source)
-            except (OSError, ValueError) as exc:
-                logger.warning("no tokenizer loads from %s (%s); pass token ids as calibration_data", model_or_path, exc)
+            tokenizer = find_tokenizer(model_or_path, **source)
+            if tokenizer is None:
+                logger.warning("no tokenizer loads from %s; pass token ids as calibration_data", model_or_path)
         return cls(model, tokenizer)
 
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None,
@@ -116,8 +114,7 @@ class LRSQuantizer(OptimumQuantizer):
             config = LowRankSparseConfig.from_dict(config)
         check_output_dir(Path(save_dir), overwrite)
         if config.inputs.tokenizer is None and self.tokenizer is not None:
-            config = copy.copy(config)
-            config.inputs = replace(config.inputs, tokenizer=self.tokenizer)
+            config = config.with_inputs(tokenizer=self.tokenizer)
         compress_(self.model, config)
         if Ranks().writes:  # several ranks hold the same model: one writes it
             save_atomically(self.model, save_dir, self.tokenizer, repo_id, overwrite)
