@@ -1,5 +1,5 @@
 """The results page is generated from the results files: a figure changed in one and not the other fails here.
-The README's quick start runs as written."""
+The README's quick start runs as written, and the error catalogue names tests that exist."""
 
 import re
 import subprocess
@@ -58,3 +58,13 @@ def test_readme_quick_start_runs_as_written(dense_with_tokenizer, tmp_path):
         assert "ok" in run_client(hub, tmp_path / "home", code)
         assert {"config.json", "model.safetensors", "README.md", "allocation.png"} <= set(hub.files("me/model-lrs"))
     assert (tmp_path / "model-lrs" / "config.json").is_file()
+
+
+def test_the_error_catalogue_names_tests_that_exist():
+    """Every `test_file.py::test_name[id]` docs/errors.md cites is a test pytest collects (a renamed test or a
+    parameter id that no longer exists fails here)."""
+    refs = sorted(set(re.findall(r"`(test_\w+\.py::[^`\s]+)`", (ROOT / "docs" / "errors.md").read_text())))
+    assert len(refs) > 50, refs
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           *[f"tests/{ref}" for ref in refs]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -53,9 +53,11 @@ def test_both_entry_points_agree_and_meet_the_budget(dense_checkpoint, saved, in
     recorded = model.config.quantization_config.compressed.modules
     assert {n: (e["rank"], e["nnz"]) for n, e in recorded.items()} == {n: (l.rank, l.nnz) for n, l in layers.items()}
     assert all(e["rpca_residual"] < model.config.quantization_config.rpca.tol for e in recorded.values())
-    # The compressed model is a real approximation of the dense one, not noise.
+    # The compressed model is a real approximation of the dense one, not noise: its relative logit error measured
+    # 0.244 (llama) and 0.236 (qwen2); with every compressed layer zeroed it is 0.58 / 0.61. The bound leaves
+    # 1.4x room above the first and fails the second.
     ref = logits(dense, input_ids)
-    assert torch.linalg.norm(logits(model, input_ids) - ref) < 0.5 * torch.linalg.norm(ref)
+    assert torch.linalg.norm(logits(model, input_ids) - ref) < 0.35 * torch.linalg.norm(ref)
 
 
 def test_saved_checkpoint_holds_only_factors_in_shards(saved, capsys):

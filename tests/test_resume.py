@@ -13,7 +13,7 @@ from optimum_lrs import CalibrationConfig, CapAllocation
 
 from .conftest import REPO
 
-# A model big enough that Stage 1 takes seconds (so a kill lands mid-run), built the same way in every process.
+# A tiny model built the same way in every process.
 BUILD = """
 import pytest
 import torch
@@ -22,8 +22,20 @@ torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=160, intermediate_size=384, num_hidden_layers=4,
                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
 """
+# With a count and a marker path, the run writes the marker once that many Stage 1 entries are stored and then
+# waits there, so that the parent's SIGKILL lands at a known point however fast the machine is.
 COMPRESS = BUILD + """
-import sys, optimum_lrs
+import sys, time, optimum_lrs
+from optimum_lrs.stage1 import cache
+if len(sys.argv) > 3:
+    store, stored = cache.store, []
+    def store_then_pause(*args):
+        store(*args)
+        stored.append(args[1])
+        if len(stored) == int(sys.argv[3]):
+            open(sys.argv[4], "w").close()
+            time.sleep(600)
+    cache.store = store_then_pause
 cfg = optimum_lrs.LowRankSparseConfig(param_ratio=0.5, cache_dir=sys.argv[1], rpca={'tol': 1e-6, 'max_iter': 200},
                                       activation_aware=False)  # no tokenizer for this model: raw-weight Stage 1
 optimum_lrs.compress_(model, cfg)
@@ -42,16 +54,16 @@ def digest(directory):
 
 
 def test_killed_run_resumes_from_cache_and_matches_an_uninterrupted_run(tmp_path):
-    cache, out = tmp_path / "cache", tmp_path / "resumed"
-    proc = run([cache, out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cache, out, marker = tmp_path / "cache", tmp_path / "resumed", tmp_path / "six-stored"
+    proc = run([cache, out, 6, marker], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(cache.glob("*.safetensors"))) < 6 and proc.poll() is None:
+    while time.monotonic() < deadline and not marker.exists() and proc.poll() is None:
         time.sleep(0.05)
-    assert proc.poll() is None, "Stage 1 finished before it could be interrupted"
+    assert marker.exists() and proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timeout"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("*.safetensors")}
-    assert 6 <= len(finished) < 28 and not out.exists()
+    assert len(finished) == 6 and not out.exists()
 
     assert run([cache, out]).wait() == 0
     entries = list(cache.glob("*.safetensors"))
@@ -91,20 +103,35 @@ def test_unreadable_cache_entry_is_recomputed(tmp_path):
 
 
 def test_cli_killed_while_writing_leaves_no_output_directory(dense_with_tokenizer, tmp_path):
-    """SIGKILL the command line the moment its staging directory appears: the target never exists half-written."""
-    out = tmp_path / "model"
+    """SIGKILL the command line after it has written its first shard into the staging directory (the run writes a
+    marker there and waits): the target never exists half-written."""
+    out, marker = tmp_path / "model", tmp_path.parent / f"{tmp_path.name}-first-shard"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "optimum_lrs.integrations.cli", "--quiet", "compress", str(dense_with_tokenizer),
-                             "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = f"""
+import sys, time
+from optimum_lrs import streaming
+from optimum_lrs.integrations.cli import main
+save_file = streaming.save_file
+def save_then_pause(*args, **kwargs):
+    save_file(*args, **kwargs)
+    open({str(marker)!r}, "w").close()
+    time.sleep(600)
+streaming.save_file = save_then_pause
+sys.exit(main(sys.argv[1:]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script, "--quiet", "compress", str(dense_with_tokenizer),
+                             "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None and not list(tmp_path.glob(".model.partial-*")):
-        time.sleep(0.001)
-    assert proc.poll() is None, "the run ended before its output was being written"
+    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.05)
+    assert marker.exists() and proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timeout"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    assert [p.name.startswith(".model.partial-") for p in tmp_path.iterdir()] == [True]  # only the hidden staging dir
+    staging = [p for p in tmp_path.iterdir()]
+    assert [p.name.startswith(".model.partial-") for p in staging] == [True]  # only the hidden staging dir
+    assert list(staging[0].glob("*.safetensors"))  # killed while writing: a shard was there
 
 
 def test_pickle_checkpoints_are_refused(tmp_path, dense_checkpoint):

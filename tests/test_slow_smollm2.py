@@ -39,6 +39,7 @@ def test_smollm2_half_budget_uniform_defaults(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nSmolLM2-135M WikiText-2 ({WINDOWS} x {SEQ_LEN} tokens): dense ppl {ppl_dense:.2f}, "
               f"uniform 50% ppl {ppl:.2f}; max RPCA residual {max(residuals):.1e}")
-    # Measured 67.10 with the defaults on these windows (CI, 2026-11-25; the benchmark: 67.39; 84.6 with the earlier 3 refits,
-    # SparseGPT 80.2); the paper's raw-weight Stage 1 gives 761, a broken forward or extraction thousands.
-    assert ppl_dense < ppl < 75
+    # Measured 61.92 with the defaults on these windows (2026-12-07, this machine; 61.48 in a fresh-clone run), and
+    # 66.75 with block matching off (refit={"block_matching_steps": 0}); the paper's raw-weight Stage 1 gives 761,
+    # a broken forward or extraction thousands. The bound sits between: 3-4% above the first, 4% below the second.
+    assert ppl_dense < ppl < 64.0
