@@ -75,6 +75,27 @@ def test_killed_run_resumes_from_cache_and_matches_an_uninterrupted_run(tmp_path
     assert digest(out) == digest(fresh)
 
 
+def test_two_processes_sharing_a_cache_dir_both_finish_with_the_uncached_result(tmp_path):
+    """Two runs started together on one `cache_dir` race for the same Stage 1 entries (each written to a file of
+    its own and renamed): both finish, with the checkpoint a run without a cache writes."""
+    script = BUILD + """
+import sys, optimum_lrs
+cfg = optimum_lrs.LowRankSparseConfig(param_ratio=0.5, activation_aware=False, cache_dir=sys.argv[1] or None)
+optimum_lrs.compress_(model, cfg)
+model.save_pretrained(sys.argv[2])
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(tmp_path / name)], env=env,
+                              stderr=subprocess.PIPE) for name in ("a", "b")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
+    alone = subprocess.run([sys.executable, "-c", script, "", str(tmp_path / "alone")], env=env, timeout=300)
+    assert alone.returncode == 0
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") == digest(tmp_path / "alone") != {}
+    assert len(list(cache.glob("*.safetensors"))) == 28 and not list(cache.glob("*.tmp*"))  # no leftovers
+
+
 def test_same_seed_gives_byte_identical_checkpoints(tmp_path):
     from optimum_lrs import LowRankSparseConfig, compress_
 
