@@ -192,7 +192,9 @@ class LowRankSparseLinear(nn.Module):
             raise ValueError(f"LowRankSparseLinear expected last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(self.factor_dtype)
-        return self.storage.forward(self, flat).reshape(*lead, self.out_features)
+        # in the input's dtype, as the rest of the model computes: factors stored in another dtype (a float32
+        # model with bfloat16 factors) must not hand their dtype on (attention refuses mixed q / k / v dtypes)
+        return self.storage.forward(self, flat).reshape(*lead, self.out_features).to(x.dtype)
 
     def _sparse_dense(self) -> torch.Tensor:
         """S as a transient dense matrix in the factors' dtype, on their device: possibly a buffer the next call

@@ -236,7 +236,7 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
                                                codes[2], self._nnz, self.bits, self.group_size).to(flat.dtype)
         else:
             out = dense_product(self, flat)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)  # the input's dtype, as the float layer's
 
     def _reads_codes(self, *inputs: torch.Tensor) -> bool:
         """Whether the codes kernels run this layer: bitmask layout, CPU tensors, a build for this machine, scales
