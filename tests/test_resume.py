@@ -43,10 +43,15 @@ model.save_pretrained(sys.argv[2])
 """
 
 
-def run(args, **kw):
+def child_env() -> dict[str, str]:
+    """The environment of a child Python: this checkout's package, one thread, no pytest settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", COMPRESS, *map(str, args)], env=env, **kw)
+    return env
+
+
+def run(args, **kw):
+    return subprocess.Popen([sys.executable, "-c", COMPRESS, *map(str, args)], env=child_env(), **kw)
 
 
 def digest(directory):
@@ -84,8 +89,7 @@ cfg = optimum_lrs.LowRankSparseConfig(param_ratio=0.5, activation_aware=False, c
 optimum_lrs.compress_(model, cfg)
 model.save_pretrained(sys.argv[2])
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env()
     cache = tmp_path / "cache"
     procs = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(tmp_path / name)], env=env,
                               stderr=subprocess.PIPE) for name in ("a", "b")]
@@ -127,8 +131,7 @@ def test_cli_killed_while_writing_leaves_no_output_directory(dense_with_tokenize
     """SIGKILL the command line after it has written its first shard into the staging directory (the run writes a
     marker there and waits): the target never exists half-written."""
     out, marker = tmp_path / "model", tmp_path.parent / f"{tmp_path.name}-first-shard"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env()
     script = f"""
 import sys, time
 from optimum_lrs import streaming
