@@ -2,7 +2,7 @@
 scales refit to the layer's outputs after the fitted codes" and "Input-channel scaling and 8-bit attention layers
 before the fitted codes"). Each layer's input second moment H comes from the calibration windows through the float
 model (the first position counted once per window token in attention layers, as the pipeline does); the codes are
-fitted as `FactorQuantization(rounding="gptq")` fits them, then varied; perplexity on held-out C4 windows.
+fitted as `FactorQuantization(rounding="gptq", refit_scales=False)` fits them, then varied; perplexity on held-out C4 windows.
 
     python benchmarks/codes_posthoc.py MODEL_DIR --variant fitted --variant bits:v=8 --variant bits:k=8,v=8 \\
         --variant scales:30:0.003 --variant channels:0,0.25,0.5
@@ -10,7 +10,8 @@ fitted as `FactorQuantization(rounding="gptq")` fits them, then varied; perplexi
 MODEL_DIR: a float compressed model with its tokenizer (e.g. SmolLM2 compressed with `LowRankSparseConfig(
 param_ratio=0.8)` and saved). Variants: `fitted` (the default codes), `bits:TYPE=B,...` (layer types by their
 name's last part, e.g. `v` for v_proj or `down_proj`, at B bits, the rest at 4), `scales:STEPS:LR` (every group's
-scale times (1 + d), d by Adam on the layer's output error over H), `channels:ALPHAS` (AWQ's input-channel scaling
+scale times (1 + d), d by Adam on the layer's output error over H), `cg:STEPS` (the scales refitted as
+`FactorQuantization(refit_scales=True)` does, STEPS conjugate-gradient steps per half), `channels:ALPHAS` (AWQ's input-channel scaling
 s = rms^alpha, the alpha of the list with the least output error per layer; the layer then runs on x / s).
 """
 
@@ -114,7 +115,8 @@ def channel_scaled(layer: LowRankSparseLinear, h: torch.Tensor, alphas: list[flo
         with torch.no_grad():
             scaled.lowrank_v.mul_(scale[None, :])
             scaled.sparse_values.mul_(scale[scaled.sparse_positions()[1]])
-        q = QuantizedLowRankSparseLinear.quantize(scaled, 4, 64, True, h / (scale[:, None] * scale[None, :]))
+        q = QuantizedLowRankSparseLinear.quantize(scaled, 4, 64, True, h / (scale[:, None] * scale[None, :]),
+                                                  refit_scales=False)
         error = float(output_error(weight, q.dense_weight().float() / scale[None, :], h))
         if best is None or error < best[0]:
             best = (error, q if alpha == 0 else ChannelScaled(q, scale))
@@ -132,7 +134,10 @@ def variant(base, layers, moments, spec: str) -> tuple[torch.nn.Module, float]:
         if kind == "channels":
             module = channel_scaled(layer, h, [float(a) for a in arg.split(",")])
         else:
-            module = QuantizedLowRankSparseLinear.quantize(layer, width, 64, True, h)
+            module = QuantizedLowRankSparseLinear.quantize(layer, width, 64, True, h, refit_scales=False)
+            if kind == "cg":
+                with torch.no_grad():
+                    module.refit_scales(layer.dense_weight(), h, int(arg))
             if kind == "scales":
                 steps, lr = arg.split(":")
                 refit_scales(module, layer, h, int(steps), float(lr))

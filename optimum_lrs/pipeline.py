@@ -73,12 +73,13 @@ def _replace(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, source
 def _final_storage(layer: LowRankSparseLinear, config: LowRankSparseConfig,
                    moment: torch.Tensor | None = None) -> LowRankSparseLinear:
     """The layer as it is stored for good: with `config.quantization`, its factors as integer codes, fitted to
-    its inputs' second moment `moment` where `rounding="gptq"` and one was measured, else rounded to nearest."""
+    its inputs' second moment `moment` (and their scales refitted, `refit_scales`) where `rounding="gptq"` and
+    one was measured, else rounded to nearest."""
     q = config.quantization
     if q is None:
         return layer
     return QuantizedLowRankSparseLinear.quantize(layer, q.bits, q.group_size, q.error_feedback,
-                                                 moment if q.rounding == "gptq" else None)
+                                                 moment if q.rounding == "gptq" else None, q.refit_scales)
 
 
 def _code_moments(model: nn.Module, block: nn.Module, names: list[str], inputs: BlockInputs | None,

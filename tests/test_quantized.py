@@ -81,7 +81,8 @@ def test_saved_codes_reload_without_recompressing_and_give_identical_logits(comp
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["format_version"] == config_module.QUANTIZED_FORMAT_VERSION
-    assert saved["quantization"] == {"bits": 4, "group_size": GROUP, "rounding": "gptq", "error_feedback": True}
+    assert saved["quantization"] == {"bits": 4, "group_size": GROUP, "rounding": "gptq", "error_feedback": True,
+                                   "refit_scales": True}
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     name = next(iter(layers(model)))

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import kernels, ops
 from .gptq import gptq_codes
+from .scale_fit import STEPS, fit_scales
 from .linear import LowRankSparseLinear
 from .storage import dense_product, needs_grad
 from .quantize import check_bits, dequantize_groups, pack_codes, quantize_groups, unpack_codes
@@ -102,13 +103,14 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
 
     @classmethod
     def quantize(cls, layer: LowRankSparseLinear, bits: int, group_size: int, error_feedback: bool = True,
-                 second_moment: torch.Tensor | None = None) -> QuantizedLowRankSparseLinear:
+                 second_moment: torch.Tensor | None = None, refit_scales: bool = True) -> QuantizedLowRankSparseLinear:
         """`layer` with its factors as group codes (same positions, bias and dtype).
 
         Without `second_moment` the codes are rounded to nearest; with `error_feedback`, U and V are rounded
         first and what their rounding changed in U V at S's positions is added to S's values before those are
         rounded: W = U V + S holds there as before, needing no dense W. With the layer's input second moment
-        (in_features, in_features), the codes are fitted to the layer's outputs instead (`_fit_codes`)."""
+        (in_features, in_features), the codes are fitted to the layer's outputs instead (`_fit_codes`), and with
+        `refit_scales` their scales then refitted to those outputs (`refit_scales`)."""
         out = cls(layer.in_features, layer.out_features, layer.rank, layer.nnz, layer.bias is not None,
                   layer.factor_dtype, layer.lowrank_u.device, layer.sparse_format, bits, group_size)
         with torch.no_grad():
@@ -125,6 +127,8 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
                 getattr(out, name).copy_(getattr(layer, name))
             if layer.bias is not None:
                 out.bias.copy_(layer.bias)
+            if second_moment is not None and refit_scales:  # S's positions stored: the fit reads them
+                out.refit_scales(layer.dense_weight(), second_moment)
         return out
 
     def _store(self, name: str, tensor: torch.Tensor) -> None:
@@ -165,6 +169,16 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
             entry_scales[keep] = scales.repeat_interleave(group)[: layer.nnz]
             codes = gptq_codes(residual, h, entry_scales, top, keep)[keep]
             self._store_codes("sparse_values", nn.functional.pad(codes, (0, -layer.nnz % group)), scales)
+
+    def refit_scales(self, weight: torch.Tensor, second_moment: torch.Tensor, steps: int = STEPS) -> None:
+        """Every group's scale refitted, codes fixed, to bring the layer's outputs closer to `weight`'s on inputs
+        of that second moment (`nn.scale_fit`)."""
+        keys = {"u": "lowrank_u", "v": "lowrank_v", "s": "sparse_values"}
+        codes = {k: unpack_codes(getattr(self, f"{name}_codes"), self.bits).float() for k, name in keys.items()}
+        scales = {k: getattr(self, f"{name}_scales") for k, name in keys.items()}
+        fitted = fit_scales(weight, second_moment, codes, scales, self.sparse_positions(), self.group_size, steps)
+        for k, name in keys.items():
+            getattr(self, f"{name}_scales").copy_(fitted[k])
 
     def _dequantized(self, name: str) -> torch.Tensor:
         codes, scales = getattr(self, f"{name}_codes"), getattr(self, f"{name}_scales")
