@@ -54,9 +54,9 @@ def main() -> None:
     }
     print(f"perplexity: {ppl:.2f}")
 
-    # model card and allocation plot, then the checkpoint; the GGUF file was local, so the card names the dense model
-    optimum_lrs.push_to_hub(model, args.repo, base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    quantizer.tokenizer.push_to_hub(args.repo)
+    # checkpoint, card, plot and tokenizer in one commit; the GGUF file was local, so the card names the dense model
+    optimum_lrs.push_to_hub(model, args.repo, base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                            tokenizer=quantizer.tokenizer)
     print(f"pushed to {args.repo}")
 
     again = optimum_lrs.LRSModelForCausalLM.from_pretrained(args.repo)

@@ -30,11 +30,23 @@ What it serves (model repos, one branch "main"; any earlier commit sha also reso
     GET  /api/models/{repo}[/revision/{rev}]        id, sha, siblings (rfilename, size, blobId), ...
     GET  /api/models/{repo}/tree/{rev}[/{path}]     ?recursive=true lists files and folders below
     POST /api/models/{repo}/paths-info/{rev}        form body paths=...&paths=...
-    POST /api/models/{repo}/preupload/{rev}         always uploadMode "regular": no LFS/Xet, contents come inline
-    POST /api/models/{repo}/commit/{rev}            NDJSON: header, file (base64), deletedFile, deletedFolder
-    HEAD/GET /{repo}/resolve/{rev}/{path}           ETag (git blob sha1), X-Repo-Commit, Content-Length
+    POST /api/models/{repo}/preupload/{rev}         uploadMode "lfs" for *.safetensors (the real Hub's
+                                                    .gitattributes rule), "regular" (contents inline) otherwise
+    POST /{repo}.git/info/lfs/objects/batch         LFS batch API, "basic" transfer: an upload (and verify) action
+                                                    for each object not stored yet
+    PUT  /lfs/objects/{oid}                         an LFS object's bytes (refused unless their sha256 is oid)
+    POST /lfs/verify                                {oid, size}: 404 unless that object was stored
+    POST /api/models/{repo}/commit/{rev}            NDJSON: header, file (base64), lfsFile (an uploaded object),
+                                                    deletedFile, deletedFolder; a commit is applied whole or not
+    HEAD/GET /{repo}/resolve/{rev}/{path}           ETag (git blob sha1; X-Linked-Etag: sha256 for LFS files),
+                                                    X-Repo-Commit, Content-Length
 Errors carry the `X-Error-Code` the client maps to exceptions: RepoNotFound, RevisionNotFound, EntryNotFound.
-Not supported (400): other repo types, pull requests (create_pr), lfsFile commit lines; parentCommit is not checked.
+Not supported (400): other repo types, pull requests (create_pr); parentCommit is not checked. Xet storage is not
+served: `run_client` sets HF_HUB_DISABLE_XET=1, so the client takes the LFS path it falls back to without hf_xet.
+
+Faults: `hub.inject(route, status, times)` answers the next `times` requests of a route (its handler's name
+without `_route_`: "commit", "preupload", "lfs_batch", "lfs_put", ...) with `status` and nothing done, or with
+status None drops the connection without an answer; `hub.requests` counts the requests each route received.
 `create_repo` without a namespace lands under the whoami user, "user".
 Requests that match no route get a plain 404 and are recorded in `HubServer.unhandled`, so a test can assert the
 client needed nothing more.
@@ -48,6 +60,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -106,8 +119,11 @@ class HubServer:
 
     def __init__(self) -> None:
         self._repos: dict[str, _Repo] = {}
+        self._lfs: dict[str, bytes] = {}  # LFS objects by sha256, uploaded before the commit that names them
+        self._faults: dict[str, list[int | None]] = {}
         self._lock = threading.Lock()
         self.unhandled: list[str] = []
+        self.requests: dict[str, int] = {}
         self._httpd = _HTTPServer(self)
         host, port = self._httpd.server_address[:2]
         self.url = f"http://{host}:{port}"
@@ -124,6 +140,24 @@ class HubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
+
+    def inject(self, route: str, status: int | None, times: int = 1) -> None:
+        """Answer the next `times` requests of `route` with `status` (None: close the connection unanswered)."""
+        if not hasattr(_Handler, f"_route_{route}"):
+            raise ValueError(f"no route {route!r}")
+        with self._lock:
+            self._faults.setdefault(route, []).extend([status] * times)
+
+    def _take_fault(self, route: str) -> tuple[bool, int | None]:
+        with self._lock:
+            self.requests[route] = self.requests.get(route, 0) + 1
+            pending = self._faults.get(route)
+            return (True, pending.pop(0)) if pending else (False, None)
+
+    def commits(self, repo_id: str) -> int:
+        """How many commits `repo_id` has, its initial empty one included."""
+        with self._lock:
+            return len(self._repos[repo_id].commits)
 
     def files(self, repo_id: str) -> dict[str, bytes]:
         """Contents at the head of "main" (a copy); KeyError for an unknown repo."""
@@ -168,6 +202,10 @@ class HubServer:
                     if value.get("encoding") != "base64":
                         raise HubError(400, f"Unsupported encoding {value.get('encoding')!r} for {path}")
                     files[path] = base64.b64decode(value["content"])
+                elif key == "lfsFile":
+                    if value.get("algo") != "sha256" or value.get("oid") not in self._lfs:
+                        raise HubError(400, f"LFS object {value.get('oid')} for {path} was never uploaded")
+                    files[path] = self._lfs[value["oid"]]
                 elif key == "deletedFile":
                     if files.pop(path, None) is None:
                         raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
@@ -190,8 +228,16 @@ class HubServer:
         return sha
 
 
+def is_lfs(path: str) -> bool:
+    """Files the Hub stores through LFS (its default .gitattributes names *.safetensors among others)."""
+    return path.endswith(".safetensors")
+
+
 def _file_entry(path: str, data: bytes) -> dict[str, Any]:
-    return {"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path}
+    entry = {"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path}
+    if is_lfs(path):
+        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    return entry
 
 
 def _folder_entry(path: str, files: dict[str, bytes]) -> dict[str, Any]:
@@ -216,6 +262,9 @@ _ROUTES: list[tuple[set[str], re.Pattern[str], str]] = [
         ({"POST"}, rf"/api/models/{_REPO}/preupload/{_REV}", "_route_preupload"),
         ({"POST"}, rf"/api/models/{_REPO}/commit/{_REV}", "_route_commit"),
         ({"GET", "HEAD"}, rf"/{_REPO}/resolve/{_REV}/(?P<path>.+)", "_route_resolve"),
+        ({"POST"}, rf"/{_REPO}\.git/info/lfs/objects/batch", "_route_lfs_batch"),
+        ({"PUT"}, r"/lfs/objects/(?P<oid>[0-9a-f]{64})", "_route_lfs_put"),
+        ({"POST"}, r"/lfs/verify", "_route_lfs_verify"),
     ]
 ]
 
@@ -257,6 +306,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
         self.query = parse_qs(split.query)
@@ -266,6 +318,14 @@ class _Handler(BaseHTTPRequestHandler):
             if match and method in methods:
                 # Match on the raw path: the client quotes a revision with safe="", so "refs/pr/1" is one segment.
                 args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                injected, status = self.hub._take_fault(name.removeprefix("_route_"))
+                if injected and status is None:  # the connection dropped: no answer at all
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if injected:
+                    self._send_error(HubError(status, f"injected fault: {status} for {method} {split.path}"))
+                    return
                 try:
                     getattr(self, name)(**args)
                 except HubError as err:
@@ -372,7 +432,8 @@ class _Handler(BaseHTTPRequestHandler):
         for item in json.loads(self.body)["files"]:
             path = item["path"]
             oid = git_blob_sha(commit.files[path]) if path in commit.files else None
-            answer.append({"path": path, "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
+            answer.append({"path": path, "uploadMode": "lfs" if is_lfs(path) else "regular", "shouldIgnore": False,
+                           "oid": oid})
         self._send_json({"files": answer, "commitOid": commit.sha})
 
     def _route_commit(self, repo: str, rev: str) -> None:
@@ -395,10 +456,39 @@ class _Handler(BaseHTTPRequestHandler):
         data = commit.files.get(path)
         if data is None:
             raise HubError(404, "Entry not found", "EntryNotFound", commit=commit.sha)
-        self._send(200, data, {
-            "Content-Type": "application/octet-stream", "ETag": f'"{git_blob_sha(data)}"',
-            "X-Repo-Commit": commit.sha,
-        })
+        headers = {"Content-Type": "application/octet-stream", "ETag": f'"{git_blob_sha(data)}"',
+                   "X-Repo-Commit": commit.sha}
+        if is_lfs(path):
+            headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
+        self._send(200, data, headers)
+
+    def _route_lfs_batch(self, repo: str) -> None:
+        self._require_token()
+        self.hub._snapshot(repo, "main")  # RepoNotFound
+        payload = json.loads(self.body)
+        if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", ["basic"]):
+            raise HubError(400, "This test Hub serves LFS uploads with the basic transfer only")
+        objects = []
+        for item in payload["objects"]:
+            entry = {"oid": item["oid"], "size": item["size"]}
+            if item["oid"] not in self.hub._lfs:
+                entry["actions"] = {"upload": {"href": f"{self.hub.url}/lfs/objects/{item['oid']}"},
+                                    "verify": {"href": f"{self.hub.url}/lfs/verify"}}
+            objects.append(entry)
+        self._send_json({"transfer": "basic", "objects": objects})
+
+    def _route_lfs_put(self, oid: str) -> None:
+        if hashlib.sha256(self.body).hexdigest() != oid:
+            raise HubError(400, f"LFS object {oid}: the body's sha256 differs (truncated upload?)")
+        with self.hub._lock:
+            self.hub._lfs[oid] = self.body
+        self._send(200, b"", {})
+
+    def _route_lfs_verify(self) -> None:
+        item = json.loads(self.body)
+        if len(self.hub._lfs.get(item["oid"], b"")) != item["size"] or item["oid"] not in self.hub._lfs:
+            raise HubError(404, f"LFS object {item['oid']} not stored")
+        self._send_json({"success": True})
 
 
 def run_client(hub: HubServer, home: Path, code: str, *args: str) -> str:
@@ -409,7 +499,7 @@ def run_client(hub: HubServer, home: Path, code: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
     env.update(
         HF_ENDPOINT=hub.url, HF_TOKEN="dummy", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost", OMP_NUM_THREADS="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost", OMP_NUM_THREADS="1",
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
     proc = subprocess.run(

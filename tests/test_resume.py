@@ -175,3 +175,61 @@ def test_pickle_checkpoints_are_refused(tmp_path, dense_checkpoint):
     with pytest.raises((CheckpointError, OSError, ValueError)) as err:
         AutoModelForCausalLM.from_pretrained(tmp_path)
     assert "safetensors" in str(err.value)
+
+
+# Kills at random points of an overwriting save; each child saves one of two models over the output directory.
+SAVE_KILLS = 24
+
+
+def _state(directory):
+    """The weights' digests and config.json of a saved model."""
+    return digest(directory), (directory / "config.json").read_text()
+
+
+def _save_in_child(model, out, ready) -> None:
+    from optimum_lrs.integrations.optimum import save_atomically
+
+    ready.set()
+    save_atomically(model, out, overwrite=True)
+
+
+def test_kills_at_random_points_of_an_overwrite_leave_the_old_or_the_new_model(tmp_path):
+    """SAVE_KILLS SIGKILLs, each at a random point of an overwriting save (`save_atomically`: what
+    `LRSQuantizer.quantize(save_dir=)` and the CLI's `--output` write through): the output directory is always
+    there and always one of the two complete models, loadable; both outcomes occur."""
+    import multiprocessing
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from optimum_lrs import LowRankSparseConfig, compress_
+    from optimum_lrs.integrations.optimum import save_atomically
+
+    from .conftest import tiny_llama
+
+    models = []
+    for ratio in (0.4, 0.6):
+        model = tiny_llama()
+        compress_(model, LowRankSparseConfig(param_ratio=ratio, activation_aware=False))
+        models.append(model)
+    out, expected = tmp_path / "out", []
+    for i, model in enumerate(models):
+        start = time.perf_counter()
+        save_atomically(model, tmp_path / f"ref{i}")
+        duration = time.perf_counter() - start
+        expected.append(_state(tmp_path / f"ref{i}"))
+    save_atomically(models[0], out)
+    context, rng, seen = multiprocessing.get_context("fork"), random.Random(0), []
+    for kill in range(SAVE_KILLS):
+        ready = context.Event()
+        child = context.Process(target=_save_in_child, args=(models[kill % 2], out, ready))
+        child.start()
+        assert ready.wait(60)
+        time.sleep(rng.uniform(0, 1.5 * duration))  # some kills land after the save has finished
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert out.is_dir(), f"kill {kill}: no output directory"
+        assert _state(out) in expected, f"kill {kill}: a mix of the two models"
+        seen.append(expected.index(_state(out)))
+        assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert set(seen) == {0, 1}, seen  # kills before and after the swap both happened

@@ -117,10 +117,7 @@ def _compress(args: argparse.Namespace) -> int:
             model = quantizer.quantize(args.output, compression_config=config, overwrite=args.overwrite,
                                        repo_id=args.push_to_hub)
         if args.push_to_hub and Ranks().writes:
-            push_to_hub(model, args.push_to_hub)  # model card and plot first, then the checkpoint
-            if quantizer.tokenizer is not None:
-                quantizer.tokenizer.push_to_hub(args.push_to_hub)
-            logger.info("pushed to %s", args.push_to_hub)
+            push_to_hub(model, args.push_to_hub, tokenizer=quantizer.tokenizer)  # one commit, card included
     return 0
 
 

@@ -8,6 +8,7 @@ an interrupted run never leaves a directory that loads as a valid but incomplete
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -51,15 +52,27 @@ def staged_output(save_dir: str | Path, overwrite: bool = False) -> Iterator[Pat
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.resolve().parent))
     try:
         yield staging
-        old = None
-        if target.exists():
+        if not target.exists():
+            os.replace(staging, target)
+        elif not _exchange(staging, target):  # two renames: a kill between them leaves the old one set aside
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
+            os.replace(staging, target)
             shutil.rmtree(old)
+        # after an exchange `staging` holds the old output, removed below
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux's renameat2 with RENAME_EXCHANGE), so that a kill at any point of
+    an overwrite leaves the old output or the new one at `b`, never neither; False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
 
 
 def save_atomically(model: PreTrainedModel, save_dir: str | Path, tokenizer: Any = None, repo_id: str | None = None,

@@ -144,23 +144,44 @@ def write_card(model: nn.Module, directory: str | Path, repo_id: str | None = No
     plot_allocation(allocation_table(model), directory / PLOT_NAME, title=f"{repo_id or ''} allocation".strip())
 
 
-def push_to_hub(model: PreTrainedModel, repo_id: str, *args: Any, base_model: str | None = None, **kwargs: Any) -> Any:
-    """`model.push_to_hub(repo_id, *args, **kwargs)` for a compressed model, with its model card and allocation plot
-    committed first (transformers' own push keeps a README it finds in the repo, but writes a template card where
-    there is none). `base_model`: the dense model's Hub id, recorded in config.json and the card (where the model
-    was compressed from a local copy; a Hub id it was loaded from is recorded already). Any other model is pushed
-    as `model.push_to_hub` pushes it."""
+def push_to_hub(model: PreTrainedModel, repo_id: str, *, base_model: str | None = None, tokenizer: Any = None,
+                commit_message: str | None = None, commit_description: str | None = None, private: bool | None = None,
+                token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                max_shard_size: int | str | None = "50GB") -> Any:
+    """Push a compressed model to the Hub in one commit: its checkpoint (as `save_pretrained` writes it), model
+    card and allocation plot, and `tokenizer`'s files where one is given. One commit means a push that fails
+    leaves the repo as it was, never a card without weights or some shards without the others, and running it
+    again is safe (the error says so). transformers' own push keeps a README it finds in the repo, but writes a
+    template card where there is none, and commits the tokenizer separately.
+
+    `base_model`: the dense model's Hub id, recorded in config.json and the card (where the model was compressed
+    from a local copy; a Hub id it was loaded from is recorded already). The other keywords are
+    `model.push_to_hub`'s. Any model that is not compressed goes to `model.push_to_hub` (and `tokenizer`'s own).
+    Returns the commit's `CommitInfo`."""
+    hub_args = {"commit_message": commit_message, "commit_description": commit_description, "token": token,
+                "revision": revision, "create_pr": create_pr}
     config = lrs_config(model)
     if config is None:
-        return model.push_to_hub(repo_id, *args, **kwargs)
+        url = model.push_to_hub(repo_id, private=private, max_shard_size=max_shard_size, **hub_args)
+        if tokenizer is not None:
+            tokenizer.push_to_hub(repo_id, private=private, **hub_args)
+        return url
     if base_model is not None:
         config.compressed = replace(config.compressed, base_model=base_model)  # checked as a Hub id there
-    token = kwargs.get("token")
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as tmp:
-        write_card(model, tmp, repo_id)
-        api.upload_folder(repo_id=repo_id, folder_path=tmp, token=token, revision=kwargs.get("revision"),
-                          commit_message="optimum-lrs model card and allocation plot")
-    logger.info("pushed the model card and allocation plot to %s", repo_id)
-    return model.push_to_hub(repo_id, *args, **kwargs)
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            write_card(model, tmp, repo_id)
+            hub_args["commit_message"] = commit_message or "Upload a model compressed by optimum-lrs"
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, **{k: v for k, v in hub_args.items()
+                                                                          if k != "token"})
+    except Exception as exc:
+        exc.add_note(f"optimum-lrs: pushing to the Hub repo {repo_id!r} failed. The push is one commit, so the repo "
+                     "holds all of it or none of it: running the push again is safe.")
+        raise
+    logger.info("pushed the checkpoint, model card and allocation plot to %s in one commit", repo_id)
+    return info
