@@ -230,7 +230,9 @@ def main() -> None:
             compressed = variant.config.quantization_config.compressed
             q = config.quantization
             codes = {} if q is None else {"factor_bits": [q.bits, q.group_size], "rounding": q.rounding,
-                                          "error_feedback": q.error_feedback and q.rounding == "nearest"}
+                                          "error_feedback": q.error_feedback and q.rounding == "nearest",
+                                          "refit_scales": q.refit_scales and q.rounding == "gptq",
+                                          "match_scales": q.match_scales}
             record({"variant": name if scale == 1.0 else f"{name}, rescaled x{scale:g}", "rescale": scale, **codes,
                     "settings": [*args.common, *pairs], "ratio": ratio, "seconds": time.perf_counter() - start,
                     "peak_rss_bytes": mem.peak, "block_shares": block_shares(variant),
@@ -242,7 +244,7 @@ def main() -> None:
                         "settings": [*args.common, *pairs], "seconds": 0.0, **evaluate(quantized)}, quantized)
                 del quantized
             del variant
-    print(f"\n| variant | ratio | bytes / dense bf16 | WikiText-2 | held-out C4 | seconds |\n|---|---|---|---|---|---|")
+    print("\n| variant | ratio | bytes / dense bf16 | WikiText-2 | held-out C4 | seconds |\n|---|---|---|---|---|---|")
     print(f"| dense | 1.0 | 1.000 | {results['dense']['wikitext2']:.2f} | {results['dense']['c4_heldout']:.2f} | - |")
     for r in results["runs"]:
         print(f"| {r['variant']} | {r['ratio']} | {r['byte_ratio']:.3f} | {r['wikitext2']:.2f} | {r['c4_heldout']:.2f} | "

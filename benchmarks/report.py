@@ -266,6 +266,8 @@ def frontier_section(data: dict, title: str = "Bytes against quality") -> str:
     for r in sorted(data["runs"], key=lambda r: r["byte_ratio"]):
         bits = r.get("factor_bits")
         how = ", fitted" if r.get("rounding") == "gptq" else ", error feedback" if r.get("error_feedback") else ""
+        how += ", scales refitted" if r.get("refit_scales") else ""
+        how += ", scales matched" if r.get("match_scales") else ""
         rows.append([r["variant"].split(",")[0], "-" if is_peer(r) else f"{r['ratio']:.0%}",
                      "-" if is_peer(r) else f"{bits[0]} (groups of {bits[1]}{how})" if bits else "16",
                      f"{r['byte_ratio']:.3f}", ppl(r["wikitext2"]), ppl(r["c4_heldout"])])
@@ -277,17 +279,27 @@ def frontier_section(data: dict, title: str = "Bytes against quality") -> str:
         "(symmetric, llm-compressor); AWQ's the same plus a zero point per group at the codes' width (asymmetric, "
         "llm-compressor, after its activation-aware scaling). Our codes are made after the fit (`quantization=`): rounded to nearest, with "
         "U and V's rounding fed into S's values first (error feedback), or fitted to each layer's calibration inputs "
-        "(`rounding=\"gptq\"`, the default). Rows by bytes; "
+        "(`rounding=\"gptq\"`, the default), then their scales refitted to the layer's outputs (`refit_scales=True`, "
+        "the default since the section \"codes and scales fitted\"; the earlier sections ran without it). "
+        "Rows by bytes; "
         "perplexity on WikiText-2 and held-out C4:", data,
         table(["method", "kept parameters", "factor bits", "bytes / dense bf16", "WikiText-2", "held-out C4"], rows))
 
 
-FRONTIER_FILES = ("frontier_rtn.json", "frontier_feedback.json", "frontier_fitted.json")
+FRONTIER_FILES = ("frontier_rtn.json", "frontier_feedback.json", "frontier_fitted.json", "frontier_scales.json",
+                  "frontier_matched.json")
 FRONTIER_PLOT = PAGE.parent / "frontier.png"
-FRONTIER_LABELS = {"defaults": "16-bit factors", "defaults, 4-bit factors": "4-bit, rounded to nearest",
-                   "defaults, 8-bit factors": "8-bit, rounded to nearest",
-                   "defaults, 4-bit factors, error feedback": "4-bit, error feedback",
-                   "4-bit fitted": "4-bit, fitted (the default)"}
+# (file, variant) -> the plot's label; one series per label
+FRONTIER_LABELS = {("frontier_rtn.json", "defaults"): "16-bit factors",
+                   ("frontier_rtn.json", "defaults, 4-bit factors"): "4-bit, rounded to nearest",
+                   ("frontier_rtn.json", "defaults, 8-bit factors"): "8-bit, rounded to nearest",
+                   ("frontier_feedback.json", "defaults"): "16-bit factors",
+                   ("frontier_feedback.json", "defaults, 4-bit factors"): "4-bit, rounded to nearest",
+                   ("frontier_feedback.json", "defaults, 4-bit factors, error feedback"): "4-bit, error feedback",
+                   ("frontier_fitted.json", "4-bit fitted"): "4-bit, fitted codes",
+                   ("frontier_scales.json", "4-bit fitted"): "4-bit, fitted codes and scales",
+                   ("frontier_matched.json", "defaults"): "16-bit factors",
+                   ("frontier_matched.json", "4-bit"): "4-bit, fitted codes and scales, scales matched (the default)"}
 
 
 def frontier_plot() -> None:
@@ -308,7 +320,8 @@ def frontier_plot() -> None:
             data = json.loads((RESULTS / name).read_text())
             dense = data["dense"]
             for r in data["runs"]:
-                series.setdefault(r["variant"], []).append(r)
+                series.setdefault(r["variant"] if is_peer(r) else FRONTIER_LABELS.get((name, r["variant"]), r["variant"]),
+                                  []).append(r)
     for ax, text, label in zip(axes, ("wikitext2", "c4_heldout"), ("WikiText-2", "held-out C4")):
         for variant, runs in series.items():
             runs = sorted({r["byte_ratio"]: r for r in runs}.values(), key=lambda r: r["byte_ratio"])
@@ -316,7 +329,7 @@ def frontier_plot() -> None:
             if is_peer(runs[0]):
                 ax.scatter(x, y, marker="s", s=40, label=variant.split(" (")[0].replace("_", " ").upper(), zorder=3)
             else:
-                ax.plot(x, y, marker="o", label=f"ours, {FRONTIER_LABELS.get(variant, variant)}")
+                ax.plot(x, y, marker="o", label=f"ours, {variant}")
         if dense:
             ax.axhline(dense[text], color="grey", linestyle=":", label="dense bf16")
         ax.set(xlabel="bytes / dense bfloat16 (targeted linear layers)", ylabel=f"{label} perplexity", yscale="log")
@@ -446,7 +459,10 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("performance.json", quantized_section),
     ("frontier_rtn.json", frontier_section),
     ("frontier_feedback.json", lambda d: frontier_section(d, "Quantized factors: rounding with error feedback")),
-    ("frontier_fitted.json", lambda d: frontier_section(d, "Quantized factors: codes fitted to the inputs")
+    ("frontier_fitted.json", lambda d: frontier_section(d, "Quantized factors: codes fitted to the inputs")),
+    ("frontier_scales.json", lambda d: frontier_section(d, "Quantized factors: codes and scales fitted to the inputs")),
+    ("frontier_matched.json", lambda d: frontier_section(d, "Quantized factors: the defaults (scales also matched per "
+                                                            "block)")
      + f"\n\n![Perplexity against bytes, every frontier run]({FRONTIER_PLOT.name})"),
     ("performance.json", offload_section),
     ("performance.json", bytes_section),

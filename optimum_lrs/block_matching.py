@@ -8,7 +8,11 @@ The steps are taken on each kept tensor divided by its own RMS, so that a step s
 model: a model whose weights are rescaled without changing its function (an MLP's up projection by c and its
 down projection by 1/c) gets the same steps, and so the same compressed function, as the original. Where the
 steps leave the block's output error no lower, they are taken again from the layer-wise fit with a smaller step
-size, and where none helps the layer-wise fit is kept and the log says so."""
+size, and where none helps the layer-wise fit is kept and the log says so.
+
+Layers stored as integer codes (`FactorQuantization.match_scales`) are matched again after their codes are
+fitted: the codes stay, and each group's scale is trained, times (1 + d), the step size then a relative change
+of every scale."""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from torch import nn
 
 from .distributed import Ranks
 from .nn.linear import LowRankSparseLinear
+from .nn.quantize import unpack_codes
+from .nn.quantized_linear import QUANTIZED_FACTORS, QuantizedLowRankSparseLinear
 from .precision import full_precision, search_autocast
 from .sequential import block_output
 
@@ -79,6 +85,41 @@ class _TrainableFactors(nn.Module):
             layer.sparse_values.copy_(self.values * ss)
 
 
+class _TrainableScales(nn.Module):
+    """Stands in for one QuantizedLowRankSparseLinear during matching: its codes fixed, each group's scale times
+    (1 + d) with d trained, W~ rebuilt densely from codes and scales in each forward. A step size is then a
+    relative change of every scale, whatever its magnitude."""
+
+    def __init__(self, layer: QuantizedLowRankSparseLinear):
+        super().__init__()
+        rows, cols = layer.sparse_positions()
+        self.positions = rows * layer.in_features + cols
+        self.shape, self.group, self.nnz = (layer.out_features, layer.in_features), layer.group_size, layer.nnz
+        self.codes = [unpack_codes(getattr(layer, f"{n}_codes"), layer.bits).float() for n in QUANTIZED_FACTORS]
+        self.start = [getattr(layer, f"{n}_scales").detach().float() for n in QUANTIZED_FACTORS]
+        self.change = nn.ParameterList(nn.Parameter(torch.zeros_like(s)) for s in self.start)
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+
+    def _scales(self) -> list[torch.Tensor]:
+        return [s * (1 + d) for s, d in zip(self.start, self.change)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v, values = (c * s.repeat_interleave(self.group, -1) for c, s in zip(self.codes, self._scales()))
+        with full_precision(x.device):
+            weight = (u.t() @ v).flatten().index_add(0, self.positions, values[: self.nnz])
+        return F.linear(x.float(), weight.view(self.shape), self.bias).to(x.dtype)
+
+    def write_back(self, layer: QuantizedLowRankSparseLinear) -> None:
+        with torch.no_grad():
+            for name, scales in zip(QUANTIZED_FACTORS, self._scales()):
+                getattr(layer, f"{name}_scales").copy_(scales)
+
+
+def _stand_in(layer: LowRankSparseLinear) -> _TrainableFactors | _TrainableScales:
+    """What matching trains: a quantized layer's scales (its codes are final), else the float factors."""
+    return _TrainableScales(layer) if isinstance(layer, QuantizedLowRankSparseLinear) else _TrainableFactors(layer)
+
+
 def match_block(block: nn.Module, layers: dict[str, LowRankSparseLinear], hidden: list[torch.Tensor],
                 kwargs: list[dict], targets: list[torch.Tensor], steps: int, ranks: Ranks | None = None,
                 batches: int | None = None) -> MatchResult:
@@ -101,7 +142,7 @@ def match_block(block: nn.Module, layers: dict[str, LowRankSparseLinear], hidden
         p.requires_grad_(False)
     try:
         for step_size in RELATIVE_STEPS:
-            stand_ins = {name: _TrainableFactors(layer) for name, layer in layers.items()}
+            stand_ins = {name: _stand_in(layer) for name, layer in layers.items()}
             for name, module in stand_ins.items():
                 block.set_submodule(name, module)
             before, after = _descend(block, stand_ins, hidden, kwargs, targets, steps, step_size, ranks, batches)
@@ -117,7 +158,7 @@ def match_block(block: nn.Module, layers: dict[str, LowRankSparseLinear], hidden
             p.requires_grad_(True)
 
 
-def _descend(block: nn.Module, stand_ins: dict[str, _TrainableFactors], hidden: list[torch.Tensor],
+def _descend(block: nn.Module, stand_ins: dict[str, nn.Module], hidden: list[torch.Tensor],
              kwargs: list[dict], targets: list[torch.Tensor], steps: int, step_size: float, ranks: Ranks,
              batches: int) -> tuple[float, float]:
     """`steps` Adam steps at `step_size` on the stand-ins' parameters; the first batch's error before and after."""

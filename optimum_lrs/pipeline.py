@@ -280,26 +280,33 @@ def _finish_block(model: nn.Module, block: nn.Module, prefix: str, candidates: l
         matching[prefix] = _match(block, prefix, dict(zip(names, built)), inputs, reference, config, ranks)
         note += _matching_note(matching[prefix])
     _store_final(model, names, config, _code_moments(model, block, names, inputs, config, ranks))
+    if config.quantization is not None and config.quantization.match_scales and config.matching_steps and \
+            inputs is not None:
+        stored = {name: model.get_submodule(name) for name in names}  # codes fixed: matching tunes their scales
+        note += ", scales" + _matching_note(_match(block, prefix, stored, inputs, reference, config, ranks,
+                                                       "the fitted scales"))
     return note
 
 
 def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear], inputs: BlockInputs,
-           reference: list[torch.Tensor], config: LowRankSparseConfig, ranks: Ranks) -> MatchResult:
+           reference: list[torch.Tensor], config: LowRankSparseConfig, ranks: Ranks,
+           kept: str = "the layer-wise fit") -> MatchResult:
     """Block output matching of one block's compressed `layers` (full names) towards `reference`; a block that
-    it leaves where the layer-wise fit put it is logged as a warning."""
+    it leaves where it was (`kept`: the layer-wise fit, or the quantized layers' fitted scales) is logged as a
+    warning."""
     relative = {name[len(prefix) + 1:]: layer for name, layer in layers.items()}
     batches = sum(ranks.gather(len(inputs.hidden)))
     result = match_block(block, relative, inputs.hidden, inputs.block_kwargs, reference, config.matching_steps,
                          ranks, batches)
     if not result.gained and ranks.writes:
         logger.warning("%s: block matching left the block output error at %.4f (first calibration batch): no step "
-                       "size lowered it, so the layer-wise fit is kept", prefix, result.before)
+                       "size lowered it, so %s is kept", prefix, result.before, kept)
     return result
 
 
 def _matching_note(result: MatchResult) -> str:
     note = f", first batch's block output error {result.before:.4f} -> {result.after:.4f} by matching"
-    return note + (f" (relative step {result.step:g})" if result.gained else " (kept the layer-wise fit)")
+    return note + (f" (relative step {result.step:g})" if result.gained else " (kept as they were)")
 
 
 def _add_weight_error(total: list[float], dense: nn.Linear, layer: LowRankSparseLinear, scale: torch.Tensor | None) -> None:

@@ -43,7 +43,7 @@ BAD_VALUES = [
     ("calibration.pipeline", None),
     ("quantization", "int4"), ("quantization", True), ("quantization.bits", 3), ("quantization.bits", 16),
     ("quantization.bits", "4"), ("quantization.group_size", 33), ("quantization.group_size", 0),
-    ("quantization.error_feedback", 1), ("quantization.refit_scales", "yes"),
+    ("quantization.error_feedback", 1), ("quantization.refit_scales", "yes"), ("quantization.match_scales", 0),
     ("quantization.rounding", "stochastic"), ("byte_ratio", 0.0), ("byte_ratio", 1.5), ("byte_ratio", "small"),
     ("saved.format_version", max(READABLE_FORMATS) + 1), ("saved.quant_method", "gptq"), ("saved.compressed", []),
     ("compressed.modules", []), ("compressed.modules", {"a": {"rank": -1, "nnz": 0}}),

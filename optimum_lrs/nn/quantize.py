@@ -35,17 +35,21 @@ class FactorQuantization:
     does); `"nearest"` rounds every factor to nearest. `error_feedback` (rounding to
     nearest): round U and V first and add what that changed in U V at S's positions to S's values before
     rounding them. `refit_scales` (fitted codes): once the codes are chosen, refit every group's scale to the
-    layer's outputs (`nn.scale_fit`; no bytes change)."""
+    layer's outputs (`nn.scale_fit`; no bytes change). `match_scales`: where block matching runs
+    (`RefitConfig.block_matching_steps`), match each block again once its layers are stored as codes, on the
+    groups' scales with the codes fixed (`block_matching`)."""
 
     bits: int = 4
     group_size: int = 64
     rounding: str = "gptq"
     error_feedback: bool = True
     refit_scales: bool = True
+    match_scales: bool = True
 
     def __post_init__(self) -> None:
         self.error_feedback = checks.flag("FactorQuantization", "error_feedback", self.error_feedback)
         self.refit_scales = checks.flag("FactorQuantization", "refit_scales", self.refit_scales)
+        self.match_scales = checks.flag("FactorQuantization", "match_scales", self.match_scales)
         checks.choice("FactorQuantization", "rounding", self.rounding, ROUNDINGS)
 
         if self.bits not in QUANT_BITS:
