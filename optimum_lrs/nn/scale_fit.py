@@ -10,8 +10,6 @@ product of an (out, in) matrix with H, as one column sweep does. The scales are 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 # Conjugate-gradient steps per half (V and S's scales, then U and S's).
@@ -81,24 +79,26 @@ class _Half:
             parts.append(_group_sum(self.codes["s"] * entries, self.group))
         return tuple(parts)
 
+    def _precondition(self, residual: Vector) -> Vector:
+        """The residual over the normal matrix's diagonal (zero for an all-zero group, whose scale stays)."""
+        return tuple(torch.where(d > 0, r / d.clamp_min(1e-30), 0) for r, d in zip(residual, self.diagonal))
+
     def solve(self, start: Vector, target: torch.Tensor, steps: int) -> Vector:
         """Scales near `start` minimising tr((target - forward(x)) H (...)^T), by preconditioned conjugate
         gradients on the normal equations (each step lowers the error: the objective is a convex quadratic)."""
-        normal: Callable[[Vector], Vector] = lambda p: self.adjoint(self.forward(p) @ self.h)
         x = tuple(s.clone() for s in start)
         residual = self.adjoint((target - self.forward(x)) @ self.h)
-        precondition = lambda r: tuple(torch.where(d > 0, v / d.clamp_min(1e-30), 0) for v, d in zip(r, self.diagonal))
-        z = precondition(residual)
+        z = self._precondition(residual)
         direction, rz = z, _dot(residual, z)
         for _ in range(steps):
-            step = normal(direction)
+            step = self.adjoint(self.forward(direction) @ self.h)  # the normal matrix times the direction
             curvature = _dot(direction, step)
             if not curvature > 0:
                 break
             alpha = rz / curvature
             x = tuple(a + alpha * p for a, p in zip(x, direction))
             residual = tuple(r - alpha * q for r, q in zip(residual, step))
-            z = precondition(residual)
+            z = self._precondition(residual)
             rz, previous = _dot(residual, z), rz
             direction = tuple(a + (rz / previous) * p for a, p in zip(z, direction))
         return x
@@ -116,10 +116,10 @@ def fit_scales(weight: torch.Tensor, second_moment: torch.Tensor, codes: dict[st
     h = second_moment.float() / second_moment.diagonal().float().mean().clamp_min(1e-30)
     weight = weight.float()
     scales = {k: v.float() for k, v in scales.items()}
-    values = lambda: {k: codes[k] * _expand(scales[k], group) for k in codes}
     rank, nnz = codes["u"].shape[0], positions[0].numel()
     for side in (("v", "u") if rank else (None,)):
-        half = _Half(side, codes, values(), h, positions, tuple(weight.shape), group)
+        values = {k: codes[k] * _expand(scales[k], group) for k in codes}  # the other factor at its latest scales
+        half = _Half(side, codes, values, h, positions, tuple(weight.shape), group)
         names = ([side] if side else []) + (["s"] if nnz else [])
         if not names:
             break
