@@ -56,26 +56,40 @@ def _rms(tensor: torch.Tensor) -> float:
     return rms if rms > 0 else 1.0  # an empty or zero tensor: unit scale, its steps are absolute
 
 
-class _TrainableFactors(nn.Module):
-    """Stands in for one LowRankSparseLinear during matching: W~ = U V + S rebuilt densely in each forward, so
-    that autograd reaches U, V and S's values (the layer's own kernels keep its factors frozen). Each of the
-    three is held divided by its RMS (`scales`), which makes Adam's steps relative to the tensor's magnitude."""
+class _StandIn(nn.Module):
+    """Stands in for one compressed layer during matching: W~ rebuilt densely in float32 in each forward from what
+    the subclass trains (`_weight`, flat), so that autograd reaches it (the layer's own kernels keep its factors
+    frozen)."""
 
     def __init__(self, layer: LowRankSparseLinear):
         super().__init__()
         rows, cols = layer.sparse_positions()
         self.positions = rows * layer.in_features + cols
         self.shape = (layer.out_features, layer.in_features)
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+
+    def _weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with full_precision(x.device):  # W~ in float32; autocast casts it for the product
+            weight = self._weight()
+        return F.linear(x.float(), weight.view(self.shape), self.bias).to(x.dtype)
+
+
+class _TrainableFactors(_StandIn):
+    """U, V and S's values trained, each held divided by its RMS (`scales`), which makes Adam's steps relative to
+    the tensor's magnitude."""
+
+    def __init__(self, layer: LowRankSparseLinear):
+        super().__init__(layer)
         tensors = (layer.lowrank_u, layer.lowrank_v, layer.sparse_values)
         self.scales = tuple(_rms(t) for t in tensors)
         self.u, self.v, self.values = (nn.Parameter(t.detach().float() / s) for t, s in zip(tensors, self.scales))
-        self.bias = None if layer.bias is None else layer.bias.detach().float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _weight(self) -> torch.Tensor:
         su, sv, ss = self.scales
-        with full_precision(x.device):  # W~ in float32; autocast casts it for the product
-            weight = ((su * sv) * (self.u @ self.v)).flatten().index_add(0, self.positions, ss * self.values)
-        return F.linear(x.float(), weight.view(self.shape), self.bias).to(x.dtype)
+        return ((su * sv) * (self.u @ self.v)).flatten().index_add(0, self.positions, ss * self.values)
 
     def write_back(self, layer: LowRankSparseLinear) -> None:
         su, sv, ss = self.scales
@@ -85,29 +99,23 @@ class _TrainableFactors(nn.Module):
             layer.sparse_values.copy_(self.values * ss)
 
 
-class _TrainableScales(nn.Module):
-    """Stands in for one QuantizedLowRankSparseLinear during matching: its codes fixed, each group's scale times
-    (1 + d) with d trained, W~ rebuilt densely from codes and scales in each forward. A step size is then a
-    relative change of every scale, whatever its magnitude."""
+class _TrainableScales(_StandIn):
+    """A QuantizedLowRankSparseLinear's codes fixed and each group's scale times (1 + d) trained: a step size is
+    then a relative change of every scale, whatever its magnitude."""
 
     def __init__(self, layer: QuantizedLowRankSparseLinear):
-        super().__init__()
-        rows, cols = layer.sparse_positions()
-        self.positions = rows * layer.in_features + cols
-        self.shape, self.group, self.nnz = (layer.out_features, layer.in_features), layer.group_size, layer.nnz
+        super().__init__(layer)
+        self.group, self.nnz = layer.group_size, layer.nnz
         self.codes = [unpack_codes(getattr(layer, f"{n}_codes"), layer.bits).float() for n in QUANTIZED_FACTORS]
         self.start = [getattr(layer, f"{n}_scales").detach().float() for n in QUANTIZED_FACTORS]
         self.change = nn.ParameterList(nn.Parameter(torch.zeros_like(s)) for s in self.start)
-        self.bias = None if layer.bias is None else layer.bias.detach().float()
 
     def _scales(self) -> list[torch.Tensor]:
         return [s * (1 + d) for s, d in zip(self.start, self.change)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _weight(self) -> torch.Tensor:
         u, v, values = (c * s.repeat_interleave(self.group, -1) for c, s in zip(self.codes, self._scales()))
-        with full_precision(x.device):
-            weight = (u.t() @ v).flatten().index_add(0, self.positions, values[: self.nnz])
-        return F.linear(x.float(), weight.view(self.shape), self.bias).to(x.dtype)
+        return (u.t() @ v).flatten().index_add(0, self.positions, values[: self.nnz])
 
     def write_back(self, layer: QuantizedLowRankSparseLinear) -> None:
         with torch.no_grad():

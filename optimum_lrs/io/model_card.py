@@ -158,13 +158,13 @@ def push_to_hub(model: PreTrainedModel, repo_id: str, *, base_model: str | None 
     from a local copy; a Hub id it was loaded from is recorded already). The other keywords are
     `model.push_to_hub`'s. Any model that is not compressed goes to `model.push_to_hub` (and `tokenizer`'s own).
     Returns the commit's `CommitInfo`."""
-    hub_args = {"commit_message": commit_message, "commit_description": commit_description, "token": token,
-                "revision": revision, "create_pr": create_pr}
+    hub_args = {"commit_description": commit_description, "revision": revision, "create_pr": create_pr}
     config = lrs_config(model)
     if config is None:
-        url = model.push_to_hub(repo_id, private=private, max_shard_size=max_shard_size, **hub_args)
+        url = model.push_to_hub(repo_id, commit_message=commit_message, private=private, token=token,
+                                max_shard_size=max_shard_size, **hub_args)
         if tokenizer is not None:
-            tokenizer.push_to_hub(repo_id, private=private, **hub_args)
+            tokenizer.push_to_hub(repo_id, commit_message=commit_message, private=private, token=token, **hub_args)
         return url
     if base_model is not None:
         config.compressed = replace(config.compressed, base_model=base_model)  # checked as a Hub id there
@@ -176,9 +176,8 @@ def push_to_hub(model: PreTrainedModel, repo_id: str, *, base_model: str | None 
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             write_card(model, tmp, repo_id)
-            hub_args["commit_message"] = commit_message or "Upload a model compressed by optimum-lrs"
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, **{k: v for k, v in hub_args.items()
-                                                                          if k != "token"})
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, **hub_args,
+                                     commit_message=commit_message or "Upload a model compressed by optimum-lrs")
     except Exception as exc:
         exc.add_note(f"optimum-lrs: pushing to the Hub repo {repo_id!r} failed. The push is one commit, so the repo "
                      "holds all of it or none of it: running the push again is safe.")
