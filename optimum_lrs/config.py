@@ -369,6 +369,14 @@ class LowRankSparseConfig(QuantizationConfigMixin):
         return AUTO_MATCHING_STEPS if steps == "auto" else steps
 
     @property
+    def scale_matching_steps(self) -> int:
+        """The block matching steps on the stored codes' scales (`FactorQuantization.match_scales`): half the
+        float factors' (rounded up; the scales move less, and the second half bought little: research notes),
+        0 where that matching does not run."""
+        q = self.quantization
+        return -(-self.matching_steps // 2) if q is not None and q.match_scales else 0
+
+    @property
     def stage1_reads_uniform_rank(self) -> bool:
         """True when the allocation reads only each layer's leading uniform-rank triplets and S's size from
         Stage 1 (`AllocationConfig.reads_uniform_rank`)."""

@@ -90,7 +90,7 @@ def _code_moments(model: nn.Module, block: nn.Module, names: list[str], inputs: 
     if not config.fits_codes or inputs is None:
         return {}
     layers = {name: model.get_submodule(name) for name in names}
-    with InputStatistics(layers, True, ranks, attention_layers(model, names)) as stats:
+    with InputStatistics(layers, True, ranks, attention_layers(model, names), rms=False) as stats:
         inputs.forward(block)
     return stats.second_moments()
 
@@ -98,10 +98,24 @@ def _code_moments(model: nn.Module, block: nn.Module, names: list[str], inputs: 
 def _store_final(model: nn.Module, names: list[str], config: LowRankSparseConfig,
                  moments: dict[str, torch.Tensor] | None = None) -> None:
     """`_final_storage` of the installed layers `names`, once block matching has tuned their float factors: with
-    the sequential pipeline the next blocks then calibrate on what the stored layers compute."""
-    if config.quantization is not None:
-        for name in names:
-            model.set_submodule(name, _final_storage(model.get_submodule(name), config, (moments or {}).get(name)))
+    the sequential pipeline the next blocks then calibrate on what the stored layers compute. Layers whose codes
+    are fitted to equal second `moments` (they read the same inputs: q, k, v; gate, up) are fitted together
+    (`QuantizedLowRankSparseLinear.fit`: each gets the codes it would get alone, in fewer sweeps)."""
+    q = config.quantization
+    if q is None:
+        return
+    moments = moments or {}
+    fitted = [name for name in names if name in moments and q.rounding == "gptq"]
+    for name in names:
+        if name not in fitted:
+            model.set_submodule(name, _final_storage(model.get_submodule(name), config))
+    while fitted:  # layers reading the same inputs (q, k, v; gate, up) are fitted together
+        group = [name for name in fitted if torch.equal(moments[name], moments[fitted[0]])]
+        layers = QuantizedLowRankSparseLinear.fit([model.get_submodule(name) for name in group], q.bits,
+                                                  q.group_size, moments[fitted[0]], q.refit_scales)
+        for name, layer in zip(group, layers):
+            model.set_submodule(name, layer)
+        fitted = [name for name in fitted if name not in group]
 
 
 def _check_quantization(targets: dict[str, nn.Linear], config: LowRankSparseConfig) -> None:
@@ -277,27 +291,25 @@ def _finish_block(model: nn.Module, block: nn.Module, prefix: str, candidates: l
         entries[c.name] = _install(model, c, keep[c.name], layer)
     note = f", weight error {(error[0] / max(error[1], 1e-30)) ** 0.5:.4f}"
     if config.matching_steps and inputs is not None:
-        matching[prefix] = _match(block, prefix, dict(zip(names, built)), inputs, reference, config, ranks)
+        matching[prefix] = _match(block, prefix, dict(zip(names, built)), inputs, reference, ranks,
+                                  config.matching_steps)
         note += _matching_note(matching[prefix])
     _store_final(model, names, config, _code_moments(model, block, names, inputs, config, ranks))
-    if config.quantization is not None and config.quantization.match_scales and config.matching_steps and \
-            inputs is not None:
+    if config.scale_matching_steps and inputs is not None:
         stored = {name: model.get_submodule(name) for name in names}  # codes fixed: matching tunes their scales
-        note += ", scales" + _matching_note(_match(block, prefix, stored, inputs, reference, config, ranks,
-                                                       "the fitted scales"))
+        note += ", scales" + _matching_note(_match(block, prefix, stored, inputs, reference, ranks,
+                                                       config.scale_matching_steps, "the fitted scales"))
     return note
 
 
 def _match(block: nn.Module, prefix: str, layers: dict[str, LowRankSparseLinear], inputs: BlockInputs,
-           reference: list[torch.Tensor], config: LowRankSparseConfig, ranks: Ranks,
-           kept: str = "the layer-wise fit") -> MatchResult:
-    """Block output matching of one block's compressed `layers` (full names) towards `reference`; a block that
-    it leaves where it was (`kept`: the layer-wise fit, or the quantized layers' fitted scales) is logged as a
-    warning."""
+           reference: list[torch.Tensor], ranks: Ranks, steps: int, kept: str = "the layer-wise fit") -> MatchResult:
+    """Block output matching of one block's compressed `layers` (full names) towards `reference` in `steps` Adam
+    steps; a block that it leaves where it was (`kept`: the layer-wise fit, or the quantized layers' fitted
+    scales) is logged as a warning."""
     relative = {name[len(prefix) + 1:]: layer for name, layer in layers.items()}
     batches = sum(ranks.gather(len(inputs.hidden)))
-    result = match_block(block, relative, inputs.hidden, inputs.block_kwargs, reference, config.matching_steps,
-                         ranks, batches)
+    result = match_block(block, relative, inputs.hidden, inputs.block_kwargs, reference, steps, ranks, batches)
     if not result.gained and ranks.writes:
         logger.warning("%s: block matching left the block output error at %.4f (first calibration batch): no step "
                        "size lowered it, so %s is kept", prefix, result.before, kept)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, QuantizedLowRankSparseLinear
 from optimum_lrs.nn.quantized_linear import QUANTIZED_FACTORS
-from optimum_lrs.nn.gptq import gptq_codes, output_error
+from optimum_lrs.nn.gptq import gptq_codes, inverse_factor, output_error
 from optimum_lrs.nn.quantize import quantize_groups
 from optimum_lrs.nn.scale_fit import fit_scales
 from optimum_lrs.stage1.activations import InputStatistics
@@ -26,7 +26,7 @@ def correlated_inputs(tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
 def test_an_identity_second_moment_rounds_to_nearest():
     weight = torch.randn(16, 64)
     codes, scales = quantize_groups(weight, 4, GROUP)
-    swept = gptq_codes(weight, torch.eye(64), scales.repeat_interleave(GROUP, -1), 7)
+    swept = gptq_codes(weight, inverse_factor(torch.eye(64)), scales.repeat_interleave(GROUP, -1), 7)
     assert torch.equal(swept, codes)
 
 
@@ -37,7 +37,7 @@ def test_codes_stay_in_range_zero_outside_keep_and_lower_the_output_error():
     keep = torch.rand(24, 96) < 0.5
     scales = quantize_groups(weight, 4, GROUP)[1].repeat_interleave(GROUP, -1)
     scales[0, :GROUP] = 0.0  # a zero group
-    codes = gptq_codes(weight, h, scales, 7, keep)
+    codes = gptq_codes(weight, inverse_factor(h), scales, 7, keep)
     assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 7
     assert not codes[~keep].any() and not codes[0, :GROUP].any()
     nearest = torch.round(weight / scales.clamp_min(1e-30)).clamp(-7, 7) * keep * (scales > 0)
@@ -135,3 +135,24 @@ def test_refitted_scales_solve_the_least_squares_problem_on_the_outputs(rank):
     assert fitted_error < 0.98 * start_error  # measured 0.97 (S alone) and 0.92 (rank 4)
     assert fitted_error == pytest.approx(optimum, rel=1e-4)
     assert all(bool(v.isfinite().all()) for v in fitted.values())
+
+
+def test_layers_reading_the_same_inputs_fitted_together_get_the_codes_each_gets_alone(float_model):
+    """q, k and v (and gate and up) are fitted in one sweep per factor, their rows stacked: the pipeline's
+    speed-up, which must not change a code or a scale."""
+    block = float_model.model.layers[0]
+    groups = [[block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj],
+              [block.mlp.gate_proj, block.mlp.up_proj]]
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, float_model.config.vocab_size, (2, 64), generator=g)
+    layers = {str(i): layer for i, layer in enumerate(groups[0] + groups[1])}
+    with torch.no_grad(), InputStatistics(layers, second_moment=True) as stats:
+        float_model(ids)
+    moments = stats.second_moments()
+    for group, h in ((groups[0], moments["0"]), (groups[1], moments["3"])):
+        together = QuantizedLowRankSparseLinear.fit(group, 4, GROUP, h)
+        for layer, fitted in zip(group, together):
+            alone = QuantizedLowRankSparseLinear.quantize(layer, 4, GROUP, second_moment=h)
+            for name in QUANTIZED_FACTORS:
+                assert torch.equal(getattr(fitted, f"{name}_codes"), getattr(alone, f"{name}_codes")), name
+                assert torch.equal(getattr(fitted, f"{name}_scales"), getattr(alone, f"{name}_scales")), name

@@ -29,30 +29,35 @@ def inverse_factor(second_moment: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def gptq_codes(weight: torch.Tensor, second_moment: torch.Tensor, scales: torch.Tensor, top: int,
+def gptq_codes(weight: torch.Tensor, factor: torch.Tensor, scales: torch.Tensor, top: int,
                keep: torch.Tensor | None = None) -> torch.Tensor:
     """int8 codes (weight's shape) in [-top, top] for `weight` (rows, cols) with one scale per entry (`scales`,
     same shape), chosen column by column to keep x (W - codes * scales)^T small for inputs x whose second moment
-    is `second_moment` (cols, cols); a zero scale forces a zero code. Where `keep` (bool, weight's shape) is False
-    the entry is zero whatever its weight: its whole value is error that later columns absorb."""
+    H has `factor = inverse_factor(H)` (computed once for every weight that reads those inputs); a zero scale
+    forces a zero code. Where `keep` (bool, weight's shape) is False the entry is zero whatever its weight: its
+    whole value is error that later columns absorb.
+
+    Rows never mix: the weights of several layers reading the same inputs, stacked, get each layer's own codes
+    from one sweep (one Python loop instead of one per layer, which dominates on small layers)."""
     rows, cols = weight.shape
-    factor = inverse_factor(second_moment).float()
+    factor = factor.float()
     w = weight.detach().float().clone()
     scales = scales.float()
     codes = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
     for c0 in range(0, cols, _BLOCK):
         c1 = min(c0 + _BLOCK, cols)
-        block, errors = w[:, c0:c1], torch.zeros(rows, c1 - c0, device=w.device)
+        # the block's columns as contiguous rows (the loop reads and updates one column at a time)
+        block, scale = w[:, c0:c1].t().contiguous(), scales[:, c0:c1].t()
+        # entries whose code is forced to zero (a zero group, outside `keep`) are divided by infinity
+        excluded = scale <= 0 if keep is None else (scale <= 0) | ~keep[:, c0:c1].t()
+        divisors = scale.masked_fill(excluded, float("inf"))
+        rounded, errors = torch.empty_like(block), torch.empty_like(block)
         for j in range(c1 - c0):
-            column, scale = block[:, j], scales[:, c0 + j]
-            code = torch.where(scale > 0, torch.round(column / scale).clamp_(-top, top), 0.0)  # a zero group stays zero
-            if keep is not None:
-                code = code * keep[:, c0 + j]
-            codes[:, c0 + j] = code.to(torch.int8)
-            error = (column - code * scale) / factor[c0 + j, c0 + j]
-            block[:, j:] -= error.unsqueeze(1) * factor[c0 + j, c0 + j:c1].unsqueeze(0)
-            errors[:, j] = error
-        w[:, c1:] -= errors @ factor[c0:c1, c1:]
+            torch.div(block[j], divisors[j], out=rounded[j]).round_().clamp_(-top, top)
+            torch.div(block[j] - rounded[j] * scale[j], factor[c0 + j, c0 + j], out=errors[j])
+            block[j + 1:] -= factor[c0 + j, c0 + j + 1:c1].unsqueeze(1) * errors[j].unsqueeze(0)
+        codes[:, c0:c1] = rounded.t().to(torch.int8)
+        w[:, c1:] -= errors.t().contiguous() @ factor[c0:c1, c1:]
     return codes
 
 

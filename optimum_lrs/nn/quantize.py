@@ -37,7 +37,8 @@ class FactorQuantization:
     rounding them. `refit_scales` (fitted codes): once the codes are chosen, refit every group's scale to the
     layer's outputs (`nn.scale_fit`; no bytes change). `match_scales`: where block matching runs
     (`RefitConfig.block_matching_steps`), match each block again once its layers are stored as codes, on the
-    groups' scales with the codes fixed (`block_matching`)."""
+    groups' scales with the codes fixed (`block_matching`), in half the steps
+    (`LowRankSparseConfig.scale_matching_steps`)."""
 
     bits: int = 4
     group_size: int = 64

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import kernels, ops
-from .gptq import gptq_codes
+from .gptq import gptq_codes, inverse_factor
 from .scale_fit import STEPS, fit_scales
 from .linear import LowRankSparseLinear
 from .storage import dense_product, needs_grad
@@ -25,6 +25,10 @@ _FEEDBACK_ROWS = 1024
 # codes into a kept buffer, then torch's product): on 2 cores of a Zen 4 the two cost the same at 32 rows for
 # layers from 576x576 to 4096x11008, the kernel 2-3x cheaper at 8 (decoding), the rebuild 1.4x cheaper at 64.
 QUANTIZED_KERNEL_ROWS = 32
+# Weight entries of the layers whose codes are fitted together at most (`_stacks`): 64 MB in float32. Stacking
+# spares small layers the per-column Python work of one sweep each; a layer this large spends its time in the
+# column products instead, and alone holds no more memory than before.
+_STACK_ENTRIES = 1 << 24
 
 
 def _lowrank_change(layer: LowRankSparseLinear, rounded: QuantizedLowRankSparseLinear) -> torch.Tensor:
@@ -48,6 +52,64 @@ def _positions(layer: LowRankSparseLinear) -> torch.Tensor:
     keep = torch.zeros(layer.out_features, layer.in_features, dtype=torch.bool, device=cols.device)
     keep[rows, cols] = True
     return keep
+
+
+def _stacks(layers: list[LowRankSparseLinear]) -> list[slice]:
+    """`layers` cut into runs of consecutive layers of up to `_STACK_ENTRIES` weight entries (a larger one alone)."""
+    runs, start, entries = [], 0, 0
+    for i, layer in enumerate(layers):
+        size = layer.out_features * layer.in_features
+        if i > start and entries + size > _STACK_ENTRIES:
+            runs.append(slice(start, i))
+            start, entries = i, 0
+        entries += size
+    return runs + [slice(start, len(layers))]
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked along their rows (one alone as it is: no copy of a large layer's weight)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _fit_codes(outs: list[QuantizedLowRankSparseLinear], layers: list[LowRankSparseLinear], h: torch.Tensor,
+               factor: torch.Tensor) -> None:
+    """Codes of each layer's factors fitted to its outputs on inputs of second moment H (`nn.gptq`), into `outs`:
+    V's by GPTQ's sweep over H; U refitted to the rounded V (least squares on the outputs, r x r) and swept over
+    the low-rank inputs' second moment V~ H V~^T; then S's values swept over the whole rest, W - U~ V~, with S's
+    positions fixed, so that what U and V's rounding changed anywhere, not only at S's positions, is made up
+    where S can. Scales are those rounding to nearest would take from the tensor being swept. The layers share
+    H (`factor = inverse_factor(H)`): their V's are swept stacked in one sweep, then their rests (rows never mix
+    in a sweep: each layer gets the codes of its own)."""
+    bits, group = outs[0].bits, outs[0].group_size
+    top = 2 ** (bits - 1) - 1
+    residuals = [layer.dense_weight().float() for layer in layers]
+    low = [i for i, layer in enumerate(layers) if layer.rank]
+    vs = [layers[i].lowrank_v.float() for i in low]
+    v_scales = [quantize_groups(v, bits, group)[1] for v in vs]
+    v_codes = gptq_codes(_joined(vs), factor, _joined([s.repeat_interleave(group, -1) for s in v_scales]),
+                         top).split([len(v) for v in vs]) if vs else []
+    for i, v, codes, scales in zip(low, vs, v_codes, v_scales):
+        v_rounded = codes.float() * scales.repeat_interleave(group, -1)
+        low_h = v_rounded @ h @ v_rounded.t()
+        damped = low_h + 1e-6 * low_h.diagonal().mean().clamp_min(1e-30) * torch.eye(len(v), device=h.device)
+        u = torch.linalg.solve(damped, (layers[i].lowrank_u.float() @ (v @ h @ v_rounded.t())).t()).t()
+        u_scales = quantize_groups(u.t(), bits, group)[1]
+        u_codes = gptq_codes(u, inverse_factor(low_h), u_scales.repeat_interleave(group, -1).t(), top)
+        outs[i]._store_codes("lowrank_u", u_codes.t(), u_scales)
+        outs[i]._store_codes("lowrank_v", codes, scales)
+        residuals[i] -= (u_codes.float() * u_scales.repeat_interleave(group, -1).t()) @ v_rounded
+    sparse = [i for i, layer in enumerate(layers) if layer.nnz]
+    keeps = [_positions(layers[i]) for i in sparse]
+    scales, entry_scales = [], []
+    for i, keep in zip(sparse, keeps):
+        scales.append(quantize_groups(nn.functional.pad(residuals[i][keep], (0, -layers[i].nnz % group)), bits,
+                                      group)[1])
+        entry_scales.append(torch.ones_like(residuals[i]))
+        entry_scales[-1][keep] = scales[-1].repeat_interleave(group)[: layers[i].nnz]
+    s_codes = gptq_codes(_joined([residuals[i] for i in sparse]), factor, _joined(entry_scales), top,
+                         _joined(keeps)).split([len(k) for k in keeps]) if sparse else []
+    for i, keep, codes, s in zip(sparse, keeps, s_codes, scales):
+        outs[i]._store_codes("sparse_values", nn.functional.pad(codes[keep], (0, -layers[i].nnz % group)), s)
 
 
 def quantized_nbytes(out_features: int, in_features: int, rank: int, nnz: int, index_bytes: int, bits: int,
@@ -109,27 +171,49 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
         Without `second_moment` the codes are rounded to nearest; with `error_feedback`, U and V are rounded
         first and what their rounding changed in U V at S's positions is added to S's values before those are
         rounded: W = U V + S holds there as before, needing no dense W. With the layer's input second moment
-        (in_features, in_features), the codes are fitted to the layer's outputs instead (`_fit_codes`), and with
-        `refit_scales` their scales then refitted to those outputs (`refit_scales`)."""
-        out = cls(layer.in_features, layer.out_features, layer.rank, layer.nnz, layer.bias is not None,
-                  layer.factor_dtype, layer.lowrank_u.device, layer.sparse_format, bits, group_size)
+        (in_features, in_features), the codes are fitted to the layer's outputs instead (`fit`)."""
+        if second_moment is not None:
+            return cls.fit([layer], bits, group_size, second_moment, refit_scales)[0]
+        out = cls._shaped_as(layer, bits, group_size)
         with torch.no_grad():
-            if second_moment is not None:
-                out._fit_codes(layer, second_moment)
-            else:
-                out._store("lowrank_u", layer.lowrank_u.t())
-                out._store("lowrank_v", layer.lowrank_v)
-                values = layer.sparse_values
-                if error_feedback and layer.nnz and layer.rank:
-                    values = values.float() + _lowrank_change(layer, out)
-                out._store("sparse_values", nn.functional.pad(values, (0, -values.numel() % group_size)))
-            for name in layer.storage.index_names():
-                getattr(out, name).copy_(getattr(layer, name))
-            if layer.bias is not None:
-                out.bias.copy_(layer.bias)
-            if second_moment is not None and refit_scales:  # S's positions stored: the fit reads them
-                out.refit_scales(layer.dense_weight(), second_moment)
+            out._store("lowrank_u", layer.lowrank_u.t())
+            out._store("lowrank_v", layer.lowrank_v)
+            values = layer.sparse_values
+            if error_feedback and layer.nnz and layer.rank:
+                values = values.float() + _lowrank_change(layer, out)
+            out._store("sparse_values", nn.functional.pad(values, (0, -values.numel() % group_size)))
+            out._take_positions(layer)
         return out
+
+    @classmethod
+    def fit(cls, layers: list[LowRankSparseLinear], bits: int, group_size: int, second_moment: torch.Tensor,
+            refit_scales: bool = True) -> list[QuantizedLowRankSparseLinear]:
+        """`layers`, which all read inputs of that second moment (q, k and v; gate and up), with their codes
+        fitted to their outputs (`_fit_codes`), and with `refit_scales` their scales then refitted to those
+        outputs (`refit_scales`). Each layer gets the codes it would get alone."""
+        outs = [cls._shaped_as(layer, bits, group_size) for layer in layers]
+        with torch.no_grad():
+            h = second_moment.detach().float().to(layers[0].lowrank_u.device)
+            factor = inverse_factor(h)
+            for stack in _stacks(layers):
+                _fit_codes(outs[stack], layers[stack], h, factor)
+            for out, layer in zip(outs, layers):
+                out._take_positions(layer)
+                if refit_scales:  # S's positions stored: the fit reads them
+                    out.refit_scales(layer.dense_weight(), second_moment)
+        return outs
+
+    @classmethod
+    def _shaped_as(cls, layer: LowRankSparseLinear, bits: int, group_size: int) -> QuantizedLowRankSparseLinear:
+        return cls(layer.in_features, layer.out_features, layer.rank, layer.nnz, layer.bias is not None,
+                   layer.factor_dtype, layer.lowrank_u.device, layer.sparse_format, bits, group_size)
+
+    def _take_positions(self, layer: LowRankSparseLinear) -> None:
+        """S's positions and the bias, as `layer` holds them."""
+        for name in layer.storage.index_names():
+            getattr(self, name).copy_(getattr(layer, name))
+        if layer.bias is not None:
+            self.bias.copy_(layer.bias)
 
     def _store(self, name: str, tensor: torch.Tensor) -> None:
         """Codes and scales of factor `name` from `tensor`, laid out as stored (U transposed, values padded)."""
@@ -138,37 +222,6 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
     def _store_codes(self, name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
         getattr(self, f"{name}_codes").copy_(pack_codes(codes, self.bits))
         getattr(self, f"{name}_scales").copy_(scales)
-
-    def _fit_codes(self, layer: LowRankSparseLinear, second_moment: torch.Tensor) -> None:
-        """Codes of `layer`'s factors fitted to its outputs on inputs of that second moment H (`nn.gptq`): V's by
-        GPTQ's sweep over H; U refitted to the rounded V (least squares on the outputs, r x r) and swept over the
-        low-rank inputs' second moment V~ H V~^T; then S's values swept over the whole rest, W - U~ V~, with S's
-        positions fixed, so that what U and V's rounding changed anywhere, not only at S's positions, is made up
-        where S can. Scales are those rounding to nearest would take from the tensor being swept."""
-        group, top = self.group_size, 2 ** (self.bits - 1) - 1
-        h = second_moment.detach().float().to(layer.lowrank_u.device)
-        residual = layer.dense_weight().float()
-        if layer.rank:
-            u, v = layer.lowrank_u.float(), layer.lowrank_v.float()
-            v_scales = quantize_groups(v, self.bits, group)[1]
-            v_codes = gptq_codes(v, h, v_scales.repeat_interleave(group, -1), top)
-            v_rounded = v_codes.float() * v_scales.repeat_interleave(group, -1)
-            low_h = v_rounded @ h @ v_rounded.t()
-            damped = low_h + 1e-6 * low_h.diagonal().mean().clamp_min(1e-30) * torch.eye(layer.rank, device=h.device)
-            u = torch.linalg.solve(damped, (u @ (v @ h @ v_rounded.t())).t()).t()
-            u_scales = quantize_groups(u.t(), self.bits, group)[1]
-            u_codes = gptq_codes(u, low_h, u_scales.repeat_interleave(group, -1).t(), top)
-            self._store_codes("lowrank_u", u_codes.t(), u_scales)
-            self._store_codes("lowrank_v", v_codes, v_scales)
-            residual -= (u_codes.float() * u_scales.repeat_interleave(group, -1).t()) @ v_rounded
-        if layer.nnz:
-            keep = _positions(layer)
-            values = nn.functional.pad(residual[keep], (0, -layer.nnz % group))
-            scales = quantize_groups(values, self.bits, group)[1]
-            entry_scales = torch.ones_like(residual)
-            entry_scales[keep] = scales.repeat_interleave(group)[: layer.nnz]
-            codes = gptq_codes(residual, h, entry_scales, top, keep)[keep]
-            self._store_codes("sparse_values", nn.functional.pad(codes, (0, -layer.nnz % group)), scales)
 
     def refit_scales(self, weight: torch.Tensor, second_moment: torch.Tensor, steps: int = STEPS) -> None:
         """Every group's scale refitted, codes fixed, to bring the layer's outputs closer to `weight`'s on inputs

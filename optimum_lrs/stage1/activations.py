@@ -15,8 +15,8 @@ _SCALE_FLOOR = 1e-3
 
 
 class InputStatistics:
-    """Per layer, the root-mean-square of each input feature over every token its forwards see, and with
-    `second_moment` the matrix X^T X / tokens.
+    """Per layer, the root-mean-square of each input feature over every token its forwards see (unless `rms` is
+    False), and with `second_moment` the matrix X^T X / tokens.
 
     A context manager: while it is open, a forward pre-hook on each layer adds the squared inputs up in
     float64 (tens of thousands of tokens must add up exactly enough). Used over whole-model forwards
@@ -31,8 +31,9 @@ class InputStatistics:
     """
 
     def __init__(self, modules: dict[str, nn.Linear], second_moment: bool = False, ranks: Ranks | None = None,
-                 sink_weighted: frozenset[str] = frozenset()):
+                 sink_weighted: frozenset[str] = frozenset(), rms: bool = True):
         self.modules = modules
+        self.rms = rms  # False where only the second moments are read: the float64 squares cost a quarter as much
         self.ranks = ranks or Ranks()
         self.sink_weighted = sink_weighted
         # per forward call (or their running total): the squared inputs summed over its tokens, its token count
@@ -62,9 +63,11 @@ class InputStatistics:
                 if self.grams is not None:
                     x32 = x.float()
                     gram = (x32.t() @ x32).double().cpu()  # float32 products, float64 totals
-                self._last = (args[0], weighted, x.double().square().sum(0).cpu(), gram, x.shape[0])
+                squares = x.double().square().sum(0).cpu() if self.rms else None
+                self._last = (args[0], weighted, squares, gram, x.shape[0])
             _, _, squares, gram, count = self._last
-            self._add(self.parts[name], squares)
+            if squares is not None:
+                self._add(self.parts[name], squares)
             if gram is not None:
                 self._add(self.grams[name], gram)
             self.counts[name].append(count)
@@ -90,6 +93,8 @@ class InputStatistics:
     def scales(self) -> dict[str, torch.Tensor]:
         """Each layer's per-feature RMS, floored at `_SCALE_FLOOR` times its mean, over the batches of every rank
         (one process: its own), their sums added in batch order."""
+        if not self.rms:
+            raise RuntimeError("InputStatistics was opened with rms=False")
         scales = {}
         for name in self.modules:
             rms = (self.ranks.sums_in_batch_order(self.parts[name]) / self._tokens(name)).sqrt().float()
