@@ -19,13 +19,34 @@ ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}, "O
 SMALL = ["--set", "calibration.num_samples=8", "--set", "calibration.seq_len=32"]
 
 
-def compress(model: Path, output: Path, *options: str, ranks: int = 1, timeout: int = 300, wait: bool = True):
+def compress(model: Path, output: Path, *options: str, ranks: int = 1, timeout: int = 300, wait: bool = True,
+             env: dict[str, str] | None = None):
     """`optimum-lrs compress` in one process, or under `torchrun --standalone --nproc-per-node RANKS -m optimum_lrs`."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
     command = [*launch, "-m", "optimum_lrs", "--quiet", "compress", str(model), "--output", str(output), *SMALL, *options]
     if not wait:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(command, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    return subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# Imported by every Python the test starts (a sitecustomize module on PYTHONPATH): once the Stage 1 cache holds
+# LRS_PAUSE_AT entries, the rank that stored the last of them writes LRS_PAUSE_MARKER and waits there, so that
+# the kill lands between two blocks however fast the machine is.
+PAUSE = """
+import os
+if os.environ.get("LRS_PAUSE_AT"):
+    import time
+    from pathlib import Path
+    from optimum_lrs.stage1 import cache
+    store = cache.store
+    def store_then_pause(cache_dir, *args):
+        store(cache_dir, *args)
+        if len(list(Path(cache_dir).glob("*.safetensors"))) >= int(os.environ["LRS_PAUSE_AT"]):
+            Path(os.environ["LRS_PAUSE_MARKER"]).touch()
+            time.sleep(600)
+    cache.store = store_then_pause
+"""
 
 
 def kill_tree(pid: int) -> None:
@@ -106,16 +127,18 @@ def test_more_ranks_than_matrices_per_block_are_refused(dense, tmp_path):
 
 
 def test_a_killed_distributed_run_resumes_from_the_stage1_cache(dense, tmp_path):
-    """SIGKILL both ranks once the first block's Stage 1 is cached; the rerun reads those entries instead of
-    recomputing them, and writes the bytes of an uninterrupted one-process run."""
-    cache = tmp_path / "cache"
+    """SIGKILL both ranks once the first block's Stage 1 is cached (the ranks wait there: `PAUSE`); the rerun
+    reads those entries instead of recomputing them, and writes the bytes of an uninterrupted one-process run."""
+    cache, hooks, marker = tmp_path / "cache", tmp_path / "hooks", tmp_path / "first-block-cached"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(PAUSE)
     options = ("--set", "calibration.pipeline=sequential", "--cache-dir", str(cache))
-    slow = ("--set", "refit.iterations=400")  # slower refits: time to kill the run between two blocks
-    proc = compress(dense, tmp_path / "model", *options, *slow, ranks=2, wait=False)
+    pausing = {**ENV, "PYTHONPATH": str(hooks), "LRS_PAUSE_AT": "7", "LRS_PAUSE_MARKER": str(marker)}
+    proc = compress(dense, tmp_path / "model", *options, ranks=2, wait=False, env=pausing)
     deadline = time.monotonic() + 240
-    while len(list(cache.glob("*.safetensors"))) < 7 and proc.poll() is None and time.monotonic() < deadline:
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before its first block was cached"
+    assert marker.exists() and proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timeout"
     kill_tree(proc.pid)
     proc.wait(timeout=60)
     survived = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
@@ -123,11 +146,11 @@ def test_a_killed_distributed_run_resumes_from_the_stage1_cache(dense, tmp_path)
     time.sleep(1)  # nothing may still be writing
     assert not (tmp_path / "model").exists()
 
-    rerun = compress(dense, tmp_path / "model", *options, *slow, ranks=2)
+    rerun = compress(dense, tmp_path / "model", *options, ranks=2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in cache.glob("*.safetensors")) if n in survived} == survived
     assert len(list(cache.glob("*.safetensors"))) == 14
-    reference = compress(dense, tmp_path / "reference", "--set", "calibration.pipeline=sequential", *slow)
+    reference = compress(dense, tmp_path / "reference", "--set", "calibration.pipeline=sequential")
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert files(tmp_path / "model") == files(tmp_path / "reference")
 
