@@ -100,16 +100,16 @@ def _fit_codes(outs: list[QuantizedLowRankSparseLinear], layers: list[LowRankSpa
         residuals[i] -= (u_codes.float() * u_scales.repeat_interleave(group, -1).t()) @ v_rounded
     sparse = [i for i, layer in enumerate(layers) if layer.nnz]
     keeps = [_positions(layers[i]) for i in sparse]
-    scales, entry_scales = [], []
+    s_scales, entry_scales = [], []  # S's group scales, and each entry's scale (1 outside S)
     for i, keep in zip(sparse, keeps):
-        scales.append(quantize_groups(nn.functional.pad(residuals[i][keep], (0, -layers[i].nnz % group)), bits,
-                                      group)[1])
+        s_scales.append(quantize_groups(nn.functional.pad(residuals[i][keep], (0, -layers[i].nnz % group)), bits,
+                                        group)[1])
         entry_scales.append(torch.ones_like(residuals[i]))
-        entry_scales[-1][keep] = scales[-1].repeat_interleave(group)[: layers[i].nnz]
+        entry_scales[-1][keep] = s_scales[-1].repeat_interleave(group)[: layers[i].nnz]
     s_codes = gptq_codes(_joined([residuals[i] for i in sparse]), factor, _joined(entry_scales), top,
                          _joined(keeps)).split([len(k) for k in keeps]) if sparse else []
-    for i, keep, codes, s in zip(sparse, keeps, s_codes, scales):
-        outs[i]._store_codes("sparse_values", nn.functional.pad(codes[keep], (0, -layers[i].nnz % group)), s)
+    for i, keep, codes, scales in zip(sparse, keeps, s_codes, s_scales):
+        outs[i]._store_codes("sparse_values", nn.functional.pad(codes[keep], (0, -layers[i].nnz % group)), scales)
 
 
 def quantized_nbytes(out_features: int, in_features: int, rank: int, nnz: int, index_bytes: int, bits: int,
