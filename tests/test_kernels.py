@@ -40,9 +40,12 @@ def stored(dtype: torch.dtype, *shape: int, generator: torch.Generator) -> tuple
     return factor, factor.float()
 
 
-@needs_kernels
+@pytest.mark.skipif(kernel_library.compiler() is None and os.environ.get("CI", "").lower() not in ("1", "true"),
+                    reason="no C compiler on this machine (under CI=true that fails here instead)")
 def test_the_kernels_build_where_a_compiler_exists():
-    """CI has a compiler: the fast path must really run there, not silently fall back."""
+    """Where a compiler exists, and always under CI=true, the fast path must really run, not silently fall back:
+    a CI machine without a compiler fails here instead of skipping every kernel test with CI green."""
+    assert kernel_library.compiler() is not None, "no C compiler found: install gcc or clang (or set CC)"
     assert kernels.bitmask_library() is not None
 
 
