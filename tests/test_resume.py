@@ -233,3 +233,49 @@ def test_kills_at_random_points_of_an_overwrite_leave_the_old_or_the_new_model(t
         seen.append(expected.index(_state(out)))
         assert AutoModelForCausalLM.from_pretrained(out) is not None
     assert set(seen) == {0, 1}, seen  # kills before and after the swap both happened
+
+
+def _first_save_in_child(model, out, ready) -> None:
+    from optimum_lrs.integrations.optimum import save_atomically
+
+    ready.set()
+    save_atomically(model, out)
+
+
+def test_kills_at_random_points_of_a_first_save_leave_nothing_or_the_whole_model(tmp_path):
+    """SAVE_KILLS SIGKILLs, each at a random point of a save into a directory that does not exist yet (the CLI's
+    `--output` without `--overwrite`): the output is then absent or the complete model, loadable, never part of
+    it; both outcomes occur, and saving again where a kill left nothing succeeds."""
+    import multiprocessing
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from optimum_lrs import LowRankSparseConfig, compress_
+    from optimum_lrs.integrations.optimum import save_atomically
+
+    from .conftest import tiny_llama
+
+    model = tiny_llama()
+    compress_(model, LowRankSparseConfig(param_ratio=0.5, activation_aware=False))
+    start = time.perf_counter()
+    save_atomically(model, tmp_path / "ref")
+    duration = time.perf_counter() - start
+    expected = _state(tmp_path / "ref")
+    context, rng, absent = multiprocessing.get_context("fork"), random.Random(1), []
+    for kill in range(SAVE_KILLS):
+        out, ready = tmp_path / f"out{kill}", context.Event()
+        child = context.Process(target=_first_save_in_child, args=(model, out, ready))
+        child.start()
+        assert ready.wait(60)
+        time.sleep(rng.uniform(0, 1.5 * duration))  # some kills land after the save has finished
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        if out.exists():
+            assert _state(out) == expected, f"kill {kill}: a partial model"
+            assert AutoModelForCausalLM.from_pretrained(out) is not None
+        else:
+            absent.append(out)
+    assert 0 < len(absent) < SAVE_KILLS, len(absent)  # kills before and after the rename both happened
+    save_atomically(model, absent[0])
+    assert _state(absent[0]) == expected
