@@ -10,7 +10,7 @@ the medians go to --out as JSON.
     python benchmarks/compression_time.py --baseline /tmp/lrs-base --rounds 2 --threads 2 \\
         --out benchmarks/results/compression_time.json
     python benchmarks/compression_time.py --set param_ratio=0.76 --current-set quantization.bits=4 --rounds 1 \\
-        --threads 2 --out benchmarks/results/compression_time_4bit.json
+        --threads 2 --out /tmp/compression_time_4bit.json
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def _store_final(model: nn.Module, names: list[str], config: LowRankSparseConfig
     if q is None:
         return
     moments = moments or {}
-    fitted = [name for name in names if name in moments and q.rounding == "gptq"]
+    fitted = [name for name in names if name in moments and config.fits_codes]
     for name in names:
         if name not in fitted:
             model.set_submodule(name, _final_storage(model.get_submodule(name), config))
