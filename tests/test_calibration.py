@@ -41,3 +41,23 @@ def test_default_calibration_text_ships_with_the_package():
     assert len(texts) == 100 and sum(map(len, texts)) > 150_000
     windows = calibration_windows(None, CharTokenizer(), seq_len=128, num_samples=4, seed=0)
     assert windows.shape == (4, 128)
+
+
+def test_a_datasets_dataset_calibrates_as_its_text_column_does():
+    """The documented `datasets.Dataset` input: the windows, and so the compressed model, of its `text` column."""
+    datasets = pytest.importorskip("datasets", reason="datasets comes with lm-eval in the test extra")
+    from optimum_lrs import LowRankSparseConfig, compress_
+
+    from .conftest import tiny_llama
+
+    texts = default_texts()[:6]
+    data = datasets.Dataset.from_dict({"text": texts, "url": [f"doc{i}" for i in range(6)]})
+    tok = CharTokenizer()
+    assert torch.equal(calibration_windows(data, tok, 32, 5, 0), calibration_windows(texts, tok, 32, 5, 0))
+    models = [compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.5, calibration_data=given, tokenizer=tok,
+                                                          calibration={"num_samples": 4, "seq_len": 32}))
+              for given in (data, texts)]
+    states = [m.state_dict() for m in models]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    with pytest.raises(ValueError, match=r"no 'text' column \(columns: \['content'\]\)"):
+        calibration_windows(datasets.Dataset.from_dict({"content": texts}), tok, 32, 5, 0)

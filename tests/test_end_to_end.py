@@ -293,3 +293,39 @@ def test_dequantize_gives_a_plain_dense_model_with_the_same_outputs(saved, input
     model.save_pretrained(tmp_path)
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path), input_ids), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", [None, {"bits": 4, "group_size": 32, "rounding": "nearest"}],
+                         ids=["float", "4-bit"])
+def test_set_sparse_format_converts_every_layer_and_keeps_the_outputs(quantization, tmp_path):
+    """The documented `optimum_lrs.set_sparse_format(model, "csr")`: every compressed layer changes layout, the
+    outputs stay, and the model saves and reloads in the new layout; then back to the bitmask."""
+    from optimum_lrs import compress_, set_sparse_format
+
+    from .conftest import tiny_llama
+
+    model = compress_(tiny_llama(), LowRankSparseConfig(param_ratio=0.5, activation_aware=False,
+                                                        quantization=quantization))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def logits(m):
+        with torch.no_grad():
+            return m(ids).logits
+
+    def formats(m):
+        return {layer.sparse_format for layer in m.modules() if isinstance(layer, LowRankSparseLinear)}
+
+    before = logits(model)
+    assert formats(model) == {"bitmask"}
+    assert set_sparse_format(model, "csr") is model and formats(model) == {"csr"}
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["sparse_format"] == "csr"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert formats(reloaded) == {"csr"} and torch.equal(logits(reloaded), logits(model))
+    assert formats(set_sparse_format(model, "bitmask")) == {"bitmask"}
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"sparse_format must be one of .*got 'coo'"):
+        set_sparse_format(model, "coo")
+    with pytest.raises(ValueError, match="expects a model compressed by optimum_lrs"):
+        set_sparse_format(tiny_llama(), "csr")

@@ -70,6 +70,29 @@ def test_killed_run_resumes_from_cache_and_matches_an_uninterrupted_run(tmp_path
     assert digest(out) == digest(fresh)
 
 
+def _child(context, target, args: tuple, kill_after: float | None = None) -> tuple[int, float]:
+    """Run `target(*args, ready)` in a process of the multiprocessing `context`; `kill_after` seconds after it sets
+    `ready`, SIGKILL it (unless it finished first), or with None let it finish, which it must. Returns its pid and
+    the seconds from `ready` to its end: a kill loop draws its delays over an unkilled child's span, measured in
+    the same conditions (a forked process can be slower than its parent)."""
+    ready = context.Event()
+    child = context.Process(target=target, args=(*args, ready))
+    child.start()
+    assert ready.wait(120)
+    start = time.perf_counter()
+    if kill_after is None:
+        child.join(300)
+        assert child.exitcode == 0, child.exitcode
+    else:
+        time.sleep(kill_after)
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:  # finished first, and reaped by its parent (a fork server)
+            pass
+        child.join()
+    return child.pid, time.perf_counter() - start
+
+
 # Kills at random points of a compression writing the Stage 1 cache.
 CACHE_KILLS = 20
 
@@ -98,22 +121,7 @@ def test_kills_at_random_points_of_stage1_caching_leave_only_whole_entries(tmp_p
     context.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llama", "optimum_lrs"])
 
     def compress(cache_dir, out=None, kill_after=None):
-        ready = context.Event()
-        child = context.Process(target=_compress_in_child, args=(str(cache_dir), out and str(out), ready))
-        child.start()
-        assert ready.wait(120)
-        start = time.perf_counter()
-        if kill_after is None:
-            child.join(300)
-            assert child.exitcode == 0
-        else:
-            time.sleep(kill_after)
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:  # finished first (the fork server, its parent, has reaped it)
-                pass
-            child.join()
-        return child.pid, time.perf_counter() - start
+        return _child(context, _compress_in_child, (str(cache_dir), out and str(out)), kill_after)
 
     def entries(cache_dir):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cache_dir.glob("*.safetensors")}
@@ -274,20 +282,13 @@ def test_kills_at_random_points_of_an_overwrite_leave_the_old_or_the_new_model(t
         models.append(model)
     out, expected = tmp_path / "out", []
     for i, model in enumerate(models):
-        start = time.perf_counter()
         save_atomically(model, tmp_path / f"ref{i}")
-        duration = time.perf_counter() - start
         expected.append(_state(tmp_path / f"ref{i}"))
     save_atomically(models[0], out)
     context, rng, seen = multiprocessing.get_context("fork"), random.Random(0), []
-    for kill in range(SAVE_KILLS):
-        ready = context.Event()
-        child = context.Process(target=_save_in_child, args=(models[kill % 2], out, ready))
-        child.start()
-        assert ready.wait(60)
-        time.sleep(rng.uniform(0, 1.5 * duration))  # some kills land after the save has finished
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
+    _, duration = _child(context, _save_in_child, (models[1], tmp_path / "timed"))
+    for kill in range(SAVE_KILLS):  # some kills land after the save has finished
+        _child(context, _save_in_child, (models[kill % 2], out), rng.uniform(0, 1.5 * duration))
         assert out.is_dir(), f"kill {kill}: no output directory"
         assert _state(out) in expected, f"kill {kill}: a mix of the two models"
         seen.append(expected.index(_state(out)))
@@ -318,19 +319,13 @@ def test_kills_at_random_points_of_a_first_save_leave_nothing_or_the_whole_model
 
     model = tiny_llama()
     compress_(model, LowRankSparseConfig(param_ratio=0.5, activation_aware=False))
-    start = time.perf_counter()
     save_atomically(model, tmp_path / "ref")
-    duration = time.perf_counter() - start
     expected = _state(tmp_path / "ref")
     context, rng, absent = multiprocessing.get_context("fork"), random.Random(1), []
-    for kill in range(SAVE_KILLS):
-        out, ready = tmp_path / f"out{kill}", context.Event()
-        child = context.Process(target=_first_save_in_child, args=(model, out, ready))
-        child.start()
-        assert ready.wait(60)
-        time.sleep(rng.uniform(0, 1.5 * duration))  # some kills land after the save has finished
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
+    _, duration = _child(context, _first_save_in_child, (model, tmp_path / "timed"))
+    for kill in range(SAVE_KILLS):  # some kills land after the save has finished
+        out = tmp_path / f"out{kill}"
+        _child(context, _first_save_in_child, (model, out), rng.uniform(0, 1.5 * duration))
         if out.exists():
             assert _state(out) == expected, f"kill {kill}: a partial model"
             assert AutoModelForCausalLM.from_pretrained(out) is not None
