@@ -65,21 +65,11 @@ def _install(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, layer:
     return entry
 
 
-def _replace(model: nn.Module, c: LayerCandidates, keep: LayerAllocation, source: nn.Linear,
-             config: LowRankSparseConfig, moment: torch.Tensor | None = None) -> dict:
-    return _install(model, c, keep, _final_storage(build_layer(c, keep, source, config), config, moment))
-
-
-def _final_storage(layer: LowRankSparseLinear, config: LowRankSparseConfig,
-                   moment: torch.Tensor | None = None) -> LowRankSparseLinear:
-    """The layer as it is stored for good: with `config.quantization`, its factors as integer codes, fitted to
-    its inputs' second moment `moment` (and their scales refitted, `refit_scales`) where `rounding="gptq"` and
-    one was measured, else rounded to nearest."""
+def _rounded(layer: LowRankSparseLinear, config: LowRankSparseConfig) -> LowRankSparseLinear:
+    """The layer's factors as integer codes rounded to nearest (`config.quantization`, no input moment to fit
+    them to)."""
     q = config.quantization
-    if q is None:
-        return layer
-    return QuantizedLowRankSparseLinear.quantize(layer, q.bits, q.group_size, q.error_feedback,
-                                                 moment if q.rounding == "gptq" else None, q.refit_scales)
+    return QuantizedLowRankSparseLinear.quantize(layer, q.bits, q.group_size, q.error_feedback, None, q.refit_scales)
 
 
 def _code_moments(model: nn.Module, block: nn.Module, names: list[str], inputs: BlockInputs | None,
@@ -97,7 +87,9 @@ def _code_moments(model: nn.Module, block: nn.Module, names: list[str], inputs: 
 
 def _store_final(model: nn.Module, names: list[str], config: LowRankSparseConfig,
                  moments: dict[str, torch.Tensor] | None = None) -> None:
-    """`_final_storage` of the installed layers `names`, once block matching has tuned their float factors: with
+    """The installed layers `names` as they are stored for good, once block matching has tuned their float factors:
+    with `config.quantization`, their factors as integer codes, fitted to their inputs' second `moments` where
+    `rounding="gptq"` and one was measured (`QuantizedLowRankSparseLinear.fit`), else rounded to nearest. With
     the sequential pipeline the next blocks then calibrate on what the stored layers compute. Layers whose codes
     are fitted to equal second `moments` (they read the same inputs: q, k, v; gate, up) are fitted together
     (`QuantizedLowRankSparseLinear.fit`: each gets the codes it would get alone, in fewer sweeps)."""
@@ -108,7 +100,7 @@ def _store_final(model: nn.Module, names: list[str], config: LowRankSparseConfig
     fitted = [name for name in names if name in moments and config.fits_codes]
     for name in names:
         if name not in fitted:
-            model.set_submodule(name, _final_storage(model.get_submodule(name), config))
+            model.set_submodule(name, _rounded(model.get_submodule(name), config))
     while fitted:  # layers reading the same inputs (q, k, v; gate, up) are fitted together
         group = [name for name in fitted if torch.equal(moments[name], moments[fitted[0]])]
         layers = QuantizedLowRankSparseLinear.fit([model.get_submodule(name) for name in group], q.bits,
@@ -144,8 +136,11 @@ def _compress_one_shot(model: nn.Module, config: LowRankSparseConfig, targets: d
     problem = AllocationProblem(candidates, budget, config, model=model, calibration=calibration, consumable=True)
     allocation = allocate(problem)
     # each dense layer is held no longer than the model holds it: freed as its layer is replaced
-    return {c.name: _replace(model, c, allocation[c.name], targets.pop(c.name), config, code_moments.get(c.name))
-            for c in progress(candidates, desc="extract factors", unit="layer")}
+    entries = {c.name: _install(model, c, allocation[c.name],
+                                build_layer(c, allocation[c.name], targets.pop(c.name), config))
+               for c in progress(candidates, desc="extract factors", unit="layer")}
+    _store_final(model, list(entries), config, code_moments)
+    return entries
 
 
 def _first_block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], calibration: torch.Tensor,

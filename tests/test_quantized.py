@@ -78,6 +78,26 @@ def test_codes_fitted_to_the_inputs_move_the_model_less_than_rounding_to_nearest
     assert not torch.equal(layer.sparse_values_codes, layers(nearest)[name].sparse_values_codes)
 
 
+def test_a_model_without_decoder_blocks_gets_codes_fitted_to_the_dense_inputs(dense_checkpoint, input_ids,
+                                                                              monkeypatch):
+    """The whole-model pass (no decoder blocks found) stores its layers as the block pipeline does: codes fitted to
+    the dense model's inputs, layers reading the same inputs fitted together."""
+    from optimum_lrs import pipeline
+
+    monkeypatch.setattr(pipeline, "find_decoder_blocks", lambda *_: (None, "no decoder blocks found"))
+    models = {rounding: AutoModelForCausalLM.from_pretrained(dense_checkpoint, quantization_config=LowRankSparseConfig(
+        param_ratio=0.5, quantization=FactorQuantization(bits=4, group_size=GROUP, rounding=rounding)))
+        for rounding in ("gptq", "nearest")}
+    fitted, nearest = layers(models["gptq"]), layers(models["nearest"])
+    assert all(isinstance(m, QuantizedLowRankSparseLinear) for m in (*fitted.values(), *nearest.values()))
+    assert all(not torch.equal(m.sparse_values_codes, nearest[name].sparse_values_codes) for name, m in fitted.items())
+    dense = logits(AutoModelForCausalLM.from_pretrained(dense_checkpoint), input_ids)
+    error = {name: ((logits(m, input_ids) - dense).norm() / dense.norm()).item() for name, m in models.items()}
+    # Measured (llama / qwen2): fitted 0.261 / 0.259, rounded to nearest 0.256 / 0.268; a zeroed model 1.0. Without
+    # blocks the codes fit the dense model's inputs, not the compressed model's, and need not beat rounding here.
+    assert max(error.values()) < 0.35, error
+
+
 def test_matching_the_scales_lowers_every_blocks_output_error_and_keeps_the_codes(dense_checkpoint, compressed,
                                                                                  input_ids, caplog):
     """`match_scales` (default on): each block matched again on its groups' scales once its codes are stored.
