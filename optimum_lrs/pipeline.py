@@ -69,7 +69,7 @@ def _rounded(layer: LowRankSparseLinear, config: LowRankSparseConfig) -> LowRank
     """The layer's factors as integer codes rounded to nearest (`config.quantization`, no input moment to fit
     them to)."""
     q = config.quantization
-    return QuantizedLowRankSparseLinear.quantize(layer, q.bits, q.group_size, q.error_feedback, None, q.refit_scales)
+    return QuantizedLowRankSparseLinear.quantize(layer, q.bits, q.group_size, q.error_feedback)
 
 
 def _code_moments(model: nn.Module, block: nn.Module, names: list[str], inputs: BlockInputs | None,

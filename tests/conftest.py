@@ -27,9 +27,14 @@ PAUSE_HOOKS = REPO / "tests" / "hooks"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def env_flag(name: str) -> bool:
+    """True where the environment variable `name` is set to 1 or true (CI=true, LRS_REQUIRE_DATA=1)."""
+    return os.environ.get(name, "").lower() in ("1", "true")
+
+
 def _missing(message: str):
     """Skip the test, or fail it under LRS_REQUIRE_DATA=1 (set where the real model and data should be)."""
-    if os.environ.get("LRS_REQUIRE_DATA", "").lower() in ("1", "true"):
+    if env_flag("LRS_REQUIRE_DATA"):
         pytest.fail(f"{message}; LRS_REQUIRE_DATA is set, so the data tests fail instead of skipping")
     pytest.skip(message)
 

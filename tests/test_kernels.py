@@ -14,6 +14,8 @@ from optimum_lrs import LowRankSparseLinear
 from optimum_lrs.nn import kernel_library, kernels
 from optimum_lrs.nn.storage import BITMASK_KERNEL_MAX_DENSITY, DENSE_REBUILD_TOKENS, pack_bits
 
+from .conftest import env_flag
+
 needs_kernels = pytest.mark.skipif(kernel_library.compiler() is None, reason="no C compiler on this machine")
 
 # Token counts around every path switch: the per-byte path (<= 8), whole and partial 96-token tiles (and the
@@ -40,7 +42,7 @@ def stored(dtype: torch.dtype, *shape: int, generator: torch.Generator) -> tuple
     return factor, factor.float()
 
 
-@pytest.mark.skipif(kernel_library.compiler() is None and os.environ.get("CI", "").lower() not in ("1", "true"),
+@pytest.mark.skipif(kernel_library.compiler() is None and not env_flag("CI"),
                     reason="no C compiler on this machine (under CI=true that fails here instead)")
 def test_the_kernels_build_where_a_compiler_exists():
     """Where a compiler exists, and always under CI=true, the fast path must really run, not silently fall back:
