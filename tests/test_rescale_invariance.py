@@ -56,7 +56,9 @@ def test_a_rescaled_copy_compresses_to_the_same_function(builder, pipeline, allo
     rescaling up to float32 rounding: the same allocation (up to one sparse entry that rounding settles in
     another layer) and logits within 0.5% of what compression changes (measured: at most 0.24%). In bfloat16 (the
     search precision where the CPU has it) the copy's roundings differ, so its logits may differ as much as
-    bfloat16 itself moves them from float32's, not more (measured: 0.4x to 1.7x). Absolute Adam step sizes, as
+    bfloat16 itself moves them from float32's (measured: 0.4x to 1.7x on AVX-512 machines), or, where that
+    difference happens to be small, by a small share of the compression's change (on an AVX2-only EPYC, one-shot
+    CAP on llama: 4.2x the bfloat16 difference, 7% of the compression's change). Absolute Adam step sizes, as
     block matching took before it became relative, moved the logits by 150% of the compression's change, 90x the
     bfloat16 difference."""
     dense = builder()
@@ -77,4 +79,4 @@ def test_a_rescaled_copy_compresses_to_the_same_function(builder, pipeline, allo
     bf16_noise = relative(logits[torch.bfloat16, 1.0], logits[torch.float32, 1.0])
     for c in SCALES:
         assert relative(logits[torch.float32, c], logits[torch.float32, 1.0]) < 5e-3 * error, c
-        assert relative(logits[torch.bfloat16, c], logits[torch.bfloat16, 1.0]) < 2.5 * bf16_noise, c
+        assert relative(logits[torch.bfloat16, c], logits[torch.bfloat16, 1.0]) < max(2.5 * bf16_noise, 0.15 * error), c
