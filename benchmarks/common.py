@@ -102,12 +102,26 @@ class PeakRSS:
         self._thread.join()
 
 
+def _cpuinfo(field: str) -> str:
+    """A field of /proc/cpuinfo's first processor ('' where there is none)."""
+    path = Path("/proc/cpuinfo")
+    lines = path.read_text().splitlines() if path.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), "")
+
+
+def cpu_features() -> str:
+    """The vector instructions the kernels and torch use on this CPU: torch's capability (AVX2, AVX512, ...), with
+    AVX512-BF16 named where the CPU has it (the quantized kernels' bfloat16 pairs path)."""
+    bf16 = " + AVX512-BF16" if "avx512_bf16" in _cpuinfo("flags").split() else ""
+    return torch.backends.cpu.get_cpu_capability() + bf16
+
+
 def run_info(threads: int) -> dict:
-    """What a results file records about its run: the exact command, date, machine and versions."""
+    """What a results file records about its run: the exact command, date, machine (with its vector instructions)
+    and versions."""
     import optimum_lrs
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = f"{_cpuinfo('model name') or platform.processor()} ({cpu_features()})"
     repo = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     return {"command": " ".join(["python", *sys.argv]), "commit": commit or None,

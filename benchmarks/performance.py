@@ -10,7 +10,8 @@ each part with the command, commit, date, machine and versions of its run; `benc
     python benchmarks/performance.py bytes kernels inference training --threads 2
     python benchmarks/performance.py dtypes compile offload --threads 2
     python benchmarks/performance.py scaling --threads 2
-    python benchmarks/performance.py quantized --threads 2 --quantized-ratio 0.76 0.5
+    python benchmarks/performance.py quantized --threads 2 --quantized-ratio 0.76 0.5   (results under quantized on a
+        CPU with AVX512-BF16, under quantized_avx2 on one without)
 """
 
 from __future__ import annotations
@@ -785,7 +786,11 @@ def main() -> None:
             results[part] = offload_part(args, model_dir)
         elif part == "training":
             results[part] = training_part(args, model_dir)
-        elif part == "quantized":
+        elif part == "quantized":  # per kernel path: bfloat16 pairs (AVX512-BF16), or AVX2 alone
+            from optimum_lrs.nn import kernels
+
+            library = kernels.bitmask_library()
+            part = part if library is None or library.lrs_bf16_pairs() else "quantized_avx2"
             results[part] = quantized_part(args)
         else:
             results[part] = scaling_part(args)

@@ -153,7 +153,8 @@ def test_bitmask_inputs_build_a_dense_weight_only_for_long_inputs_to_dense_layer
     assert sparse_layer.nnz <= BITMASK_KERNEL_MAX_DENSITY * 70 * 45 < dense_layer.nnz
     rebuilt = []
     rebuild = LowRankSparseLinear._rebuilt_weight
-    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight", lambda self: rebuilt.append(self) or rebuild(self))
+    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight",
+                        lambda self, dtype=None: rebuilt.append(self) or rebuild(self, dtype))
     monkeypatch.setattr(LowRankSparseLinear, "dense_weight", lambda self: pytest.fail("forward densified W"))
     with torch.no_grad():
         sparse_layer(torch.randn(DENSE_REBUILD_TOKENS * 3, 70))

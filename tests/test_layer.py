@@ -35,7 +35,8 @@ def test_short_inputs_use_the_sparse_kernel_not_a_dense_weight(monkeypatch):
     layer = LowRankSparseLinear.from_factors(u, v, s)
     monkeypatch.setattr(LowRankSparseLinear, "dense_weight", lambda self: pytest.fail("forward densified W"))
     monkeypatch.setattr(torch.Tensor, "to_dense", lambda self, *a, **k: pytest.fail("forward densified S"))
-    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight", lambda self: pytest.fail("forward rebuilt W"))
+    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight",
+                        lambda self, dtype=None: pytest.fail("forward rebuilt W"))
     layer(torch.randn(DENSE_REBUILD_TOKENS - 1, 40))
 
 
@@ -48,7 +49,8 @@ def test_training_inputs_stay_on_the_sparse_kernel_however_long(monkeypatch):
     expected = x @ layer.dense_weight().t()
     calls = []
     original = LowRankSparseLinear._rebuilt_weight
-    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight", lambda self: calls.append(1) or original(self))
+    monkeypatch.setattr(LowRankSparseLinear, "_rebuilt_weight",
+                        lambda self, dtype=None: calls.append(1) or original(self, dtype))
     out = layer(x.clone().requires_grad_(True))
     assert not calls and torch.allclose(out, expected, atol=1e-4)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrs import LowRankSparseLinear, QuantizedLowRankSparseLinear
-from optimum_lrs.nn import kernel_library, kernels
+from optimum_lrs.nn import kernel_library, kernels, storage
 from optimum_lrs.nn.quantize import dequantize_groups, unpack_codes
 from optimum_lrs.nn.quantized_linear import QUANTIZED_KERNEL_ROWS
 
@@ -121,6 +121,26 @@ def test_short_inputs_read_the_codes_and_long_ones_rebuild_s_from_them(monkeypat
 
 
 @needs_kernels
+@pytest.mark.parametrize("slow", [True, False])
+def test_long_half_precision_inputs_multiply_in_float32_where_half_matmul_is_slow(monkeypatch, slow):
+    """On an x86 CPU below AVX-512 torch's bfloat16 matmul runs several times slower than float32's, so a long input
+    to a bfloat16 layer multiplies its rebuilt weight in float32 there (S rebuilt in float32, no bfloat16 copy),
+    and in bfloat16 elsewhere; the output is bfloat16 and the layer's product either way."""
+    monkeypatch.setattr(storage, "_half_matmul_is_slow", lambda: slow)
+    layer = quantized(64, 128, 4, 0.5, 4, 32, True, 1, torch.bfloat16)
+    x = torch.randn(QUANTIZED_KERNEL_ROWS + 1, 128).to(torch.bfloat16)
+    assert storage.product_dtype(x) == (torch.float32 if slow else torch.bfloat16)
+    rebuilt = []
+    original = kernels.quantized_to_dense
+    monkeypatch.setattr(kernels, "quantized_to_dense",
+                        lambda *a, **k: rebuilt.append(a[-1]) or original(*a, **k))
+    with torch.no_grad():
+        got = layer(x)
+    assert got.dtype == torch.bfloat16 and rebuilt == [torch.float32 if slow else torch.bfloat16]
+    assert_near(got, reference(layer, x), 1e-2)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_s_rebuilt_from_codes_equals_the_dequantized_one(dtype):
     """The dense S written from the codes (bfloat16 directly where the build has the pairs path) is the torch
@@ -135,8 +155,8 @@ def test_s_rebuilt_from_codes_equals_the_dequantized_one(dtype):
 
 @needs_kernels
 def test_a_build_without_avx512_decodes_the_same(tmp_path):
-    """Where the CPU has AVX2 but no AVX-512 (no bfloat16 pairs), the float32 loops read the codes instead and give
-    the same products for every dtype and width."""
+    """Where the CPU has AVX2 but no AVX-512 (no bfloat16 pairs), 4-bit bfloat16 codes are looked up into bfloat16
+    words (quantized_avx2.h) and the other dtypes and widths go through the float32 loops: the same products."""
     script = (
         "import torch, sys\nsys.path.insert(0, %r)\n"
         "from optimum_lrs.nn import kernel_library, kernels\n"

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "bitmask_matmul.c"
 # Included by SOURCE: part of the cache key.
-HEADERS = tuple(SOURCE.with_name(name) for name in ("bitmask_typed.h", "quantized_typed.h", "quantized_bf16.h"))
+HEADERS = tuple(SOURCE.with_name(name) for name in ("bitmask_typed.h", "quantized_typed.h", "bf16_codes.h",
+                                                     "quantized_bf16.h", "quantized_avx2.h"))
 # The factor dtypes the kernels read as stored (widened to float32 in registers), by entry point suffix.
 FACTOR_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 DISABLE_ENV = "OPTIMUM_LRS_NO_KERNELS"

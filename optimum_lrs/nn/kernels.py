@@ -142,7 +142,8 @@ def quantized_bitmask_few(x: torch.Tensor, u: tuple[torch.Tensor, torch.Tensor],
     S's values' (whole groups; the first `nnz` are S's). Each row is dequantized into a per-thread buffer while its
     product runs, so that decoding reads the layer's bytes once, as codes; with bfloat16 scales on a CPU with
     AVX512-BF16 the products run in bfloat16 pairs (x must then hold bfloat16 values, as the layer's input in its
-    factors' dtype does)."""
+    factors' dtype does), and on one with AVX2 alone 4-bit codes in groups of a multiple of 32 are looked up into
+    bfloat16 words by byte shuffles (float32 products)."""
     (u_codes, u_scales), (v_codes, v_scales), (s_codes, s_scales) = u, v, values
     rank, m = u_codes.shape[0], mask.shape[0]
     n = x.shape[1]

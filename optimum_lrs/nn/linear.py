@@ -196,15 +196,16 @@ class LowRankSparseLinear(nn.Module):
         # model with bfloat16 factors) must not hand their dtype on (attention refuses mixed q / k / v dtypes)
         return self.storage.forward(self, flat).reshape(*lead, self.out_features).to(x.dtype)
 
-    def _sparse_dense(self) -> torch.Tensor:
-        """S as a transient dense matrix in the factors' dtype, on their device: possibly a buffer the next call
-        reuses (a quantized layer's rebuild), so use it at once, outside autograd, and never keep it."""
-        return self.storage.dense(self).to(dtype=self.lowrank_u.dtype, device=self.lowrank_u.device)
+    def _sparse_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """S as a transient dense matrix in `dtype` (default: the factors'), on the factors' device: possibly a
+        buffer the next call reuses (a quantized layer's rebuild), so use it at once, outside autograd, and never
+        keep it."""
+        return self.storage.dense(self).to(dtype=dtype or self.lowrank_u.dtype, device=self.lowrank_u.device)
 
-    def _rebuilt_weight(self) -> torch.Tensor:
-        """U V + S as a transient dense matrix."""
-        weight = self._sparse_dense()
-        return weight.addmm_(self.lowrank_u, self.lowrank_v) if self.rank else weight
+    def _rebuilt_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """U V + S as a transient dense matrix in `dtype` (default: the factors')."""
+        weight = self._sparse_dense(dtype)
+        return weight.addmm_(self.lowrank_u.to(weight.dtype), self.lowrank_v.to(weight.dtype)) if self.rank else weight
 
     def extra_repr(self) -> str:
         return (

@@ -311,11 +311,12 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
         return (self.sparse_format == "bitmask" and kernels.can_run(self.sparse_bitmask, *inputs)
                 and kernels.takes_factor_dtype(self.factor_dtype))
 
-    def _sparse_dense(self) -> torch.Tensor:
+    def _sparse_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if not self._reads_codes():
-            return super()._sparse_dense()
+            return super()._sparse_dense(dtype)
         return kernels.quantized_to_dense(self.sparse_bitmask, (self.sparse_values_codes, self.sparse_values_scales),
-                                          self._nnz, self.bits, self.group_size, self.in_features, self.factor_dtype)
+                                          self._nnz, self.bits, self.group_size, self.in_features,
+                                          dtype or self.factor_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"

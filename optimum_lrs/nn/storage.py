@@ -12,6 +12,7 @@ the checkpoint reader and the model card do not branch on the layout's name.
 from __future__ import annotations
 
 import contextlib
+import platform
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
@@ -69,16 +70,39 @@ def needs_grad(flat: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and flat.requires_grad
 
 
+@torch.compiler.assume_constant_result
+def _half_matmul_is_slow() -> bool:
+    """Whether torch multiplies bfloat16 and float16 matrices far slower than float32 on this CPU: x86 below
+    AVX-512 (AVX2 has no half-precision arithmetic, so torch widens every block), where a bfloat16 GEMM of a
+    4096 x 11008 layer measured 2.6x (32 rows) to 5.7x (512 rows) the float32 one's time (2 threads, first-generation
+    EPYC). Fixed for the process."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
+def product_dtype(flat: torch.Tensor) -> torch.dtype:
+    """The dtype a rebuilt dense product computes in: the input's, but float32 for a half-precision input on a CPU
+    whose half-precision matmul is slow (`_half_matmul_is_slow`); the result is rounded to the input's dtype
+    either way, and float32 products are only the more exact."""
+    if flat.dtype in (torch.bfloat16, torch.float16) and flat.device.type == "cpu" and _half_matmul_is_slow():
+        return torch.float32
+    return flat.dtype
+
+
 def dense_product(layer: LowRankSparseLinear, flat: torch.Tensor) -> torch.Tensor:
     """x W^T + b by a transiently rebuilt dense W: U V + S, or S alone with x V^T U^T added where that costs less
     than the rebuild's U V (rows (m + n) < m n: prefills shorter than about the layer's width; at 512 tokens a
-    4096 x 11008 layer of rank 448 would otherwise spend more on U V than on the product itself)."""
+    4096 x 11008 layer of rank 448 would otherwise spend more on U V than on the product itself). In
+    `product_dtype`: a bfloat16 layer on an AVX2 CPU rebuilds W in float32."""
     m, n = layer.out_features, layer.in_features
+    dtype = product_dtype(flat)
+    x, bias = flat.to(dtype), None if layer.bias is None else layer.bias.to(dtype)
     if layer.rank and flat.shape[0] * (m + n) < m * n:
-        sparse = layer._sparse_dense()
-        lowrank = nn.functional.linear(nn.functional.linear(flat, layer.lowrank_v), layer.lowrank_u)
-        return nn.functional.linear(flat, sparse, layer.bias) + lowrank
-    return nn.functional.linear(flat, layer._rebuilt_weight(), layer.bias)
+        sparse = layer._sparse_dense(dtype)
+        lowrank = nn.functional.linear(nn.functional.linear(x, layer.lowrank_v.to(dtype)), layer.lowrank_u.to(dtype))
+        out = nn.functional.linear(x, sparse, bias) + lowrank
+    else:
+        out = nn.functional.linear(x, layer._rebuilt_weight(dtype), bias)
+    return out.to(flat.dtype)
 
 
 class SparseStorage:

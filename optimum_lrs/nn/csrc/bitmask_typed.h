@@ -112,49 +112,63 @@ static const FN(forward_tile_fn) FN(forward_tiles)[TILE / 8 + 1] = {
 #ifdef __AVX2__
 /* The 8 weights of one mask byte: lane l is the next value if bit l is set, else 0. Loads values[0..8). */
 static inline __m256 FN(expand_byte)(const FT *values, unsigned byte) {
-    const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), lane_bits), lane_bits);
+#ifdef EXPAND8
+    return EXPAND8(values, byte);
+#endif
     __m256i idx = _mm256_loadu_si256((const __m256i *)expand_index[byte]);
-    return _mm256_and_ps(_mm256_permutevar8x32_ps((__m256)LOAD8(values), idx), _mm256_castsi256_ps(lanes));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps((__m256)LOAD8(values), idx), _mm256_setzero_ps(),
+                            _mm256_castsi256_ps(idx));
 }
 #endif
 
 #ifdef __AVX2__
 /* TT (1..8) tokens, rows [r0, r1): each mask byte's 8 weights are expanded once into a vector and used for
- * every token, a register accumulator per token; for so few tokens this beats one pass per set position. */
-#define FORWARD_FEW(TT)                                                                                         \
-    static void FN(forward_few_##TT)(const float *x, const uint8_t *mask, int64_t n, int64_t nb,                   \
+ * every token, a register accumulator per token; for so few tokens this beats one pass per set position. NA
+ * consecutive bytes go to NA sums per token, so that TT * NA >= 4 chains hide the FMA's latency (one chain per
+ * token left a single token's row bound by it). */
+#define FORWARD_FEW(TT, NA)                                                                                     \
+    static void FN(forward_few_##TT)(const float *x, const uint8_t *mask, int64_t n, int64_t nb,               \
                                  const FT *values, const int64_t *starts, int64_t nnz, int64_t r0,              \
                                  int64_t r1, float *y, int64_t m) {                                             \
         for (int64_t i = r0; i < r1; i++) {                                                                     \
             const uint8_t *row = mask + i * nb;                                                                 \
             int64_t k = starts[i], b = 0;                                                                       \
-            __m256 acc[TT];                                                                                     \
-            for (int t = 0; t < TT; t++) acc[t] = _mm256_setzero_ps();                                          \
+            __m256 acc[TT][NA];                                                                                 \
+            for (int t = 0; t < TT; t++)                                                                        \
+                for (int a = 0; a < NA; a++) acc[t][a] = _mm256_setzero_ps();                                   \
+            for (; b + NA <= n / 8 && k + 8 * NA <= nnz; b += NA)                                               \
+                for (int a = 0; a < NA; a++) {                                                                  \
+                    __m256 w = FN(expand_byte)(values + k, row[b + a]);                                         \
+                    for (int t = 0; t < TT; t++)                                                                \
+                        acc[t][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * n + (b + a) * 8), acc[t][a]);    \
+                    k += __builtin_popcount(row[b + a]);                                                        \
+                }                                                                                               \
             for (; b < n / 8 && k + 8 <= nnz; b++) {                                                            \
-                __m256 w = FN(expand_byte)(values + k, row[b]);                                                     \
-                for (int t = 0; t < TT; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * n + b * 8), acc[t]); \
+                __m256 w = FN(expand_byte)(values + k, row[b]);                                                 \
+                for (int t = 0; t < TT; t++)                                                                    \
+                    acc[t][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * n + b * 8), acc[t][0]);             \
                 k += __builtin_popcount(row[b]);                                                                \
             }                                                                                                   \
             for (int t = 0; t < TT; t++) {                                                                      \
                 float lanes[8], sum = 0.0f;                                                                     \
-                _mm256_storeu_ps(lanes, acc[t]);                                                                \
+                for (int a = 1; a < NA; a++) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][a]);                   \
+                _mm256_storeu_ps(lanes, acc[t][0]);                                                             \
                 for (int l = 0; l < 8; l++) sum += lanes[l];                                                    \
                 for (int64_t tb = b, tk = k; tb < nb; tb++)                                                     \
                     for (unsigned byte = row[tb]; byte; byte &= byte - 1)                                       \
-                        sum += LOAD1(values + tk++) * x[t * n + tb * 8 + __builtin_ctz(byte)];                          \
+                        sum += LOAD1(values + tk++) * x[t * n + tb * 8 + __builtin_ctz(byte)];                  \
                 y[t * m + i] += sum;                                                                            \
             }                                                                                                   \
         }                                                                                                       \
     }
-FORWARD_FEW(1)
-FORWARD_FEW(2)
-FORWARD_FEW(3)
-FORWARD_FEW(4)
-FORWARD_FEW(5)
-FORWARD_FEW(6)
-FORWARD_FEW(7)
-FORWARD_FEW(8)
+FORWARD_FEW(1, 4)
+FORWARD_FEW(2, 2)
+FORWARD_FEW(3, 2)
+FORWARD_FEW(4, 1)
+FORWARD_FEW(5, 1)
+FORWARD_FEW(6, 1)
+FORWARD_FEW(7, 1)
+FORWARD_FEW(8, 1)
 
 typedef void (*FN(forward_few_fn))(const float *, const uint8_t *, int64_t, int64_t, const FT *, const int64_t *,
                                int64_t, int64_t, int64_t, float *, int64_t);

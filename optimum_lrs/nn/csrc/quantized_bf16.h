@@ -7,13 +7,6 @@
 
 static inline float bf16_to_f32(uint16_t h) { return load1_bf16(&h); }
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    f = round1_bf16(f);
-    memcpy(&bits, &f, sizeof bits);
-    return (uint16_t)(bits >> 16);
-}
-
 /* 32 weights from the mask bits `bits`: lane l holds the next of w's values if bit l is set, else 0. Reads 64 bytes
  * from w, however few bits are set (the buffers have that slack). The load stays a separate instruction: folded
  * into vpexpandw's memory form (which compilers do) it measured 1.8x slower on Zen 4. */
@@ -25,42 +18,24 @@ static inline __m512bh expand_words(const uint16_t *w, uint32_t bits) {
 
 /* A group's 16 levels (code - 8) * s rounded to bfloat16, twice over: vpermw reads 5 index bits, and the low lane's
  * index carries the high nibble's lowest bit as its fifth. */
+typedef __m512i levels_t;
 static inline __m512i level_table(float s) {
     const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(levels, _mm512_set1_ps(s)));
     return _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
 }
 
-/* One code of a stream, dequantized and rounded to bfloat16. */
-static inline uint16_t dequant1(const uint8_t *codes, const uint16_t *scales, int bits, int64_t group, int64_t pos) {
-    int code = bits == 8 ? codes[pos] - 128 : ((codes[pos >> 1] >> (4 * (pos & 1))) & 15) - 8;
-    return f32_to_bf16((float)code * load1_bf16(scales + pos / group));
+/* 32 codes from 16 bytes: byte c -> one 32-bit lane c | c << 12, whose low half indexes by the low nibble and
+ * whose high half holds the high nibble: the two codes' 16-bit lanes in stream order. */
+static inline __m512i lookup_codes(__m512i table, const uint8_t *p) {
+    __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_permutexvar_epi16(_mm512_or_si512(c, _mm512_slli_epi32(c, 12)), table);
+}
+static inline void lookup32(__m512i table, const uint8_t *p, uint16_t *out) {
+    _mm512_storeu_si512(out, lookup_codes(table, p));
 }
 
-/* out[0, count) = the codes [start, start + count) of a stream, dequantized and rounded to bfloat16. At 4 bits
- * with groups of a multiple of 32, whole aligned runs of 32 codes take one table lookup (`level_table`, built
- * once per group, in a loop without branches so that the next groups' tables are built while this one's
- * lookups run); the ends of the range, other widths and group sizes go code by code. */
-static void pairs_dequant(const uint8_t *codes, const uint16_t *scales, int bits, int64_t group, int64_t start,
-                          int64_t count, uint16_t *out) {
-    int64_t i = 0;
-    if (bits == 4 && group % 32 == 0) {
-        for (; i < count && (start + i) % 32; i++) out[i] = dequant1(codes, scales, bits, group, start + i);
-        int64_t runs = (count - i) / 32, per_group = group / 32;
-        int64_t g = (start + i) / group, run = (start + i) % group / 32;
-        const uint8_t *p = codes + (start + i) / 2;
-        for (int64_t done = 0; done < runs; g++, run = 0) {
-            __m512i table = level_table(load1_bf16(scales + g));
-            for (; run < per_group && done < runs; run++, done++, p += 16, i += 32) {
-                /* byte c -> one 32-bit lane c | c << 12: its low half indexes by the low nibble, its high half
-                 * holds the high nibble: the two codes' 16-bit lanes in stream order. */
-                __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-                _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(_mm512_or_si512(c, _mm512_slli_epi32(c, 12)), table));
-            }
-        }
-    }
-    for (; i < count; i++) out[i] = dequant1(codes, scales, bits, group, start + i);
-}
+#include "bf16_codes.h"
 
 /* sum_j a[j] x[t, j] for T tokens into out[t * stride], a (n,) in bfloat16, xb x's whole chunks in bfloat16
  * (chunk-major, as quantized_few_bf16 lays them out), x in float32 for the last n % 32: four sums per token hide vdpbf16ps's latency. */
@@ -139,7 +114,7 @@ static inline void widen_words(__m512i words, __m512 *lo, __m512 *hi) {
 
 /* y[t, r0 + i] = bias[r0 + i] + sum_k U[r0 + i, k] z[t, k] for the rows < rows (at most ROW_BLOCK = 32) of one
  * block and TT tokens: U's transposed row k holds the block's 32 weights side by side, dequantized straight into
- * two float32 vectors (at 4 bits with groups of a multiple of 32, one table lookup; else through pairs_dequant),
+ * two float32 vectors (at 4 bits with groups of a multiple of 32, one table lookup; else through words_dequant),
  * each multiplied with every token's z[t, k] into 2 TT register sums. */
 #define LOWRANK_ROWS(TT)                                                                                        \
     static void pairs_lowrank_##TT(const uint8_t *codes, const uint16_t *scales, int bits, int64_t group,       \
@@ -156,12 +131,11 @@ static inline void widen_words(__m512i words, __m512 *lo, __m512 *hi) {
         for (int64_t k = 0; k < r; k++) {                                                                       \
             __m512i words;                                                                                      \
             if (lookup) {                                                                                       \
-                __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + (k * m + r0) / 2))); \
-                words = _mm512_permutexvar_epi16(_mm512_or_si512(c, _mm512_slli_epi32(c, 12)),                  \
-                                                 level_table(load1_bf16(scales + (k * m + r0) / group)));        \
+                words = lookup_codes(level_table(load1_bf16(scales + (k * m + r0) / group)),                    \
+                                     codes + (k * m + r0) / 2);                                                 \
             } else {                                                                                            \
                 uint16_t segment[32] = {0};                                                                     \
-                pairs_dequant(codes, scales, bits, group, k * m + r0, rows, segment);                           \
+                words_dequant(codes, scales, bits, group, k * m + r0, rows, segment);                           \
                 words = _mm512_loadu_si512(segment);                                                            \
             }                                                                                                   \
             __m512 u_lo, u_hi;                                                                                  \
@@ -223,7 +197,7 @@ static int quantized_few_bf16(const float *x, int64_t T, int64_t n, const uint8_
         uint16_t *buffer = (uint16_t *)(scratch + per_thread * omp_get_thread_num());
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < r; k++) {
-            pairs_dequant(v_codes, v_scales, bits, group, k * n, n, buffer);
+            words_dequant(v_codes, v_scales, bits, group, k * n, n, buffer);
             for (int64_t g = 0; g < groups; g++) {
                 int64_t t0 = g * FEW_TOKENS, tg = T - t0 < FEW_TOKENS ? T - t0 : FEW_TOKENS;
                 pairs_dot(buffer, xb + t0 * wide, x + t0 * n, n, tg, xv + t0 * r + k, r);
@@ -242,7 +216,7 @@ static int quantized_few_bf16(const float *x, int64_t T, int64_t n, const uint8_
              * the run reads them. */
             for (int64_t i0 = r0, run = DEQUANT_WORDS / n > 1 ? DEQUANT_WORDS / n : 1; i0 < r0 + rows; i0 += run) {
                 int64_t i1 = i0 + run < r0 + rows ? i0 + run : r0 + rows; /* run <= ROW_BLOCK rows: the block's */
-                pairs_dequant(s_codes, s_scales, bits, group, starts[i0], starts[i1] - starts[i0], buffer);
+                words_dequant(s_codes, s_scales, bits, group, starts[i0], starts[i1] - starts[i0], buffer);
                 for (int64_t t0 = 0; t0 < T; t0 += FEW_TOKENS) {
                     int64_t tg = T - t0 < FEW_TOKENS ? T - t0 : FEW_TOKENS, block = 4096 / tg / 32 * 4;
                     const uint16_t *xg = xb + t0 * wide, *w[ROW_BLOCK];
@@ -285,7 +259,7 @@ static void quantized_dense_bf16(const uint8_t *mask, int64_t m, int64_t n, int6
         for (int64_t i = 0; i < m; i++) {
             const uint8_t *row = mask + i * nb;
             uint16_t *out = (uint16_t *)dense + i * n;
-            pairs_dequant(s_codes, s_scales, bits, group, starts[i], starts[i + 1] - starts[i], buffer);
+            words_dequant(s_codes, s_scales, bits, group, starts[i], starts[i + 1] - starts[i], buffer);
             const uint16_t *w = buffer;
             int64_t b = 0;
             for (; b + 4 <= n / 8; b += 4) {

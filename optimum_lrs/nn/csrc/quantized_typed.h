@@ -12,9 +12,9 @@
 static void FN(dequant_f32)(const uint8_t *codes, const FT *scales, int bits, int64_t group, int64_t start,
                             int64_t count, float *out) {
     const int offset = 1 << (bits - 1);
-    int64_t i = 0;
-    while (i < count) {
-        int64_t g = (start + i) / group, end = (g + 1) * group - start < count ? (g + 1) * group - start : count;
+    /* group by group: g the group of code start + i, limit where it ends (relative to start) */
+    for (int64_t i = 0, g = start / group, limit = (g + 1) * group - start; i < count; g++, limit += group) {
+        const int64_t end = limit < count ? limit : count;
         const float s = LOAD1(scales + g);
 #ifdef __AVX2__
         const __m256 scale = _mm256_set1_ps(s);
@@ -30,10 +30,11 @@ static void FN(dequant_f32)(const uint8_t *codes, const FT *scales, int bits, in
             for (; i < end; i++) out[i] = ROUND1((float)((int)codes[start + i] - offset) * s);
             continue;
         }
-        float level[16];
-        for (int c = 0; c < 16; c++) level[c] = ROUND1((float)(c - offset) * s);
+        /* the codes before and after whole runs of eight, one by one (no table of the 16 levels: building it
+         * cost more than a group's vector loop) */
+#define LEVEL(c) ROUND1((float)((int)(c) - offset) * s)
         if ((start + i) & 1 && i < end) {
-            out[i] = level[codes[(start + i) >> 1] >> 4];
+            out[i] = LEVEL(codes[(start + i) >> 1] >> 4);
             i++;
         }
         const uint8_t *p = codes + ((start + i) >> 1);
@@ -48,13 +49,14 @@ static void FN(dequant_f32)(const uint8_t *codes, const FT *scales, int bits, in
         }
 #endif
         for (; i + 2 <= end; i += 2, p++) {
-            out[i] = level[*p & 15];
-            out[i + 1] = level[*p >> 4];
+            out[i] = LEVEL(*p & 15);
+            out[i + 1] = LEVEL(*p >> 4);
         }
         if (i < end) {
-            out[i] = level[*p & 15];
+            out[i] = LEVEL(*p & 15);
             i++;
         }
+#undef LEVEL
     }
 }
 
