@@ -5,7 +5,7 @@
  * rounds) split into their low and high bytes form two tables that `vpshufb` looks 16 codes up in at once, a few
  * instructions per 32 codes (the float32 loops' multiply and rounding per code cost as much as the product at
  * batch 1). S's rows then go through forward_few_bf16, whose expansion of a mask byte is one `vpshufb` of the
- * next 8 words (`expand8_bf16`); U's and V's rows are widened from words in registers. */
+ * next 8 words (`expand8_bf16`); U's and V's rows are widened from words in registers (load8_bf16). */
 
 /* The 16 levels' low bytes and high bytes, each a 16-byte table indexed by the code. */
 typedef struct {
@@ -49,11 +49,6 @@ static inline void lookup32(levels_t table, const uint8_t *p, uint16_t *out) {
 
 #define LOWRANK_ROWS 512 /* rows of U per work item of the low-rank part: y's rows for 8 tokens stay in L2 */
 
-/* 8 words widened to float32. */
-static inline __m256 widen8(const uint16_t *w) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
-}
-
 /* out[t * stride] = sum_j a[j] x[t, j] for T tokens, a (n,) in words: four sums per token hide the FMA's latency. */
 static void words_dot(const uint16_t *a, const float *x, int64_t n, int64_t T, float *out, int64_t stride) {
     for (int64_t t = 0; t < T; t++) {
@@ -62,8 +57,10 @@ static void words_dot(const uint16_t *a, const float *x, int64_t n, int64_t T, f
         int64_t j = 0;
         for (; j + 32 <= n; j += 32)
             for (int c = 0; c < 4; c++)
-                acc[c] = _mm256_fmadd_ps(widen8(a + j + 8 * c), _mm256_loadu_ps(xt + j + 8 * c), acc[c]);
-        for (; j + 8 <= n; j += 8) acc[0] = _mm256_fmadd_ps(widen8(a + j), _mm256_loadu_ps(xt + j), acc[0]);
+                acc[c] = _mm256_fmadd_ps((__m256)load8_bf16(a + j + 8 * c), _mm256_loadu_ps(xt + j + 8 * c),
+                                         acc[c]);
+        for (; j + 8 <= n; j += 8)
+            acc[0] = _mm256_fmadd_ps((__m256)load8_bf16(a + j), _mm256_loadu_ps(xt + j), acc[0]);
         float lanes[8], sum = 0.0f;
         _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
         for (int l = 0; l < 8; l++) sum += lanes[l];
@@ -89,7 +86,8 @@ static void words_lowrank(const uint8_t *codes, const uint16_t *scales, int bits
             float *yt = y + t * m + r0;
             int64_t i = 0;
             for (; i + 8 <= rows; i += 8)
-                _mm256_storeu_ps(yt + i, _mm256_fmadd_ps(widen8(segment + i), z8, _mm256_loadu_ps(yt + i)));
+                _mm256_storeu_ps(yt + i,
+                                 _mm256_fmadd_ps((__m256)load8_bf16(segment + i), z8, _mm256_loadu_ps(yt + i)));
             for (; i < rows; i++) yt[i] += load1_bf16(segment + i) * zt;
         }
     }
