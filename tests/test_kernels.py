@@ -1,5 +1,6 @@
 """The C kernels for the bitmask layout against the dense products they replace, and their fallback."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimum_lrs import LowRankSparseLinear
+from optimum_lrs import LowRankSparseLinear, QuantizedLowRankSparseLinear
 from optimum_lrs.nn import kernel_library, kernels
 from optimum_lrs.nn.storage import BITMASK_KERNEL_MAX_DENSITY, DENSE_REBUILD_TOKENS, pack_bits
 
@@ -145,6 +146,57 @@ def test_layer_forward_with_and_without_the_kernels_agree(dtype, tokens, rank, d
     assert fast.dtype == dtype and fast.shape == (2, tokens, 45)
     torch.testing.assert_close(fast.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     torch.testing.assert_close(fast.float(), slow.float(), rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def _quantized(dtype: torch.dtype) -> QuantizedLowRankSparseLinear:
+    return QuantizedLowRankSparseLinear.quantize(_layer(in_f=96, out_f=64), 4, 32).to(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_decoding_in_the_factors_dtype_gives_the_general_paths_bits(monkeypatch, dtype, quantized):
+    """A decoding step in the factors' dtype goes straight to the layer's prepared call, which widens x and bias
+    and rounds the output in C: the same bits as the general path (torch casts around a float32 call)."""
+    layer = _quantized(dtype) if quantized else _layer(in_f=96, out_f=64, dtype=dtype)
+    calls = []
+    original = kernels.FewCall.__call__
+    monkeypatch.setattr(kernels.FewCall, "__call__", lambda self, x: calls.append(x.dtype) or original(self, x))
+    for shape in [(96,), (1, 96), (2, 3, 96)]:
+        x = torch.randn(*shape).to(dtype)
+        with torch.no_grad():
+            fast, general = layer(x), layer(x.float())
+        assert fast.dtype == dtype and fast.shape == (*shape[:-1], 64)
+        assert torch.equal(fast.float(), general)
+    assert calls == [dtype, torch.float32] * 3
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_prepared_call_follows_the_layers_tensors(quantized):
+    """The prepared call holds pointers, kept while the layer's tensors stay where they are: after a cast, a state
+    dict loaded in place, a tensor replaced and a deep copy, each step gives what a layer built afresh gives."""
+    def make() -> LowRankSparseLinear:
+        return QuantizedLowRankSparseLinear.quantize(_layer(96, 64), 4, 32) if quantized else _layer(96, 64)
+
+    layer, other, x = make(), make(), torch.randn(2, 96)
+    with torch.no_grad():  # other positions (as many), other low-rank values
+        other.sparse_bitmask.copy_(other.sparse_bitmask.roll(1, 0))
+        if quantized:
+            other.lowrank_u_codes.copy_(255 - other.lowrank_u_codes)
+        else:
+            other.lowrank_u.neg_()
+        assert_close = torch.testing.assert_close
+        assert_close(layer(x), make()(x), rtol=0, atol=0)
+        layer.to(torch.bfloat16)
+        assert_close(layer(x.bfloat16()), make().to(torch.bfloat16)(x.bfloat16()), rtol=0, atol=0)
+        layer.to(torch.float32).load_state_dict(other.state_dict())  # copied into the layer's tensors
+        assert_close(layer(x), other(x), rtol=0, atol=0)
+        name = "sparse_values_scales" if quantized else "sparse_values"
+        setattr(layer, name, torch.nn.Parameter(getattr(layer, name) * 2, requires_grad=False))
+        setattr(other, name, torch.nn.Parameter(getattr(other, name) * 2, requires_grad=False))
+        assert_close(layer(x), other(x), rtol=0, atol=0)
+        assert_close(copy.deepcopy(layer)(x), other(x), rtol=0, atol=0)
 
 
 @needs_kernels

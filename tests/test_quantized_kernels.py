@@ -107,15 +107,15 @@ def test_short_inputs_read_the_codes_and_long_ones_rebuild_s_from_them(monkeypat
     inputs = [torch.randn(*shape).to(torch.bfloat16) for shape in shapes]
     wanted = [reference(layer, x) for x in inputs]
     calls = []
-    for name in ("quantized_bitmask_few", "quantized_to_dense"):
-        original = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    few, dense = kernels.FewCall.__call__, kernels.quantized_to_dense
+    monkeypatch.setattr(kernels.FewCall, "__call__", lambda self, x: calls.append(self.name) or few(self, x))
+    monkeypatch.setattr(kernels, "quantized_to_dense", lambda *a, **k: calls.append("quantized_to_dense") or dense(*a, **k))
     original = QuantizedLowRankSparseLinear.dequantized
     monkeypatch.setattr(QuantizedLowRankSparseLinear, "dequantized", lambda self: calls.append("float") or original(self))
     for x, want in zip(inputs, wanted):
         with torch.no_grad():
             assert_near(layer(x), want, 2e-2)
-    assert calls == ["quantized_bitmask_few"] * 3 + ["quantized_to_dense"] * 2
+    assert calls == ["quantized_few"] * 3 + ["quantized_to_dense"] * 2
     layer(torch.randn(2, 128, requires_grad=True).to(torch.bfloat16))
     assert calls[-1] == "float"
 

@@ -105,6 +105,10 @@ def bitmask_library() -> ctypes.CDLL | None:
     library.lrs_workspace_floats.restype = ctypes.c_int64
     library.lrs_quantized_workspace_floats.argtypes = [ctypes.c_int64] * 4
     library.lrs_quantized_workspace_floats.restype = ctypes.c_int64
+    library.lrs_few_workspace_floats.argtypes = [ctypes.c_int64] * 4
+    library.lrs_few_workspace_floats.restype = ctypes.c_int64
+    library.lrs_quantized_few_workspace_floats.argtypes = [ctypes.c_int64] * 5
+    library.lrs_quantized_few_workspace_floats.restype = ctypes.c_int64
     library.lrs_bf16_pairs.argtypes, library.lrs_bf16_pairs.restype = [], ctypes.c_int
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     argtypes = {
@@ -112,11 +116,11 @@ def bitmask_library() -> ctypes.CDLL | None:
         "lrs_bitmask_matmul_t": _ARGTYPES,
         "lrs_bitmask_to_dense": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int],
-        "lrs_lowrank_bitmask_few": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_int64, ctypes.c_void_p, *_ARGTYPES[3:]],
+        "lrs_lowrank_bitmask_few": [p, i64, i64, p, p, i64, p, p, i64, i64, p, i64, p, c_int, *work, c_int],
         "lrs_lowrank_bitmask_matmul": [*_ARGTYPES[:3], ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                        ctypes.c_void_p, *_ARGTYPES[3:-1], *work, ctypes.c_int],
-        "lrs_quantized_few": [p, i64, i64, p, p, p, p, i64, p, p, i64, i64, p, p, i64, c_int, i64, p, p, i64, c_int],
+        "lrs_quantized_few": [p, i64, i64, p, p, p, p, i64, p, p, i64, i64, p, p, i64, c_int, i64, p, c_int, *work,
+                              c_int],
         "lrs_dequantize": [p, p, c_int, i64, i64, p, c_int],
         "lrs_quantized_to_dense": [p, i64, i64, i64, p, p, i64, c_int, i64, p, c_int, p, i64, c_int],
     }

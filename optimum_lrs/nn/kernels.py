@@ -16,7 +16,8 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -110,27 +111,131 @@ def _library_few_tokens() -> int:
     return library.lrs_few_tokens() if library is not None else 0
 
 
+class FewCall:
+    """A layer's few-token product (`lrs_lowrank_bitmask_few` or `lrs_quantized_few`) with its weights' arguments
+    checked and converted once: calling it with x (..., n) costs the C call and a few torch calls, where a small
+    layer's product takes tens of microseconds and the checks and casts around each call took several times that
+    (docs/performance.md, "Decoding overhead"). It holds the weights' pointers, not the tensors: whoever keeps it
+    must keep them alive and in place (`layer_call` does, by their pointers). x, bias and the output are float32 or,
+    `io_dtype`, the factors' dtype, as a half-precision layer holds them (the C code widens and narrows them)."""
+
+    __slots__ = ("name", "entry", "sizing", "weights", "n", "m", "rank", "nvalues", "io_dtype", "limit", "floats")
+
+    def __init__(self, name: str, dtype: torch.dtype, sizing: Callable[[int, int, int, int, int], int], weights: tuple,
+                 shape: tuple[int, int, int, int], io_dtype: torch.dtype, limit: float):
+        """`weights`: the entry point's arguments from n to those before y; `shape`: n, m, rank and S's values;
+        `sizing(tokens, n, rank, m, threads)`: the work buffer's floats; `limit`: the most rows it takes."""
+        self.name, self.entry, self.sizing, self.weights = name, _entry(f"lrs_{name}", dtype), sizing, weights
+        (self.n, self.m, self.rank, self.nvalues), self.io_dtype, self.limit = shape, io_dtype, limit
+        self.floats: dict[tuple[int, int], int] = {}  # the work buffer's size by (tokens, threads)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., n), a contiguous CPU tensor in `io_dtype` with 1 to `limit` rows: x (U V + S)^T + bias in it."""
+        tokens = x.numel() // self.n
+        if (x.shape[-1] != self.n or x.dtype != self.io_dtype or not 1 <= tokens <= self.limit or not x.is_contiguous()
+                or not x.is_cpu):
+            raise ValueError(f"{self.name}: x {tuple(x.shape)} {x.dtype} on {x.device}; it takes a contiguous CPU "
+                             f"tensor in {self.io_dtype} with 1 to {self.limit} rows of {self.n}")
+        out = torch.empty(*x.shape[:-1], self.m, dtype=x.dtype)
+        threads = torch.get_num_threads()
+        floats = self.floats.get((tokens, threads))
+        if floats is None:
+            floats = self.floats[tokens, threads] = self.sizing(tokens, self.n, self.rank, self.m, threads)
+        work = _workspace(floats)
+        status = self.entry(x.data_ptr(), tokens, *self.weights, out.data_ptr(), int(x.dtype != torch.float32),
+                            *work, threads)
+        _check(status, self.name, self.nvalues, tokens)
+        return out
+
+
+# Each layer's FewCall and the pointers of the tensors it was built from (`layer_call`); weak, so that a layer
+# that goes away takes its call along, and a copied layer builds its own.
+_layer_calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layer_call(layer: torch.nn.Module, tensors: tuple[torch.Tensor | None, ...],
+               build: Callable[[], FewCall | None]) -> FewCall | None:
+    """`layer`'s decoding call, kept while `tensors` (all it reads) stay where they were: built anew by `build`
+    (None where the tensors are in another form) once a tensor has moved, as a cast, a move between devices,
+    loading into new tensors or an offload hook put it elsewhere. None inside `disabled()` or without the
+    library."""
+    if _disabled or not _built():
+        return None
+    key = [0 if t is None else t.data_ptr() for t in tensors]
+    cached = _layer_calls.get(layer)
+    if cached is None or cached[0] != key:
+        cached = _layer_calls[layer] = (key, build())
+    return cached[1]
+
+
+def _stored(*tensors: torch.Tensor | None) -> bool:
+    """Whether the tensors are as the kernels read them without a copy: contiguous CPU tensors."""
+    return all(t is None or (t.is_cpu and t.is_contiguous()) for t in tensors)
+
+
+def lowrank_few_call(lowrank_u: torch.Tensor, lowrank_v: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
+                     values: torch.Tensor, io_dtype: torch.dtype) -> FewCall | None:
+    """The `FewCall` of a float bitmask layer, or None where its tensors are not as the kernel reads them (other
+    devices, strides, dtypes: U, V and the values in one dtype of FACTOR_SUFFIXES, bias in `io_dtype`, which is
+    float32 or theirs)."""
+    m, n = lowrank_u.shape[0], lowrank_v.shape[1]
+    if mask.shape != (m, -(-n // 8)) or lowrank_v.shape[0] != lowrank_u.shape[1]:
+        raise ValueError(f"lowrank_bitmask_few: shapes U {tuple(lowrank_u.shape)}, V {tuple(lowrank_v.shape)}, "
+                         f"mask {tuple(mask.shape)} disagree")
+    dtype, rank = values.dtype, lowrank_u.shape[1]
+    if (not few_tokens() or mask.dtype != torch.uint8 or dtype not in FACTOR_SUFFIXES
+            or io_dtype not in (torch.float32, dtype) or lowrank_u.dtype != dtype or lowrank_v.dtype != dtype
+            or (bias is not None and bias.dtype != io_dtype) or not _stored(lowrank_u, lowrank_v, bias, mask, values)):
+        return None
+    weights = (n, lowrank_u.data_ptr(), lowrank_v.data_ptr(), rank, None if bias is None else bias.data_ptr(),
+               mask.data_ptr(), m, mask.shape[1], values.data_ptr(), values.numel())
+    return FewCall("lowrank_bitmask_few", dtype, _few_workspace_floats, weights, (n, m, rank, values.numel()), io_dtype,
+                   few_tokens())
+
+
+def _few_workspace_floats(tokens: int, n: int, rank: int, m: int, threads: int) -> int:
+    return bitmask_library().lrs_few_workspace_floats(tokens, n, rank, m)
+
+
 def lowrank_bitmask_few(x: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: torch.Tensor, bias: torch.Tensor | None,
                         mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """x (U V + S)^T + bias (float32) for at most `few_tokens()` rows of x, in a single call: decoding runs every
     layer once per token, where the separate low-rank products and their dispatch cost as much as S's."""
-    m, n = lowrank_u.shape[0], x.shape[1]
-    if mask.shape != (m, -(-n // 8)) or lowrank_v.shape != (lowrank_u.shape[1], n):
+    if mask.shape[0] != lowrank_u.shape[0] or lowrank_v.shape[1] != x.shape[1]:
         raise ValueError(f"lowrank_bitmask_few: shapes x {tuple(x.shape)}, U {tuple(lowrank_u.shape)}, "
                          f"V {tuple(lowrank_v.shape)}, mask {tuple(mask.shape)} disagree")
     if not 1 <= x.shape[0] <= few_tokens():
         raise ValueError(f"lowrank_bitmask_few: {x.shape[0]} rows, outside the 1..{few_tokens()} it takes")
-    mask = _mask("lowrank_bitmask_few", mask)
-    x = _float32("lowrank_bitmask_few", x)
+    mask, x = _mask("lowrank_bitmask_few", mask), _float32("lowrank_bitmask_few", x)
     lowrank_u, lowrank_v, values = _factors("lowrank_bitmask_few", lowrank_u, lowrank_v, values)
-    bias_ = () if bias is None else (_float32("lowrank_bitmask_few", bias),)
-    out = torch.empty(x.shape[0], m, dtype=torch.float32)
-    status = _entry("lrs_lowrank_bitmask_few", values.dtype)(
-        x.data_ptr(), x.shape[0], n, lowrank_u.data_ptr(), lowrank_v.data_ptr(), lowrank_u.shape[1],
-        bias_[0].data_ptr() if bias_ else None, mask.data_ptr(), m, mask.shape[1], values.data_ptr(), values.numel(),
-        out.data_ptr(), torch.get_num_threads())
-    _check(status, "lowrank_bitmask_few", values.numel(), x.shape[0])
-    return out
+    bias = None if bias is None else _float32("lowrank_bitmask_few", bias)
+    return lowrank_few_call(lowrank_u, lowrank_v, bias, mask, values, torch.float32)(x)
+
+
+def quantized_few_call(u: tuple[torch.Tensor, torch.Tensor], v: tuple[torch.Tensor, torch.Tensor],
+                       bias: torch.Tensor | None, mask: torch.Tensor, values: tuple[torch.Tensor, torch.Tensor],
+                       nnz: int, bits: int, group_size: int, io_dtype: torch.dtype) -> FewCall | None:
+    """The `FewCall` of a quantized bitmask layer (`quantized_bitmask_few` says what it reads), or None where its
+    tensors are not as the kernel reads them (other devices, strides, dtypes: the scales in one dtype of
+    FACTOR_SUFFIXES, bias in `io_dtype`, which is float32 or theirs) or this build has no few-token kernels."""
+    (u_codes, u_scales), (v_codes, v_scales), (s_codes, s_scales) = u, v, values
+    rank, m, n = u_codes.shape[0], mask.shape[0], v_codes.shape[1] * 8 // bits
+    if (mask.shape[1] != -(-n // 8) or u_codes.shape[1] * 8 != m * bits or v_codes.shape[0] != rank
+            or s_codes.numel() * 8 < nnz * bits):
+        raise ValueError(f"quantized_bitmask_few: shapes U codes {tuple(u_codes.shape)}, V codes "
+                         f"{tuple(v_codes.shape)}, mask {tuple(mask.shape)}, {s_codes.numel()} value code bytes for "
+                         f"nnz={nnz} at {bits} bits disagree")
+    dtype = u_scales.dtype
+    if (not few_tokens() or dtype not in FACTOR_SUFFIXES or io_dtype not in (torch.float32, dtype)
+            or v_scales.dtype != dtype or s_scales.dtype != dtype or (bias is not None and bias.dtype != io_dtype)
+            or any(t.dtype != torch.uint8 for t in (mask, u_codes, v_codes, s_codes))
+            or not _stored(u_codes, u_scales, v_codes, v_scales, bias, mask, s_codes, s_scales)):
+        return None
+    weights = (n, u_codes.data_ptr(), u_scales.data_ptr(), v_codes.data_ptr(), v_scales.data_ptr(), rank,
+               None if bias is None else bias.data_ptr(), mask.data_ptr(), m, mask.shape[1], s_codes.data_ptr(),
+               s_scales.data_ptr(), nnz, bits, group_size)
+    return FewCall("quantized_few", dtype, bitmask_library().lrs_quantized_few_workspace_floats, weights,
+                   (n, m, rank, nnz), io_dtype, math.inf)
 
 
 def quantized_bitmask_few(x: torch.Tensor, u: tuple[torch.Tensor, torch.Tensor], v: tuple[torch.Tensor, torch.Tensor],
@@ -144,30 +249,17 @@ def quantized_bitmask_few(x: torch.Tensor, u: tuple[torch.Tensor, torch.Tensor],
     AVX512-BF16 the products run in bfloat16 pairs (x must then hold bfloat16 values, as the layer's input in its
     factors' dtype does), and on one with AVX2 alone 4-bit codes in groups of a multiple of 32 are looked up into
     bfloat16 words by byte shuffles (float32 products)."""
-    (u_codes, u_scales), (v_codes, v_scales), (s_codes, s_scales) = u, v, values
-    rank, m = u_codes.shape[0], mask.shape[0]
-    n = x.shape[1]
-    if (mask.shape[1] != -(-n // 8) or u_codes.shape[1] * 8 != m * bits or v_codes.shape != (rank, n * bits // 8)
-            or s_codes.numel() * 8 < nnz * bits):
-        raise ValueError(f"quantized_bitmask_few: shapes x {tuple(x.shape)}, U codes {tuple(u_codes.shape)}, V codes "
-                         f"{tuple(v_codes.shape)}, mask {tuple(mask.shape)}, {s_codes.numel()} value code bytes for "
-                         f"nnz={nnz} at {bits} bits disagree")
-    if x.shape[0] < 1 or not few_tokens():
-        raise ValueError(f"quantized_bitmask_few: {x.shape[0]} rows, or a build without the few-token kernels")
     name = "quantized_bitmask_few"
+    if x.shape[1] * bits != v[0].shape[1] * 8:
+        raise ValueError(f"{name}: x {tuple(x.shape)} and V codes {tuple(v[0].shape)} at {bits} bits disagree")
+    if x.shape[0] < 1 or not few_tokens():
+        raise ValueError(f"{name}: {x.shape[0]} rows, or a build without the few-token kernels")
     mask, x = _mask(name, mask), _float32(name, x)
-    u_codes, v_codes, s_codes = (_cpu(name, t) for t in (u_codes, v_codes, s_codes))
-    u_scales, v_scales, s_scales = _factors(name, u_scales, v_scales, s_scales)
-    bias_ = () if bias is None else (_float32(name, bias),)
-    out = torch.empty(x.shape[0], m, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    work = _workspace(bitmask_library().lrs_quantized_workspace_floats(x.shape[0], n, rank, threads))
-    status = _entry("lrs_quantized_few", u_scales.dtype)(
-        x.data_ptr(), x.shape[0], n, u_codes.data_ptr(), u_scales.data_ptr(), v_codes.data_ptr(), v_scales.data_ptr(),
-        rank, bias_[0].data_ptr() if bias_ else None, mask.data_ptr(), m, mask.shape[1], s_codes.data_ptr(),
-        s_scales.data_ptr(), nnz, bits, group_size, out.data_ptr(), *work, threads)
-    _check(status, name, nnz, x.shape[0])
-    return out
+    u_codes, v_codes, s_codes = (_cpu(name, t) for t in (u[0], v[0], values[0]))
+    u_scales, v_scales, s_scales = _factors(name, u[1], v[1], values[1])
+    bias = None if bias is None else _float32(name, bias)
+    return quantized_few_call((u_codes, u_scales), (v_codes, v_scales), bias, mask, (s_codes, s_scales), nnz, bits,
+                              group_size, torch.float32)(x)
 
 
 def quantized_to_dense(mask: torch.Tensor, values: tuple[torch.Tensor, torch.Tensor], nnz: int, bits: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
 from .storage import SPARSE_FORMATS, STORAGES, SparseStorage, quiet_sparse
 
 
@@ -190,11 +191,34 @@ class LowRankSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LowRankSparseLinear expected last dimension {self.in_features}, got {tuple(x.shape)}")
+        call = self._decoding_call(x)
+        if call is not None:
+            return call(x)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(self.factor_dtype)
         # in the input's dtype, as the rest of the model computes: factors stored in another dtype (a float32
         # model with bfloat16 factors) must not hand their dtype on (attention refuses mixed q / k / v dtypes)
         return self.storage.forward(self, flat).reshape(*lead, self.out_features).to(x.dtype)
+
+    def _tensors(self, names: tuple[str, ...]) -> list[torch.Tensor | None]:
+        """The named parameters and buffers (None where unset), read from the module's own tables: `getattr` goes
+        through `nn.Module.__getattr__`, which decoding would pay per tensor, layer and token."""
+        params, buffers = self._parameters, self._buffers
+        return [params[n] if n in params else buffers.get(n) for n in names]
+
+    def _decodes(self, x: torch.Tensor) -> bool:
+        """Whether x may go straight to a prepared kernel call (`_decoding_call`, which bounds its rows): eager mode,
+        a contiguous CPU tensor in the factors' dtype, no gradient."""
+        return (not torch.compiler.is_compiling() and x.is_cpu and x.dtype == self.factor_dtype and x.is_contiguous()
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def _decoding_call(self, x: torch.Tensor) -> kernels.FewCall | None:
+        """The layer's prepared kernel call for x (a decoding step), or None for `forward`'s general path: the
+        call reads x, bias and output in the factors' dtype and skips that path's casts, reshapes and checks,
+        which cost several times a small layer's product (docs/performance.md, "Decoding overhead")."""
+        if self._decodes(x) and 0 < x.numel() <= kernels.few_tokens() * self.in_features:
+            return self.storage.decoding_call(self)
+        return None
 
     def _sparse_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """S as a transient dense matrix in `dtype` (default: the factors'), on the factors' device: possibly a

@@ -21,6 +21,9 @@ QUANTIZED_FACTORS = ("lowrank_u", "lowrank_v", "sparse_values")
 
 # Output rows per dense product while feeding the low-rank rounding back into S (bounds the transient memory).
 _FEEDBACK_ROWS = 1024
+# What the decoding call reads, in `kernels.quantized_few_call`'s order.
+_DECODING_TENSORS = ("lowrank_u_codes", "lowrank_u_scales", "lowrank_v_codes", "lowrank_v_scales", "bias",
+                     "sparse_bitmask", "sparse_values_codes", "sparse_values_scales")
 # Up to this many input rows the codes kernel runs; from one more on, the dense rebuild (S written densely from its
 # codes into a kept buffer, then torch's product): on 2 cores of a Zen 4 the two cost the same at 32 rows for
 # layers from 576x576 to 4096x11008, the kernel 2-3x cheaper at 8 (decoding), the rebuild 1.4x cheaper at 64.
@@ -294,6 +297,9 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
         kernels) the float layer `dequantized()` builds runs its own product."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expected last dimension {self.in_features}, got {tuple(x.shape)}")
+        call = self._decoding_call(x)
+        if call is not None:
+            return call(x)
         flat = x.reshape(-1, self.in_features).to(self.factor_dtype)
         if needs_grad(flat) or not self._reads_codes(flat):
             return self.dequantized()(x)
@@ -304,6 +310,15 @@ class QuantizedLowRankSparseLinear(LowRankSparseLinear):
         else:
             out = dense_product(self, flat)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)  # the input's dtype, as the float layer's
+
+    def _decoding_call(self, x: torch.Tensor) -> kernels.FewCall | None:
+        if (self.sparse_format != "bitmask" or not self._decodes(x) or not kernels.few_tokens()
+                or not 0 < x.numel() <= QUANTIZED_KERNEL_ROWS * self.in_features):
+            return None
+        tensors = self._tensors(_DECODING_TENSORS)
+        return kernels.layer_call(self, tensors, lambda: kernels.quantized_few_call(
+            tensors[:2], tensors[2:4], tensors[4], tensors[5], tensors[6:], self._nnz, self.bits, self.group_size,
+            self.factor_dtype))
 
     def _reads_codes(self, *inputs: torch.Tensor) -> bool:
         """Whether the codes kernels run this layer: bitmask layout, CPU tensors, a build for this machine, scales

@@ -140,6 +140,11 @@ class SparseStorage:
         """x (U V + S)^T + b for 2-D `flat` in the factors' dtype."""
         raise NotImplementedError
 
+    def decoding_call(self, layer: LowRankSparseLinear) -> kernels.FewCall | None:
+        """The layer's prepared few-token kernel call (inputs in its factors' dtype), or None where this layout
+        has none (then `forward` runs)."""
+        return None
+
 
 class _FrozenSparseMatmul(torch.autograd.Function):
     """(S x^T)^T for a frozen CSR matrix S: gradients flow to x only, through a precomputed S^T."""
@@ -280,6 +285,10 @@ class BitmaskStorage(SparseStorage):
         out = ops.lowrank_bitmask_linear(flat.to(torch.float32), layer.lowrank_u, layer.lowrank_v, layer.bias, mask,
                                          values)
         return out.to(flat.dtype)
+
+    def decoding_call(self, layer):
+        tensors = layer._tensors(("lowrank_u", "lowrank_v", "bias", "sparse_bitmask", "sparse_values"))
+        return kernels.layer_call(layer, tensors, lambda: kernels.lowrank_few_call(*tensors, tensors[0].dtype))
 
     @staticmethod
     def _on_kernels(layer: LowRankSparseLinear, *inputs: torch.Tensor) -> bool:

@@ -3,17 +3,10 @@
  * `levels_t`, `level_table(s)` (a group's 16 levels (code - 8) * s rounded to bfloat16, in whatever form its
  * lookup reads) and `lookup32(table, p, out)` (the 32 codes of the 16 bytes at p as 32 words at out). */
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    f = round1_bf16(f);
-    memcpy(&bits, &f, sizeof bits);
-    return (uint16_t)(bits >> 16);
-}
-
 /* Code `pos` of a stream times its scale s, rounded to bfloat16. */
 static inline uint16_t dequant1(const uint8_t *codes, int bits, int64_t pos, float s) {
     int code = bits == 8 ? codes[pos] - 128 : ((codes[pos >> 1] >> (4 * (pos & 1))) & 15) - 8;
-    return f32_to_bf16((float)code * s);
+    return store1_bf16((float)code * s);
 }
 
 /* out[0, count) = the codes [start, start + count) of a stream, dequantized and rounded to bfloat16. At 4 bits

@@ -185,6 +185,19 @@ int lrs_few_tokens(void) {
 #endif
 }
 
+/* Where the few-token products read x and bias and write y in float32 (few_inputs in bitmask_typed.h). */
+typedef struct {
+    const float *x, *bias;
+    float *y;
+} few_io;
+
+/* Floats for a few-token product's typed input, bias and output: x (T, n), bias (m) and y (T, m) in float32. */
+static int64_t few_io_floats(int64_t T, int64_t n, int64_t m) { return T * n + m + T * m; }
+
+/* Floats of the work buffer lrs_lowrank_bitmask_few takes for T tokens, n inputs, rank r and m outputs: z = x V^T
+ * and the typed input and output. */
+int64_t lrs_few_workspace_floats(int64_t T, int64_t n, int64_t r, int64_t m) { return T * r + few_io_floats(T, n, m); }
+
 /* Floats of the work buffer that the products below take for T tokens, n inputs and rank: the transposed
  * tiles of x and z. Callers keep one between calls (`work`): freshly allocated memory costs a page fault per
  * 4 KiB on first touch, which measured 20% of a 512-token product. With a smaller or no buffer
@@ -268,6 +281,25 @@ static inline float round1_f16(float f) {
 #endif
 }
 
+/* A float32 stored in the storage type (to nearest even, as torch casts): the few-token products' typed outputs. */
+static inline float store1_f32(float f) { return f; }
+static inline uint16_t store1_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch's */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+static inline uint16_t store1_f16(float f) {
+#ifdef __F16C__
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    _Float16 h = (_Float16)f;
+    uint16_t bits;
+    memcpy(&bits, &h, sizeof bits);
+    return bits;
+#endif
+}
+
 #define DEQUANT_WORDS 65536 /* bfloat16 values of S dequantized at a time (a run of rows; 128 KiB, in L2) */
 
 #ifdef __AVX2__
@@ -300,10 +332,17 @@ static int64_t quantized_scratch_floats(int64_t n, int64_t r) {
     return (n > ROW_BLOCK ? n : ROW_BLOCK) + words / 2 + 64;
 }
 
-/* Floats of the work buffer lrs_quantized_few takes for T tokens, n inputs, rank r and nthreads threads:
+/* Floats of the work buffer lrs_quantized_to_dense takes for n columns and nthreads threads, and the part of
+ * lrs_quantized_few's before its typed input and output (few_io_floats) for T tokens, n inputs and rank r:
  * z = x V^T, x in bfloat16, and each thread's scratch. */
 int64_t lrs_quantized_workspace_floats(int64_t T, int64_t n, int64_t r, int64_t nthreads) {
     return T * r + T * n + 16 + nthreads * quantized_scratch_floats(n, r);
+}
+
+/* Floats of the work buffer lrs_quantized_few takes for T tokens, n inputs, rank r, m outputs and nthreads
+ * threads. */
+int64_t lrs_quantized_few_workspace_floats(int64_t T, int64_t n, int64_t r, int64_t m, int64_t nthreads) {
+    return lrs_quantized_workspace_floats(T, n, r, nthreads) + few_io_floats(T, n, m);
 }
 
 #define LRS_PASTE(name, suffix) name##_##suffix
@@ -313,6 +352,7 @@ int64_t lrs_quantized_workspace_floats(int64_t T, int64_t n, int64_t r, int64_t 
 #define LOAD8 FN(load8)
 #define ROUND1 FN(round1)
 #define ROUND8 FN(round8)
+#define STORE1 FN(store1)
 
 #define FT float
 #define SUFFIX f32

@@ -209,21 +209,40 @@ static float FN(dot)(const FT *a, const float *b, int64_t len) {
     return sum;
 }
 
+/* The few-token products compute in float32. With `typed`, their input x (T, n), bias (m,) and output y (T, m) are
+ * in FT instead, as a half-precision layer holds them: x and bias are widened into `io` here (few_io_floats),
+ * and the float32 output written at the returned y is narrowed into y by few_outputs. Converting T (n + m) values
+ * here costs far less than the two torch casts around the call did (each about a small layer's product). */
+static few_io FN(few_inputs)(const void *x, const void *bias, void *y, int typed, int64_t T, int64_t n, int64_t m,
+                             float *io) {
+    if (!typed) return (few_io){(const float *)x, (const float *)bias, (float *)y};
+    for (int64_t i = 0; i < T * n; i++) io[i] = LOAD1((const FT *)x + i);
+    float *b = bias ? io + T * n : NULL;
+    for (int64_t i = 0; b && i < m; i++) b[i] = LOAD1((const FT *)bias + i);
+    return (few_io){io, b, io + T * n + m};
+}
+
+static void FN(few_outputs)(const float *y, int64_t count, void *out, int typed) {
+    for (int64_t i = 0; typed && i < count; i++) ((FT *)out)[i] = STORE1(y[i]);
+}
+
 /* The whole layer for decoding, in one call: y (T, m) = x (T, n) (U V + S)^T + bias, for
- * T <= lrs_few_tokens(); u (m, r), v (r, n), bias (m,) or NULL. Returns as lrs_bitmask_matmul, or -3 for
- * too many tokens. */
-int FN(lrs_lowrank_bitmask_few)(const float *x, int64_t T, int64_t n, const FT *u, const FT *v, int64_t r,
-                            const float *bias, const uint8_t *mask, int64_t m, int64_t nb, const FT *values,
-                            int64_t nvalues, float *y, int nthreads) {
+ * T <= lrs_few_tokens(); u (m, r), v (r, n), bias (m,) or NULL; x, bias and y in float32, or in FT where typed
+ * (few_inputs). `work` holds lrs_few_workspace_floats(T, n, r, m) floats. Returns as lrs_bitmask_matmul, -1 for
+ * a smaller work buffer, or -3 for too many tokens. */
+int FN(lrs_lowrank_bitmask_few)(const void *x_in, int64_t T, int64_t n, const FT *u, const FT *v, int64_t r,
+                                const void *bias_in, const uint8_t *mask, int64_t m, int64_t nb, const FT *values,
+                                int64_t nvalues, void *y_out, int typed, float *work, int64_t work_floats,
+                                int nthreads) {
     if (T < 1 || T > lrs_few_tokens()) return -3;
+    if (work_floats < lrs_few_workspace_floats(T, n, r, m)) return -1;
     int status;
     int64_t *starts = mask_row_starts(mask, m, nb, nvalues, nthreads, &status);
     if (!starts) return status;
-    float *xv = malloc((size_t)(T * r + 1) * sizeof(float));
-    if (!xv) {
-        free(starts);
-        return -1;
-    }
+    float *xv = work;
+    const few_io io = FN(few_inputs)(x_in, bias_in, y_out, typed, T, n, m, work + T * r);
+    const float *x = io.x, *bias = io.bias;
+    float *y = io.y;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
@@ -240,8 +259,8 @@ int FN(lrs_lowrank_bitmask_few)(const float *x, int64_t T, int64_t n, const FT *
         }
 #endif
     }
+    FN(few_outputs)(y, T * m, y_out, typed);
     free(starts);
-    free(xv);
     return 0;
 }
 

@@ -62,21 +62,26 @@ static void FN(dequant_f32)(const uint8_t *codes, const FT *scales, int bits, in
 
 /* The whole layer in one call: y (T, m) = x (T, n) (U V + S)^T + bias for any T >= 1 where lrs_few_tokens() > 0,
  * with V's codes (r, n), U's transposed codes (r, m), S's value codes (nvalues, padded to whole groups) and their
- * scales; bias (m,) or NULL. `work` holds lrs_quantized_workspace_floats(T, n, r, nthreads) floats. Returns as
- * lrs_lowrank_bitmask_few. */
-int FN(lrs_quantized_few)(const float *x, int64_t T, int64_t n, const uint8_t *u_codes, const FT *u_scales,
-                          const uint8_t *v_codes, const FT *v_scales, int64_t r, const float *bias,
+ * scales; bias (m,) or NULL; x, bias and y in float32, or in FT where typed (few_inputs). `work` holds
+ * lrs_quantized_few_workspace_floats(T, n, r, m, nthreads) floats. Returns as lrs_lowrank_bitmask_few. */
+int FN(lrs_quantized_few)(const void *x_in, int64_t T, int64_t n, const uint8_t *u_codes, const FT *u_scales,
+                          const uint8_t *v_codes, const FT *v_scales, int64_t r, const void *bias_in,
                           const uint8_t *mask, int64_t m, int64_t nb, const uint8_t *s_codes, const FT *s_scales,
-                          int64_t nvalues, int bits, int64_t group, float *y, float *work, int64_t work_floats,
-                          int nthreads) {
+                          int64_t nvalues, int bits, int64_t group, void *y_out, int typed, float *work,
+                          int64_t work_floats, int nthreads) {
     if (T < 1 || !lrs_few_tokens()) return -3;
-    if (work_floats < lrs_quantized_workspace_floats(T, n, r, nthreads)) return -1;
+    if (work_floats < lrs_quantized_few_workspace_floats(T, n, r, m, nthreads)) return -1;
     int status;
     int64_t *starts = mask_row_starts(mask, m, nb, nvalues, nthreads, &status);
     if (!starts) return status;
+    const few_io io = FN(few_inputs)(x_in, bias_in, y_out, typed, T, n, m,
+                                     work + lrs_quantized_workspace_floats(T, n, r, nthreads));
+    const float *x = io.x, *bias = io.bias;
+    float *y = io.y;
 #ifdef QUANTIZED_FEW_FAST
     if (QUANTIZED_FEW_FAST(x, T, n, u_codes, u_scales, v_codes, v_scales, r, bias, mask, m, nb, s_codes, s_scales,
                            bits, group, starts, y, work, nthreads)) {
+        FN(few_outputs)(y, T * m, y_out, typed);
         free(starts);
         return 0;
     }
@@ -120,6 +125,7 @@ int FN(lrs_quantized_few)(const float *x, int64_t T, int64_t n, const uint8_t *u
             }
         }
     }
+    FN(few_outputs)(y, T * m, y_out, typed);
     free(starts);
     return 0;
 }
