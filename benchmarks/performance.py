@@ -8,7 +8,8 @@ each part with the command, commit, date, machine and versions of its run; `benc
     python benchmarks/performance.py rpca --threads 2
     python benchmarks/performance.py pipeline --threads 2 --peer-python /tmp/peervenv/bin/python
     python benchmarks/performance.py bytes kernels inference training --threads 2
-    python benchmarks/performance.py dtypes compile offload --threads 2
+    python benchmarks/performance.py dtypes compile offload --threads 2   (dtypes: under dtypes_avx2 on a CPU without
+        AVX512-BF16)
     python benchmarks/performance.py scaling --threads 2
     python benchmarks/performance.py quantized --threads 2 --quantized-ratio 0.76 0.5   (results under quantized on a
         CPU with AVX512-BF16, under quantized_avx2 on one without)
@@ -720,6 +721,15 @@ def scaling_part(args) -> dict:
                               "iterations": iters}}
 
 
+def _bf16_pairs() -> bool:
+    """Whether this CPU runs the bfloat16-pairs kernels (AVX512-BF16), or the kernels did not build: results of the
+    parts whose figures depend on it go under a key of their own on a CPU with AVX2 alone."""
+    from optimum_lrs.nn import kernels
+
+    library = kernels.bitmask_library()
+    return library is None or bool(library.lrs_bf16_pairs())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("parts", nargs="+", choices=["rpca", "quality", "pipeline", "bytes", "kernels", "inference",
@@ -778,7 +788,8 @@ def main() -> None:
             results[part] = kernels_part(args)
         elif part == "inference":
             results[part] = inference_part(args, model_dir)
-        elif part == "dtypes":
+        elif part == "dtypes":  # per CPU: with AVX512-BF16, or AVX2 alone (torch's half precision differs)
+            part = part if _bf16_pairs() else "dtypes_avx2"
             results[part] = dtypes_part(args, model_dir)
         elif part == "compile":
             results[part] = compile_part(args, model_dir)
@@ -787,10 +798,7 @@ def main() -> None:
         elif part == "training":
             results[part] = training_part(args, model_dir)
         elif part == "quantized":  # per kernel path: bfloat16 pairs (AVX512-BF16), or AVX2 alone
-            from optimum_lrs.nn import kernels
-
-            library = kernels.bitmask_library()
-            part = part if library is None or library.lrs_bf16_pairs() else "quantized_avx2"
+            part = part if _bf16_pairs() else "quantized_avx2"
             results[part] = quantized_part(args)
         else:
             results[part] = scaling_part(args)

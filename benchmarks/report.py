@@ -206,8 +206,10 @@ def section(title: str, text: str, part: dict, rows: str) -> str:
     return "\n\n".join([f"## {title}", text, provenance(part), rows])
 
 
-def dtypes_section(data: dict) -> str:
-    part = recorded(data, "dtypes")
+def dtypes_section(data: dict, key: str = "dtypes") -> str:
+    """The half-precision figures of one kind of CPU: `dtypes` ran on one with AVX512-BF16, `dtypes_avx2` on one
+    with AVX2 alone (no half-precision arithmetic: torch widens every block)."""
+    part = recorded(data, key)
     if part is None:
         return ""
 
@@ -218,7 +220,7 @@ def dtypes_section(data: dict) -> str:
                  [[r["case"], r["dtype"], f"{r['dense']:.2f}", f"{r['ratio']:.2f}x", distance(r, "dense"),
                    distance(r, "compressed")] for r in part["rows"]])
     return section(
-        "Half precision on CPU",
+        "Half precision on CPU" + ("" if key == "dtypes" else " with AVX2 alone"),
         "The compressed SmolLM2-135M (defaults, 50% kept, bitmask layout) against the dense model with every weight "
         "in float32, bfloat16 and float16, batch 1, median of repeated runs timed in turn: the C kernels read "
         "half-precision factors as stored and sum in float32. The logit columns: each model's relative distance "
@@ -458,6 +460,7 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("zero_shot.json", zero_shot_section),
     ("performance.json", inference_section),
     ("performance.json", dtypes_section),
+    ("performance.json", lambda d: dtypes_section(d, "dtypes_avx2")),
     ("performance.json", compile_section),
     ("performance.json", quantized_section),
     ("performance.json", lambda d: quantized_section(d, "quantized_avx2")),
