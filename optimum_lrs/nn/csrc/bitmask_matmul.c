@@ -296,10 +296,11 @@ static inline float round1_f16(float f) {
 /* A float32 stored in the storage type (to nearest even, as torch casts): the few-token products' typed outputs. */
 static inline float store1_f32(float f) { return f; }
 static inline uint16_t store1_bf16(float f) {
+    if (f != f) return 0x7fc0; /* NaN, as torch's */
     uint32_t bits;
+    f = round1_bf16(f);
     memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch's */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    return (uint16_t)(bits >> 16);
 }
 static inline uint16_t store1_f16(float f) {
 #ifdef __F16C__
